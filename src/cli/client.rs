@@ -1,0 +1,122 @@
+//! `client`: acts as a Talos node against any KMS endpoint, for troubleshooting.
+
+use anyhow::Context;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use talos_kms_server::client::{ClientOptions, Endpoint, KeyExchange, KmsClient};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// KMS endpoint as in the Talos machine config: https://host:port, or grpc://host:port.
+    #[arg(long)]
+    endpoint: Endpoint,
+    /// PEM CA certificate(s) to trust instead of the public roots Talos ships.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Source address to connect from, to act as the node with that address.
+    #[arg(long, value_name = "IP")]
+    source_ip: Option<IpAddr>,
+    /// TLS key-exchange groups to offer.
+    #[arg(long, value_enum, default_value_t = KeyExchange::Go124)]
+    kx: KeyExchange,
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(clap::Subcommand)]
+enum Action {
+    /// Seal a passphrase (random 32 bytes unless given) and print the sealed blob.
+    Seal {
+        #[arg(long)]
+        node_uuid: String,
+        /// Passphrase to seal, base64.
+        #[arg(long, value_name = "BASE64")]
+        passphrase: Option<String>,
+    },
+    /// Unseal a blob and print the LUKS2 passphrase (base64 of the unsealed bytes).
+    Unseal {
+        #[arg(long)]
+        node_uuid: String,
+        /// Sealed blob, base64 (the `sealedData` of the node's sideroKMS LUKS2 token).
+        #[arg(long, value_name = "BASE64")]
+        sealed: String,
+    },
+    /// Seal a random passphrase, unseal it, and check that it comes back.
+    Roundtrip {
+        /// Node UUID to use; a random one by default.
+        #[arg(long)]
+        node_uuid: Option<String>,
+    },
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut options = ClientOptions::new(args.endpoint);
+    options.ca_file = args.ca;
+    options.source_ip = args.source_ip;
+    options.key_exchange = args.kx;
+    let client = KmsClient::new(options)?;
+    match args.action {
+        Action::Seal {
+            node_uuid,
+            passphrase,
+        } => {
+            let passphrase = match passphrase {
+                Some(text) => BASE64
+                    .decode(text.trim())
+                    .context("--passphrase is not base64")?,
+                None => random_bytes::<32>().to_vec(),
+            };
+            let sealed = client.seal(&node_uuid, &passphrase).await?;
+            println!("sealed:     {}", BASE64.encode(&sealed));
+            println!("passphrase: {}", BASE64.encode(&passphrase));
+        }
+        Action::Unseal { node_uuid, sealed } => {
+            let sealed = BASE64
+                .decode(sealed.trim())
+                .context("--sealed is not base64")?;
+            let passphrase = client.unseal(&node_uuid, &sealed).await?;
+            // The server answers a wrong key with random bytes: only LUKS2 can tell.
+            println!("{}", BASE64.encode(passphrase));
+        }
+        Action::Roundtrip { node_uuid } => {
+            let node_uuid = node_uuid.unwrap_or_else(random_uuid);
+            let passphrase = random_bytes::<32>();
+            let sealed = client.seal(&node_uuid, &passphrase).await?;
+            let unsealed = client.unseal(&node_uuid, &sealed).await?;
+            if unsealed != passphrase {
+                println!("FAILED: unseal returned other bytes than were sealed (node {node_uuid})");
+                return Ok(ExitCode::FAILURE);
+            }
+            println!(
+                "ok: sealed a 32-byte passphrase for node {node_uuid} into {} bytes and unsealed it on a new connection",
+                sealed.len()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    bytes
+}
+
+/// A random RFC 4122 version-4 UUID, as text.
+pub fn random_uuid() -> String {
+    let mut b = random_bytes::<16>();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}

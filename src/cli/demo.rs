@@ -1,0 +1,100 @@
+//! `demo`: the first command of the README. Serves on loopback with a throwaway CA,
+//! certificate and database, and prints the Talos machine-config patch to use.
+
+use super::serve::serve_until_signal;
+use anyhow::Context;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use talos_kms_server::logging::{self, LogLevel};
+use talos_kms_server::policy::Policy;
+use talos_kms_server::server::ServerOptions;
+use talos_kms_server::store::SqliteStore;
+use talos_kms_server::tls::{self, throwaway};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to serve on. Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Extra names (DNS or IP) for the throwaway certificate, e.g. the address nodes use.
+    #[arg(long = "name", value_name = "NAME")]
+    names: Vec<String>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    logging::init(LogLevel::Info, LogLevel::Warn);
+    let dir = tempfile::Builder::new()
+        .prefix("talos-kms-demo-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let listen_ip = args.listen.ip();
+    if !listen_ip.is_unspecified() && !names.contains(&listen_ip.to_string()) {
+        names.push(listen_ip.to_string());
+    }
+    names.extend(args.names);
+    let pki = throwaway::generate(&names)?;
+    let (ca_file, cert_file, key_file) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("server.crt"),
+        dir.path().join("server.key"),
+    );
+    std::fs::write(&ca_file, &pki.ca_pem)?;
+    std::fs::write(&cert_file, &pki.chain_pem)?;
+    std::fs::write(&key_file, &pki.key_pem)?;
+    let identity = tls::load_identity(&cert_file, &key_file, None)?;
+    let store = Arc::new(SqliteStore::open(&dir.path().join("demo.db"))?);
+
+    let options = ServerOptions {
+        bind: args.listen,
+        tls: tls::server_config(identity)?,
+        store,
+        policy: Policy::default(),
+    };
+    let dir_path = dir.path().to_path_buf();
+    serve_until_signal(options, |addr| {
+        let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let endpoint = format!("https://{host}:{}", addr.port());
+        let patch = talos_patch(&endpoint, &pki.ca_pem);
+        let _ = std::fs::write(dir_path.join("talos-patch.yaml"), &patch);
+        println!(
+            "# talos-kms-server demo: serving {endpoint}\n\
+             # Throwaway CA, certificate and database in {dir}; all deleted when this stops (Ctrl-C).\n\
+             #\n\
+             # Try it as a Talos node would:\n\
+             #   talos-kms-server client --endpoint {endpoint} --ca {ca} roundtrip\n\
+             #\n\
+             # Talos machine-config patch (also in {dir}/talos-patch.yaml). The CA is trusted\n\
+             # through TrustedRootsConfig, which lives in STATE: it serves EPHEMERAL and user\n\
+             # volumes. STATE itself needs a certificate from a public CA (see the README).\n\
+             {patch}",
+            dir = dir_path.display(),
+            ca = dir_path.join("ca.pem").display(),
+        );
+    })
+    .await?;
+    drop(dir);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn talos_patch(endpoint: &str, ca_pem: &str) -> String {
+    let mut patch = String::from(
+        "---\napiVersion: v1alpha1\nkind: TrustedRootsConfig\nname: talos-kms-demo-ca\ncertificates: |\n",
+    );
+    for line in ca_pem.lines() {
+        let _ = writeln!(patch, "  {line}");
+    }
+    let _ = write!(
+        patch,
+        "---\napiVersion: v1alpha1\nkind: VolumeConfig\nname: EPHEMERAL\nencryption:\n  \
+         provider: luks2\n  keys:\n    - kms:\n        endpoint: {endpoint}\n      slot: 0\n"
+    );
+    patch
+}

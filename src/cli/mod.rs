@@ -1,0 +1,61 @@
+//! Command-line interface. `talos-kms-server --config FILE` serves, exactly like the legacy
+//! server; everything else is a subcommand.
+
+mod check;
+mod client;
+mod demo;
+mod import_json;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "talos-kms-server", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (YAML, legacy keys). With no command: serve with it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve Seal and Unseal until SIGTERM or SIGINT.
+    Serve(ConfigArg),
+    /// Validate config, certificate, key and database without serving.
+    Check(ConfigArg),
+    /// Import a legacy nodeDbFile.json into the database (idempotent).
+    ImportJson(import_json::Args),
+    /// Try it: serve on loopback with a throwaway CA and database, print the Talos patch.
+    Demo(demo::Args),
+    /// Act as a Talos node: seal, unseal or round-trip against an endpoint.
+    Client(client::Args),
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Config file (YAML, legacy keys).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match (cli.command, cli.config) {
+        (Some(Command::Serve(args)), _) => serve::run(&args.config).await,
+        (None, Some(config)) => serve::run(&config).await,
+        (Some(Command::Check(args)), _) => check::run(&args.config).await,
+        (Some(Command::ImportJson(args)), config) => import_json::run(args, config).await,
+        (Some(Command::Demo(args)), _) => demo::run(args).await,
+        (Some(Command::Client(args)), _) => client::run(args).await,
+        (None, None) => {
+            anyhow::bail!(
+                "nothing to do: start the server with `talos-kms-server --config FILE`, try it \
+                 with `talos-kms-server demo`, or see `talos-kms-server --help`"
+            )
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! A KMS client that behaves exactly like a Talos node (FACTS.md §2): a new connection for
+//! every call, TLS 1.3 with ALPN `h2` and no resumption, one call with a 10 s deadline, then
+//! close. Tests, `bench` and the operator's `client` command all use it.
+
+use crate::proto::{self, KMSServiceClient};
+use crate::tls::ALPN_H2;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::RootCertStore;
+use rustls::client::Resumption;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+
+/// The deadline Talos gives each call.
+pub const TALOS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A KMS endpoint as written in a Talos machine config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    /// `https://host[:port]` is TLS (port 443 by default); `grpc://host:port` or a bare
+    /// `host:port` is plaintext gRPC, as in Talos.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(rest) = text.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = text.strip_prefix("grpc://") {
+            (false, rest)
+        } else if text.contains("://") {
+            return Err(format!("{text:?}: the scheme must be https:// or grpc://"));
+        } else {
+            (false, text)
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port))
+                if !port.contains(']') && (!host.contains(':') || host.ends_with(']')) =>
+            {
+                let port = port
+                    .parse()
+                    .map_err(|_| format!("{text:?}: {port:?} is not a port number"))?;
+                (host, Some(port))
+            }
+            _ => (rest, None),
+        };
+        let port = match (port, tls) {
+            (Some(port), _) => port,
+            (None, true) => 443,
+            (None, false) => return Err(format!("{text:?}: a grpc:// endpoint needs a port")),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("{text:?}: no host"));
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+            tls,
+        })
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "grpc" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Key-exchange groups the client offers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyExchange {
+    /// X25519MLKEM768 first with an X25519 share beside it, like Go 1.24+ (recent Talos).
+    #[default]
+    Go124,
+    /// X25519 only, like older Talos releases.
+    X25519,
+    /// The hybrid post-quantum group only.
+    X25519mlkem768,
+    /// NIST P-256 only.
+    P256,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub endpoint: Endpoint,
+    /// PEM CA certificates to trust instead of the public roots Talos ships.
+    pub ca_file: Option<PathBuf>,
+    /// Source address to bind, to act as a given node (e.g. 127.0.0.2).
+    pub source_ip: Option<IpAddr>,
+    pub key_exchange: KeyExchange,
+    pub timeout: Duration,
+}
+
+impl ClientOptions {
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            ca_file: None,
+            source_ip: None,
+            key_exchange: KeyExchange::default(),
+            timeout: TALOS_CALL_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {endpoint} failed: {source}")]
+    Tls {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {endpoint} failed: {source}")]
+    Http2 {
+        endpoint: String,
+        source: hyper::Error,
+    },
+    #[error("the server answered {}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ClientError {
+    /// A short name for counting errors by kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Setup(_) => "setup",
+            ClientError::Connect { .. } => "connect",
+            ClientError::Tls { .. } => "tls",
+            ClientError::Http2 { .. } => "http2",
+            ClientError::Status(_) => "status",
+            ClientError::Timeout(_) => "timeout",
+        }
+    }
+}
+
+pub struct KmsClient {
+    options: ClientOptions,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    origin: http::Uri,
+}
+
+/// One open connection, for several calls (the `bench` shared-connection mode).
+#[derive(Clone)]
+pub struct Connection {
+    grpc: KMSServiceClient<H2>,
+}
+
+impl KmsClient {
+    pub fn new(options: ClientOptions) -> Result<Self, ClientError> {
+        let endpoint = &options.endpoint;
+        let tls = if endpoint.tls {
+            let config = client_config(options.ca_file.as_deref(), options.key_exchange)?;
+            let name = ServerName::try_from(endpoint.host.clone()).map_err(|_| {
+                ClientError::Setup(format!("{:?} is not a valid server name", endpoint.host))
+            })?;
+            Some((TlsConnector::from(config), name))
+        } else {
+            None
+        };
+        let scheme = if endpoint.tls { "https" } else { "http" };
+        let authority = if endpoint.host.contains(':') {
+            format!("[{}]:{}", endpoint.host, endpoint.port)
+        } else {
+            format!("{}:{}", endpoint.host, endpoint.port)
+        };
+        let origin = format!("{scheme}://{authority}")
+            .parse()
+            .map_err(|e| ClientError::Setup(format!("bad endpoint {endpoint}: {e}")))?;
+        Ok(Self {
+            options,
+            tls,
+            origin,
+        })
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    /// Seals `passphrase` on a fresh connection, like a Talos node at first boot.
+    pub async fn seal(&self, node_uuid: &str, passphrase: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.deadline(async { self.connect_now().await?.seal(node_uuid, passphrase).await })
+            .await
+    }
+
+    /// Unseals `sealed` on a fresh connection, like a Talos node at boot.
+    pub async fn unseal(&self, node_uuid: &str, sealed: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.deadline(async { self.connect_now().await?.unseal(node_uuid, sealed).await })
+            .await
+    }
+
+    /// Opens a connection for several calls.
+    pub async fn connect(&self) -> Result<Connection, ClientError> {
+        self.deadline(self.connect_now()).await
+    }
+
+    /// Completes TCP and the TLS handshake (ALPN `h2`), then closes: the cost every Talos
+    /// call pays before any gRPC.
+    pub async fn handshake(&self) -> Result<(), ClientError> {
+        self.deadline(async {
+            let tcp = self.tcp().await?;
+            if let Some((connector, name)) = &self.tls {
+                connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|source| ClientError::Tls {
+                        endpoint: self.options.endpoint.to_string(),
+                        source,
+                    })?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn deadline<T>(
+        &self,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        tokio::time::timeout(self.options.timeout, call)
+            .await
+            .unwrap_or(Err(ClientError::Timeout(self.options.timeout)))
+    }
+
+    async fn connect_now(&self) -> Result<Connection, ClientError> {
+        let tcp = self.tcp().await?;
+        let sender = match &self.tls {
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|source| ClientError::Tls {
+                        endpoint: self.options.endpoint.to_string(),
+                        source,
+                    })?;
+                self.http2(tls).await?
+            }
+            None => self.http2(tcp).await?,
+        };
+        Ok(Connection {
+            grpc: KMSServiceClient::with_origin(H2(sender), self.origin.clone()),
+        })
+    }
+
+    async fn http2<IO>(&self, io: IO) -> Result<SendRequest<tonic::body::Body>, ClientError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| ClientError::Http2 {
+                endpoint: self.options.endpoint.to_string(),
+                source,
+            })?;
+        // Ends when the last sender is dropped: that closes the connection, as Talos does.
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+
+    async fn tcp(&self) -> Result<TcpStream, ClientError> {
+        let endpoint = &self.options.endpoint;
+        let connect_error = |source| ClientError::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+        };
+        let addresses = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(connect_error)?;
+        let mut last_error = None;
+        for address in addresses {
+            if let Some(source) = self.options.source_ip {
+                if source.is_ipv4() != address.is_ipv4() {
+                    continue;
+                }
+            }
+            match self.connect_to(address).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(connect_error(last_error.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                "no address of the endpoint matches the source address family",
+            )
+        })))
+    }
+
+    async fn connect_to(&self, address: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = if address.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(source) = self.options.source_ip {
+            socket.bind(SocketAddr::new(source, 0))?;
+        }
+        let stream = socket.connect(address).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Connection {
+    pub async fn seal(
+        &mut self,
+        node_uuid: &str,
+        passphrase: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        let request = proto::Request {
+            node_uuid: node_uuid.to_string(),
+            data: passphrase.to_vec(),
+        };
+        let response = self.grpc.seal(request).await.map_err(ClientError::Status)?;
+        Ok(response.into_inner().data)
+    }
+
+    pub async fn unseal(&mut self, node_uuid: &str, sealed: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let request = proto::Request {
+            node_uuid: node_uuid.to_string(),
+            data: sealed.to_vec(),
+        };
+        let response = self
+            .grpc
+            .unseal(request)
+            .await
+            .map_err(ClientError::Status)?;
+        Ok(response.into_inner().data)
+    }
+}
+
+fn client_config(
+    ca_file: Option<&Path>,
+    key_exchange: KeyExchange,
+) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| ClientError::Setup(format!("CA file {}: {e}", path.display())))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(ClientError::Setup(format!(
+                    "CA file {}: no usable PEM CERTIFICATE in it",
+                    path.display()
+                )));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let kx_groups = match key_exchange {
+        KeyExchange::Go124 => vec![kx_group::X25519MLKEM768, kx_group::X25519],
+        KeyExchange::X25519 => vec![kx_group::X25519],
+        KeyExchange::X25519mlkem768 => vec![kx_group::X25519MLKEM768],
+        KeyExchange::P256 => vec![kx_group::SECP256R1],
+    };
+    let provider = rustls::crypto::CryptoProvider {
+        kx_groups,
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Setup(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// An HTTP/2 connection as the transport of the generated gRPC client: one connection, no
+/// pooling, no reconnects, exactly like a Talos call.
+#[derive(Clone)]
+struct H2(SendRequest<tonic::body::Body>);
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for H2 {
+    type Response = http::Response<Incoming>;
+    type Error = hyper::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Endpoint {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn endpoints_parse_like_talos() {
+        assert_eq!(
+            parse("https://kms.example.com:50051"),
+            Endpoint {
+                host: "kms.example.com".into(),
+                port: 50051,
+                tls: true
+            }
+        );
+        assert_eq!(parse("https://kms.example.com").port, 443);
+        assert_eq!(
+            parse("grpc://10.0.0.1:4050"),
+            Endpoint {
+                host: "10.0.0.1".into(),
+                port: 4050,
+                tls: false
+            }
+        );
+        assert_eq!(parse("10.0.0.1:4050").tls, false);
+        assert_eq!(
+            parse("https://[::1]:50051"),
+            Endpoint {
+                host: "::1".into(),
+                port: 50051,
+                tls: true
+            }
+        );
+        assert_eq!(parse("https://[::1]").port, 443);
+        assert!("ftp://x:1".parse::<Endpoint>().is_err());
+        assert!("grpc://host".parse::<Endpoint>().is_err());
+        assert!("https://host:port".parse::<Endpoint>().is_err());
+    }
+}

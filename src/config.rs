@@ -1,0 +1,276 @@
+//! The config file: YAML with the legacy server's camelCase keys, all honoured, plus
+//! `database`. Relative paths are taken relative to the config file's directory.
+
+use crate::logging::LogLevel;
+use serde::Deserialize;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PORT: u16 = 50051;
+/// The embedded database's file name when `database` is not set: beside `nodeDbFile`, where
+/// the legacy package already lets the service write.
+pub const DEFAULT_DATABASE_NAME: &str = "talos-kms-server.db";
+
+/// Written where `--config` points when no file is there, as the legacy server did.
+pub const DEFAULT_CONFIG: &str = r#"# talos-kms-server configuration. Edit it, then start the server again.
+# Relative paths are taken relative to this file's directory.
+
+# The legacy server's JSON database. When it exists, its records are imported into
+# `database` at start-up (only those not present yet); the file itself is never modified.
+nodeDbFile: "/etc/talos-kms-server/nodeDbFile.json"
+
+# The embedded SQLite database holding every sealed record. Back it up: losing it means
+# losing every disk that only has a KMS key. Default: talos-kms-server.db beside nodeDbFile.
+# database: "/var/lib/talos-kms-server/talos-kms-server.db"
+
+# PEM certificate, followed by its chain. Talos nodes must trust it with their built-in
+# public CA bundle to unlock STATE (a TrustedRootsConfig lives inside STATE itself).
+serverCertFile: "/etc/talos-kms-server/server.crt"
+# PEM private key: PKCS#8 (encrypted with serverKeyPassword, or plain), PKCS#1 RSA or SEC1 EC.
+serverKeyFile: "/etc/talos-kms-server/server.key"
+# Password of an encrypted PKCS#8 key; leave empty for a plain key.
+serverKeyPassword: "changeit"
+
+# Where to listen. "::" listens on IPv6 and IPv4.
+port: 50051
+bindAddress: "0.0.0.0"
+
+# OFF, ERROR, WARN, INFO, DEBUG, TRACE (SEVERE, WARNING, FINE, FINER, FINEST also accepted).
+kmsLogLevel: "INFO"   # this server's own messages
+rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
+"#;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConfig {
+    node_db_file: Option<PathBuf>,
+    database: Option<PathBuf>,
+    server_cert_file: Option<PathBuf>,
+    server_key_file: Option<PathBuf>,
+    server_key_password: Option<String>,
+    port: Option<u16>,
+    bind_address: Option<String>,
+    kms_log_level: Option<String>,
+    root_log_level: Option<String>,
+}
+
+/// A validated configuration.
+pub struct Config {
+    pub path: PathBuf,
+    pub node_db_file: Option<PathBuf>,
+    pub database: PathBuf,
+    pub server_cert_file: PathBuf,
+    pub server_key_file: PathBuf,
+    pub server_key_password: Option<String>,
+    pub listen: SocketAddr,
+    pub kms_log_level: LogLevel,
+    pub root_log_level: LogLevel,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("path", &self.path)
+            .field("node_db_file", &self.node_db_file)
+            .field("database", &self.database)
+            .field("server_cert_file", &self.server_cert_file)
+            .field("server_key_file", &self.server_key_file)
+            .field(
+                "server_key_password",
+                &self.server_key_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("listen", &self.listen)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no config file at {0}; a commented default was written there: edit it (certificate, \
+         key, database) and start again"
+    )]
+    WroteDefault(PathBuf),
+    #[error("config file {path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
+impl Config {
+    /// Loads `path`. A missing file gets the commented default written in its place and
+    /// an error, like the legacy server.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |problem: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_default(path).map_err(|e| {
+                    invalid(format!(
+                        "does not exist, and writing a default there failed: {e}"
+                    ))
+                })?;
+                return Err(ConfigError::WroteDefault(path.to_path_buf()));
+            }
+            Err(e) => return Err(invalid(format!("cannot read it: {e}"))),
+        };
+        Self::parse(path, &text).map_err(invalid)
+    }
+
+    /// Parses config text; `path` locates relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, String> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            return Err("is empty; see the commented default in the README".into());
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| e.to_string())?
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let node_db_file = raw.node_db_file.map(resolve);
+        let database = match (raw.database, &node_db_file) {
+            (Some(database), _) => resolve(database),
+            (None, Some(legacy)) => legacy
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(DEFAULT_DATABASE_NAME),
+            (None, None) => {
+                return Err(
+                    "set `database` (path of the embedded database) or `nodeDbFile`".into(),
+                );
+            }
+        };
+        if Some(&database) == node_db_file.as_ref() {
+            return Err(
+                "`database` and `nodeDbFile` name the same file; the legacy JSON file is only \
+                 read, so give the embedded database its own path"
+                    .into(),
+            );
+        }
+        let required = |value: Option<PathBuf>, key: &str| {
+            value.map(resolve).ok_or_else(|| {
+                format!(
+                    "`{key}` is missing; it names the server's PEM {}",
+                    if key == "serverCertFile" {
+                        "certificate chain"
+                    } else {
+                        "private key"
+                    }
+                )
+            })
+        };
+        let bind_address = raw.bind_address.unwrap_or_else(|| "0.0.0.0".into());
+        let ip: IpAddr = bind_address.trim_matches(['[', ']']).parse().map_err(|_| {
+            format!(
+                "bindAddress {bind_address:?} is not an IP address (e.g. 0.0.0.0, ::, 127.0.0.1)"
+            )
+        })?;
+        let level = |value: Option<String>, key: &str, default: LogLevel| match value {
+            None => Ok(default),
+            Some(text) => text.parse().map_err(|e| format!("{key}: {e}")),
+        };
+        Ok(Config {
+            path: path.to_path_buf(),
+            server_cert_file: required(raw.server_cert_file, "serverCertFile")?,
+            server_key_file: required(raw.server_key_file, "serverKeyFile")?,
+            server_key_password: raw.server_key_password.filter(|p| !p.is_empty()),
+            node_db_file,
+            database,
+            listen: SocketAddr::new(ip, raw.port.unwrap_or(DEFAULT_PORT)),
+            kms_log_level: level(raw.kms_log_level, "kmsLogLevel", LogLevel::Info)?,
+            root_log_level: level(raw.root_log_level, "rootLogLevel", LogLevel::Warn)?,
+        })
+    }
+}
+
+fn write_default(path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    // create_new: never overwrite a file that appeared meanwhile.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?
+        .write_all(DEFAULT_CONFIG.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("/etc/talos-kms-server/config.yaml"), text)
+    }
+
+    #[test]
+    fn the_default_config_is_valid() {
+        let config = parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(
+            config.database,
+            Path::new("/etc/talos-kms-server/talos-kms-server.db")
+        );
+        assert_eq!(config.server_key_password.as_deref(), Some("changeit"));
+        assert_eq!(config.root_log_level, LogLevel::Warn);
+    }
+
+    #[test]
+    fn legacy_example_is_accepted() {
+        let legacy = r#"
+nodeDbFile: "/etc/talos-kms-server/nodeDbFile.json"
+serverCertFile: "/etc/talos-kms-server/server.crt" #Must be a PEM encoded certificate
+serverKeyFile: "/etc/talos-kms-server/server.key" #Must be a pkcs8 key
+serverKeyPassword: "changeit"
+port: 50051
+bindAddress: "0.0.0.0"
+kmsLogLevel: "INFO"
+rootLogLevel: "WARNING"
+"#;
+        let config = parse(legacy).unwrap();
+        assert_eq!(
+            config.node_db_file.unwrap(),
+            Path::new("/etc/talos-kms-server/nodeDbFile.json")
+        );
+        assert_eq!(config.kms_log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let error = parse(&format!("{DEFAULT_CONFIG}\nbindAdress: \"::\"\n"))
+            .err()
+            .unwrap();
+        assert!(error.contains("bindAdress"), "{error}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let config =
+            parse("database: data/kms.db\nserverCertFile: a.crt\nserverKeyFile: /k\n").unwrap();
+        assert_eq!(
+            config.database,
+            Path::new("/etc/talos-kms-server/data/kms.db")
+        );
+        assert_eq!(
+            config.server_cert_file,
+            Path::new("/etc/talos-kms-server/a.crt")
+        );
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let error =
+            parse("database: x\nserverCertFile: a\nserverKeyFile: b\nbindAddress: everywhere\n")
+                .err()
+                .unwrap();
+        assert!(error.contains("bindAddress"), "{error}");
+        let error = parse("database: x\nserverCertFile: a\nserverKeyFile: b\nkmsLogLevel: LOUD\n")
+            .err()
+            .unwrap();
+        assert!(error.contains("kmsLogLevel"), "{error}");
+        let error = parse("database: x\nserverKeyFile: b\n").err().unwrap();
+        assert!(error.contains("serverCertFile"), "{error}");
+    }
+}

@@ -1,0 +1,20 @@
+//! talos-kms-server: the network KMS that Talos Linux nodes ask to seal and unseal their
+//! LUKS2 passphrases.
+//!
+//! A request flows one way through the modules: [`listener`] accepts the connection and
+//! completes TLS, [`policy`] decides whether it may proceed, [`service`] answers the gRPC
+//! call, [`sealing`] implements the legacy server's scheme, and [`store`] keeps the records.
+//! [`client`] behaves exactly like a Talos node and is shared by the tests, `bench` and the
+//! operator's `client` command.
+
+pub mod client;
+pub mod config;
+pub mod listener;
+pub mod logging;
+pub mod policy;
+pub mod proto;
+pub mod sealing;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tls;

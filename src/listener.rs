@@ -1,0 +1,170 @@
+//! Where requests enter: accepts TCP connections, bounds how many are served at once,
+//! completes TLS, and serves gRPC over HTTP/2 on each with the peer address attached.
+//!
+//! Shaped like mini-redis: a [`Listener`] accepts and spawns one [`Handler`] per
+//! connection; shutdown is a watch signal, and the listener knows all handlers are done when
+//! every clone of its `finished` sender has been dropped.
+
+use crate::policy::MAX_MESSAGE_LEN;
+use crate::proto::KMSServiceServer;
+use crate::service::{KmsService, Peer};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tonic::codegen::Service;
+
+/// Connections served at once; more wait in the kernel's accept queue. Bounds memory and
+/// keeps a handshake storm from starving calls already past their handshake.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Talos gives each call 10 s; a handshake that takes longer serves no one.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Talos makes one call per connection; a few streams leave room for other clients.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+type Grpc = KMSServiceServer<KmsService>;
+
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub tls: TlsAcceptor,
+    pub service: Arc<KmsService>,
+    pub limit: Arc<Semaphore>,
+    pub shutdown: watch::Receiver<bool>,
+    pub finished: mpsc::Sender<()>,
+}
+
+struct Handler {
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: TlsAcceptor,
+    grpc: Grpc,
+    shutdown: watch::Receiver<bool>,
+    _finished: mpsc::Sender<()>,
+}
+
+impl Listener {
+    /// Accepts connections until shutdown is signalled. Accept errors (out of file
+    /// descriptors, say) are retried with a capped backoff: the server never gives up.
+    pub async fn run(mut self) {
+        let grpc = KMSServiceServer::from_arc(Arc::clone(&self.service))
+            .max_decoding_message_size(MAX_MESSAGE_LEN);
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let permit = tokio::select! {
+                permit = Arc::clone(&self.limit).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = stopped(&mut self.shutdown) => return,
+            };
+            let accepted = tokio::select! {
+                accepted = self.tcp.accept() => accepted,
+                _ = stopped(&mut self.shutdown) => return,
+            };
+            let (socket, peer) = match accepted {
+                Ok(accepted) => {
+                    backoff = Duration::from_millis(10);
+                    accepted
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                    continue;
+                }
+            };
+            let _ = socket.set_nodelay(true);
+            let handler = Handler {
+                socket,
+                peer,
+                tls: self.tls.clone(),
+                grpc: grpc.clone(),
+                shutdown: self.shutdown.clone(),
+                _finished: self.finished.clone(),
+            };
+            tokio::spawn(async move {
+                handler.run().await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+impl Handler {
+    async fn run(mut self) {
+        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(self.socket));
+        let tls = tokio::select! {
+            result = handshake => match result {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(peer = %self.peer, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                    return;
+                }
+            },
+            _ = stopped(&mut self.shutdown) => return,
+        };
+
+        let service = WithPeer {
+            inner: self.grpc,
+            peer: Peer(self.peer),
+        };
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
+        let connection =
+            http2.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(peer = %self.peer, %error, "connection ended with an error");
+                }
+            }
+            _ = stopped(&mut self.shutdown) => {
+                // Finish the calls in flight, accept no new ones.
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
+    }
+}
+
+/// Attaches the connection's peer address to every request, for the AAD and the logs.
+#[derive(Clone)]
+struct WithPeer {
+    inner: Grpc,
+    peer: Peer,
+}
+
+impl Service<http::Request<Incoming>> for WithPeer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = <Grpc as Service<http::Request<Incoming>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<http::Request<Incoming>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.peer);
+        self.inner.call(request)
+    }
+}
+
+/// Resolves once shutdown is signalled (at once if it already was).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

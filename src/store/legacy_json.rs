@@ -1,0 +1,226 @@
+//! The legacy server's database: one JSON array rewritten on every request (FACTS.md §3).
+//!
+//! It is only ever read. Its records are taken over into the store, so that nodes sealed by
+//! the legacy server keep booting.
+
+use super::{ImportBatch, ImportReport, NewRecord, Store, StoreError, UnixTime};
+use crate::sealing::{NONCE_LEN, TAG_LEN};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
+use std::path::Path;
+use time::PrimitiveDateTime;
+use time::macros::format_description;
+
+/// `yyyy-MM-dd HH:mm:ss`, UTC.
+const TIMESTAMP: &[time::format_description::BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+
+#[derive(Debug, thiserror::Error)]
+#[error("legacy database {path}: {problem}")]
+pub struct LegacyError {
+    pub path: String,
+    pub problem: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyRecord {
+    node_uuid: String,
+    ip_address: String,
+    cipher_text_b64: String,
+    nonce_b64: String,
+    last_access: Option<String>,
+    created_at: Option<String>,
+}
+
+/// The records of a legacy file and the fingerprint of its content.
+pub struct LegacyFile {
+    pub batch: ImportBatch,
+}
+
+/// What a take-over did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TakeOver {
+    NoFile,
+    /// This exact content was imported before; it was not parsed again.
+    Unchanged,
+    Imported(ImportReport),
+}
+
+/// Reads a legacy file. `Ok(None)` when it does not exist; an empty file has no records.
+pub fn read(path: &Path) -> Result<Option<LegacyFile>, LegacyError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(error(path, format!("cannot read it: {e}"))),
+    };
+    let records = parse(&bytes).map_err(|problem| error(path, problem))?;
+    Ok(Some(LegacyFile {
+        batch: ImportBatch {
+            records,
+            fingerprint: fingerprint(&bytes),
+        },
+    }))
+}
+
+/// Imports the legacy file at `path` unless this exact content was imported before.
+/// The file is never modified.
+pub async fn take_over(store: &dyn Store, path: &Path) -> Result<TakeOver, TakeOverError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TakeOver::NoFile),
+        Err(e) => return Err(error(path, format!("cannot read it: {e}")).into()),
+    };
+    let fingerprint = fingerprint(&bytes);
+    if store.has_imported(&fingerprint).await? {
+        return Ok(TakeOver::Unchanged);
+    }
+    let records = parse(&bytes).map_err(|problem| error(path, problem))?;
+    let report = store
+        .import(ImportBatch {
+            records,
+            fingerprint,
+        })
+        .await?;
+    Ok(TakeOver::Imported(report))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TakeOverError {
+    #[error(transparent)]
+    Legacy(#[from] LegacyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Parses the content of a legacy file. Errors name the record and field at fault.
+pub fn parse(bytes: &[u8]) -> Result<Vec<NewRecord>, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let legacy: Vec<LegacyRecord> = serde_json::from_slice(bytes).map_err(|e| {
+        format!(
+            "not a valid legacy database ({e}); restore it from a backup, or remove \
+             `nodeDbFile` from the config if there is nothing to take over"
+        )
+    })?;
+    legacy
+        .into_iter()
+        .enumerate()
+        .map(|(index, record)| {
+            convert(record).map_err(|problem| format!("record #{index}: {problem}"))
+        })
+        .collect()
+}
+
+fn convert(record: LegacyRecord) -> Result<NewRecord, String> {
+    let nonce = BASE64
+        .decode(&record.nonce_b64)
+        .map_err(|e| format!("nonceB64 is not base64 ({e})"))?;
+    let nonce = <[u8; NONCE_LEN]>::try_from(nonce.as_slice())
+        .map_err(|_| format!("nonceB64 holds {} bytes, expected {NONCE_LEN}", nonce.len()))?;
+    let ciphertext = BASE64
+        .decode(&record.cipher_text_b64)
+        .map_err(|e| format!("cipherTextB64 is not base64 ({e})"))?;
+    if ciphertext.len() < TAG_LEN {
+        return Err(format!(
+            "cipherTextB64 holds {} bytes, shorter than the {TAG_LEN}-byte GCM tag",
+            ciphertext.len()
+        ));
+    }
+    let created_at = match &record.created_at {
+        Some(text) => parse_timestamp(text).map_err(|e| format!("createdAt: {e}"))?,
+        None => super::now(),
+    };
+    let last_access = record
+        .last_access
+        .as_deref()
+        .map(parse_timestamp)
+        .transpose()
+        .map_err(|e| format!("lastAccess: {e}"))?;
+    Ok(NewRecord {
+        nonce,
+        node_uuid: record.node_uuid,
+        ip: record.ip_address,
+        ciphertext,
+        created_at,
+        last_access,
+    })
+}
+
+pub fn parse_timestamp(text: &str) -> Result<UnixTime, String> {
+    PrimitiveDateTime::parse(text, TIMESTAMP)
+        .map(|t| t.assume_utc().unix_timestamp())
+        .map_err(|e| format!("{text:?} is not yyyy-MM-dd HH:mm:ss ({e})"))
+}
+
+pub fn format_timestamp(at: UnixTime) -> String {
+    time::OffsetDateTime::from_unix_timestamp(at)
+        .ok()
+        .and_then(|t| t.format(TIMESTAMP).ok())
+        .unwrap_or_default()
+}
+
+fn fingerprint(bytes: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn error(path: &Path, problem: String) -> LegacyError {
+    LegacyError {
+        path: path.display().to_string(),
+        problem,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RECORD: &str = r#"[ {
+      "nodeUuid" : "213faf71-17a0-43d7-a88b-0afd96094178",
+      "ipAddress" : "10.0.0.201",
+      "cipherTextB64" : "CZVlmwwkZcUjNd0JBcqWqR6BxGh3iGerVwYg6B6gYPpIDQvoIpxHj0nnHiEA0X8n",
+      "nonceB64" : "Lh1oTReoyx4mI3Y8",
+      "lastAccess" : "2025-10-11 20:22:24",
+      "createdAt" : "2025-10-11 20:22:17"
+    } ]"#;
+
+    #[test]
+    fn parses_the_legacy_example() {
+        let records = parse(RECORD.as_bytes()).unwrap();
+        assert_eq!(records.len(), 1);
+        let record = &records[0];
+        assert_eq!(record.node_uuid, "213faf71-17a0-43d7-a88b-0afd96094178");
+        assert_eq!(record.ip, "10.0.0.201");
+        assert_eq!(record.ciphertext.len(), 48);
+        assert_eq!(format_timestamp(record.created_at), "2025-10-11 20:22:17");
+        assert_eq!(
+            record.last_access.map(format_timestamp).unwrap(),
+            "2025-10-11 20:22:24"
+        );
+    }
+
+    #[test]
+    fn empty_file_has_no_records() {
+        assert!(parse(b"").unwrap().is_empty());
+        assert!(parse(b" \n").unwrap().is_empty());
+        assert!(parse(b"[]").unwrap().is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_record_and_field() {
+        let bad = RECORD.replace("Lh1oTReoyx4mI3Y8", "AAAA");
+        let problem = parse(bad.as_bytes()).err().unwrap();
+        assert!(
+            problem.contains("record #0") && problem.contains("nonceB64"),
+            "{problem}"
+        );
+        let bad = RECORD.replace("2025-10-11 20:22:17", "yesterday");
+        let problem = parse(bad.as_bytes()).err().unwrap();
+        assert!(problem.contains("createdAt"), "{problem}");
+        let problem = parse(b"[{").err().unwrap();
+        assert!(problem.contains("not a valid legacy database"), "{problem}");
+    }
+}

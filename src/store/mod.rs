@@ -1,0 +1,101 @@
+//! Where records live. The request path sees only the [`Store`] trait; SQLite is the
+//! embedded backend, and a shared PostgreSQL backend for replicas fits behind the same trait.
+
+pub mod legacy_json;
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use crate::sealing::SealNonce;
+use async_trait::async_trait;
+
+/// Seconds since the Unix epoch, UTC.
+pub type UnixTime = i64;
+pub type RecordId = i64;
+
+pub fn now() -> UnixTime {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// A record as written by a seal or an import.
+#[derive(Clone)]
+pub struct NewRecord {
+    pub nonce: SealNonce,
+    pub node_uuid: String,
+    /// Peer-address text bound into the seal (informational: the binding is in the AAD).
+    pub ip: String,
+    /// AES-GCM ciphertext with its tag.
+    pub ciphertext: Vec<u8>,
+    pub created_at: UnixTime,
+    pub last_access: Option<UnixTime>,
+}
+
+/// A stored record, as found by its nonce.
+pub struct Record {
+    pub id: RecordId,
+    pub node_uuid: String,
+    pub ip: String,
+    pub ciphertext: Vec<u8>,
+    pub created_at: UnixTime,
+    pub last_access: Option<UnixTime>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// Durable on disk.
+    Stored(RecordId),
+    /// Another record already has this nonce; seal again with a fresh one.
+    NonceTaken,
+}
+
+/// Records to add unless their nonce is already stored.
+pub struct ImportBatch {
+    pub records: Vec<NewRecord>,
+    /// Identifies the source content, so that an unchanged source is not parsed again.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    pub imported: usize,
+    /// Already present (same nonce): an import is idempotent.
+    pub skipped: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {problem}")]
+    Open { path: String, problem: String },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database write failed, nothing was stored: {0}")]
+    Write(String),
+    #[error("the database writer has stopped")]
+    WriterStopped,
+}
+
+/// The storage interface of the server. Implementations must make [`Store::insert`] durable
+/// before it returns: a seal is acknowledged only after that.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Adds a sealed record; returns once it is durable.
+    async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError>;
+
+    async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError>;
+
+    /// Notes an unseal attempt on a record. Buffered: written within seconds and on
+    /// [`Store::flush`], never with a flush per unseal.
+    fn record_access(&self, id: RecordId, at: UnixTime);
+
+    /// Adds the records whose nonce is not stored yet, durably, and remembers the batch's
+    /// fingerprint.
+    async fn import(&self, batch: ImportBatch) -> Result<ImportReport, StoreError>;
+
+    /// Whether a batch with this fingerprint was imported before.
+    async fn has_imported(&self, fingerprint: &str) -> Result<bool, StoreError>;
+
+    async fn count(&self) -> Result<u64, StoreError>;
+
+    /// Writes everything buffered (access times).
+    async fn flush(&self) -> Result<(), StoreError>;
+}

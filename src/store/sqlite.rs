@@ -1,0 +1,476 @@
+//! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`.
+//!
+//! All writes go through one writer thread that commits whatever has queued up while the
+//! previous commit was flushing (group commit): every seal is durable before it is answered,
+//! yet a burst of seals shares its fsyncs. Reads use a small pool of connections and run
+//! inline: a point lookup served from the page cache takes microseconds, less than handing
+//! it to another thread would.
+
+use super::{
+    ImportBatch, ImportReport, Inserted, NewRecord, Record, RecordId, Store, StoreError, UnixTime,
+};
+use crate::sealing::SealNonce;
+use async_trait::async_trait;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Marks the file as ours ("TKMS"), so that a foreign SQLite file is never migrated.
+const APPLICATION_ID: i64 = 0x544B_4D53;
+
+/// Schema migrations; `PRAGMA user_version` is the number applied. Append, never edit.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE records (
+        id          INTEGER PRIMARY KEY,
+        nonce       BLOB    NOT NULL UNIQUE CHECK (length(nonce) = 12),
+        node_uuid   TEXT    NOT NULL,
+        ip          TEXT    NOT NULL,
+        ciphertext  BLOB    NOT NULL,
+        created_at  INTEGER NOT NULL,
+        last_access INTEGER
+    );
+    CREATE TABLE legacy_imports (
+        fingerprint TEXT    PRIMARY KEY,
+        imported_at INTEGER NOT NULL,
+        records     INTEGER NOT NULL
+    );
+"];
+
+const READERS: usize = 4;
+const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// Caps one group commit, so that one transaction never holds a huge backlog hostage.
+const MAX_BATCH: usize = 1024;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct SqliteStore {
+    path: PathBuf,
+    readers: Box<[Mutex<Connection>]>,
+    next_reader: AtomicUsize,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    accesses: Arc<Mutex<HashMap<RecordId, UnixTime>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+enum Job {
+    Insert(NewRecord, oneshot::Sender<Result<Inserted, StoreError>>),
+    Import(
+        ImportBatch,
+        oneshot::Sender<Result<ImportReport, StoreError>>,
+    ),
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+}
+
+impl SqliteStore {
+    /// Opens the database at `path`, creating it (mode 0600, parent directory 0700) when it
+    /// does not exist, and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        create_private_file(path)?;
+        Self::open_existing(path)
+    }
+
+    /// Opens an existing database; never creates one.
+    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
+        let open_error = |problem: String| StoreError::Open {
+            path: path.display().to_string(),
+            problem,
+        };
+        if !path.exists() {
+            return Err(open_error("does not exist".into()));
+        }
+        let mut writer = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_error(e.to_string()))?;
+        configure(&writer).map_err(|e| open_error(describe(&e)))?;
+        migrate(&mut writer).map_err(|e| match e {
+            StoreError::Open { problem, .. } => open_error(problem),
+            other => open_error(other.to_string()),
+        })?;
+
+        let readers = (0..READERS)
+            .map(|_| {
+                let reader = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                reader.busy_timeout(BUSY_TIMEOUT)?;
+                Ok(Mutex::new(reader))
+            })
+            .collect::<Result<Vec<_>, rusqlite::Error>>()
+            .map_err(|e| open_error(e.to_string()))?;
+
+        let accesses = Arc::new(Mutex::new(HashMap::new()));
+        let (jobs, queue) = mpsc::channel();
+        let writer_accesses = Arc::clone(&accesses);
+        let writer = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || write_loop(writer, queue, writer_accesses))
+            .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
+
+        Ok(Self {
+            path: path.to_path_buf(),
+            readers: readers.into_boxed_slice(),
+            next_reader: AtomicUsize::new(0),
+            jobs: Mutex::new(Some(jobs)),
+            accesses,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn submit(&self, job: Job) -> Result<(), StoreError> {
+        let jobs = lock(&self.jobs);
+        let sender = jobs.as_ref().ok_or(StoreError::WriterStopped)?;
+        sender.send(job).map_err(|_| StoreError::WriterStopped)
+    }
+
+    fn read<T>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let count = self.readers.len();
+        for i in 0..count {
+            if let Ok(reader) = self.readers[(start + i) % count].try_lock() {
+                return Ok(query(&reader)?);
+            }
+        }
+        Ok(query(&lock(&self.readers[start % count]))?)
+    }
+}
+
+impl Drop for SqliteStore {
+    /// Closing the queue makes the writer flush buffered access times and stop.
+    fn drop(&mut self) {
+        lock(&self.jobs).take();
+        if let Some(writer) = lock(&self.writer).take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Insert(record, reply))?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT id, node_uuid, ip, ciphertext, created_at, last_access
+                 FROM records WHERE nonce = ?1",
+            )?
+            .query_row([&nonce[..]], |row| {
+                Ok(Record {
+                    id: row.get(0)?,
+                    node_uuid: row.get(1)?,
+                    ip: row.get(2)?,
+                    ciphertext: row.get(3)?,
+                    created_at: row.get(4)?,
+                    last_access: row.get(5)?,
+                })
+            })
+            .optional()
+        })
+    }
+
+    fn record_access(&self, id: RecordId, at: UnixTime) {
+        lock(&self.accesses).insert(id, at);
+    }
+
+    async fn import(&self, batch: ImportBatch) -> Result<ImportReport, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Import(batch, reply))?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    async fn has_imported(&self, fingerprint: &str) -> Result<bool, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT 1 FROM legacy_imports WHERE fingerprint = ?1")?
+                .exists([fingerprint])
+        })
+    }
+
+    async fn count(&self) -> Result<u64, StoreError> {
+        self.read(|conn| conn.query_row("SELECT count(*) FROM records", [], |row| row.get(0)))
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Flush(reply))?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+}
+
+/// Creates the file with mode 0600 before SQLite sees it; SQLite gives its -wal and -shm
+/// files the same mode.
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    let io_error = |e: std::io::Error| StoreError::Open {
+        path: path.display().to_string(),
+        problem: e.to_string(),
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io_error)?;
+        }
+    }
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "journal_mode is {mode}, WAL is required"
+        )));
+    }
+    // FULL: a commit is on disk when it returns, power loss included.
+    conn.pragma_update(None, "synchronous", "FULL")
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let application_id: i64 = tx.pragma_query_value(None, "application_id", |r| r.get(0))?;
+    let version: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let has_tables: bool = tx.query_row(
+        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table'",
+        [],
+        |r| r.get(0),
+    )?;
+    let problem = |problem: String| StoreError::Open {
+        path: String::new(),
+        problem,
+    };
+    if application_id != APPLICATION_ID && (application_id != 0 || has_tables) {
+        return Err(problem(
+            "is an SQLite file of another program; point `database` at a new file or at a \
+             talos-kms-server database"
+                .into(),
+        ));
+    }
+    if version > MIGRATIONS.len() {
+        return Err(problem(format!(
+            "has schema version {version}, newer than this server knows ({}); run a newer \
+             talos-kms-server",
+            MIGRATIONS.len()
+        )));
+    }
+    for migration in &MIGRATIONS[version..] {
+        tx.execute_batch(migration)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+    tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn write_loop(
+    mut conn: Connection,
+    queue: mpsc::Receiver<Job>,
+    accesses: Arc<Mutex<HashMap<RecordId, UnixTime>>>,
+) {
+    let mut last_access_flush = Instant::now();
+    loop {
+        let mut batch = Vec::new();
+        match queue.recv_timeout(ACCESS_FLUSH_INTERVAL) {
+            Ok(job) => batch.push(job),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                commit_batch(&mut conn, Vec::new(), &accesses, true);
+                return;
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let flush_accesses = last_access_flush.elapsed() >= ACCESS_FLUSH_INTERVAL
+            || batch.iter().any(|job| matches!(job, Job::Flush(_)));
+        if flush_accesses {
+            last_access_flush = Instant::now();
+        }
+        if !batch.is_empty() || flush_accesses {
+            commit_batch(&mut conn, batch, &accesses, flush_accesses);
+        }
+    }
+}
+
+/// Runs every queued job in one transaction, commits once, then answers each job.
+fn commit_batch(
+    conn: &mut Connection,
+    batch: Vec<Job>,
+    accesses: &Mutex<HashMap<RecordId, UnixTime>>,
+    flush_accesses: bool,
+) {
+    let pending = if flush_accesses {
+        std::mem::take(&mut *lock(accesses))
+    } else {
+        HashMap::new()
+    };
+    if batch.is_empty() && pending.is_empty() {
+        return;
+    }
+    let mut done = Vec::with_capacity(batch.len());
+    let committed = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for job in batch {
+            done.push(match job {
+                Job::Insert(record, reply) => Done::Insert(insert(&tx, &record), reply),
+                Job::Import(batch, reply) => Done::Import(import(&tx, &batch), reply),
+                Job::Flush(reply) => Done::Flush(reply),
+            });
+        }
+        let mut touch = tx.prepare_cached(
+            "UPDATE records SET last_access = max(coalesce(last_access, 0), ?2) WHERE id = ?1",
+        )?;
+        for (id, at) in &pending {
+            touch.execute(params![id, at])?;
+        }
+        drop(touch);
+        tx.commit()
+    })();
+
+    let failure = committed.as_ref().err().map(describe);
+    if let Some(problem) = &failure {
+        tracing::error!(%problem, "database commit failed; the requests in it were refused");
+        // Keep the access times for the next attempt, unless newer ones arrived meanwhile.
+        let mut current = lock(accesses);
+        for (id, at) in pending {
+            current.entry(id).or_insert(at);
+        }
+    }
+    // Nothing is acknowledged unless the whole transaction committed.
+    for finished in done {
+        match finished {
+            Done::Insert(result, reply) => {
+                let _ = reply.send(settle(&failure, result));
+            }
+            Done::Import(result, reply) => {
+                let _ = reply.send(settle(&failure, result));
+            }
+            Done::Flush(reply) => {
+                let _ = reply.send(settle(&failure, Ok(())));
+            }
+        }
+    }
+}
+
+fn settle<T>(
+    commit_failure: &Option<String>,
+    result: rusqlite::Result<T>,
+) -> Result<T, StoreError> {
+    match (commit_failure, result) {
+        (Some(problem), _) => Err(StoreError::Write(problem.clone())),
+        (None, Ok(value)) => Ok(value),
+        (None, Err(e)) => Err(StoreError::Write(describe(&e))),
+    }
+}
+
+/// A job that ran inside the transaction, waiting for the commit to be answered.
+enum Done {
+    Insert(
+        rusqlite::Result<Inserted>,
+        oneshot::Sender<Result<Inserted, StoreError>>,
+    ),
+    Import(
+        rusqlite::Result<ImportReport>,
+        oneshot::Sender<Result<ImportReport, StoreError>>,
+    ),
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+}
+
+fn insert(tx: &Connection, record: &NewRecord) -> rusqlite::Result<Inserted> {
+    let mut statement = tx.prepare_cached(
+        "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    match statement.execute(params![
+        &record.nonce[..],
+        record.node_uuid,
+        record.ip,
+        record.ciphertext,
+        record.created_at,
+        record.last_access,
+    ]) {
+        Ok(_) => Ok(Inserted::Stored(tx.last_insert_rowid())),
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+            Ok(Inserted::NonceTaken)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn import(tx: &Connection, batch: &ImportBatch) -> rusqlite::Result<ImportReport> {
+    let mut statement = tx.prepare_cached(
+        "INSERT OR IGNORE INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut report = ImportReport::default();
+    for record in &batch.records {
+        let added = statement.execute(params![
+            &record.nonce[..],
+            record.node_uuid,
+            record.ip,
+            record.ciphertext,
+            record.created_at,
+            record.last_access,
+        ])?;
+        if added == 1 {
+            report.imported += 1;
+        } else {
+            report.skipped += 1;
+        }
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO legacy_imports (fingerprint, imported_at, records)
+         VALUES (?1, ?2, ?3)",
+        params![batch.fingerprint, super::now(), batch.records.len()],
+    )?;
+    Ok(report)
+}
+
+fn describe(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(_, Some(message)) => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of plain data; the data
+/// (a connection, a queue handle, a map of timestamps) is still usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
