@@ -1,0 +1,215 @@
+//! Test fixtures: real servers on loopback with real TLS and real database files.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+use talos_kms_server::client::{ClientOptions, KmsClient};
+use talos_kms_server::policy::Policy;
+use talos_kms_server::server::{self, RunningServer, ServerOptions};
+use talos_kms_server::store::SqliteStore;
+use talos_kms_server::tls::{self, throwaway};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_talos-kms-server");
+pub const NODE: &str = "213faf71-17a0-43d7-a88b-0afd96094178";
+
+/// Files of a throwaway PKI in a test directory.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn write_pki(dir: &Path) -> Pki {
+    let names = ["localhost", "127.0.0.1", "::1"].map(String::from);
+    let pki = throwaway::generate(&names).expect("generate PKI");
+    let files = Pki {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+    };
+    std::fs::write(&files.ca, pki.ca_pem).unwrap();
+    std::fs::write(&files.cert, pki.chain_pem).unwrap();
+    std::fs::write(&files.key, pki.key_pem).unwrap();
+    files
+}
+
+/// A server running inside the test process.
+pub struct TestServer {
+    pub running: RunningServer,
+    pub pki: Pki,
+    pub database: PathBuf,
+}
+
+impl TestServer {
+    pub async fn start(dir: &Path, bind: &str) -> TestServer {
+        let pki = if dir.join("ca.pem").exists() {
+            Pki {
+                ca: dir.join("ca.pem"),
+                cert: dir.join("server.crt"),
+                key: dir.join("server.key"),
+            }
+        } else {
+            write_pki(dir)
+        };
+        let identity = tls::load_identity(&pki.cert, &pki.key, None).unwrap();
+        let database = dir.join("kms.db");
+        let store = Arc::new(SqliteStore::open(&database).unwrap());
+        let running = server::start(ServerOptions {
+            bind: bind.parse().unwrap(),
+            tls: tls::server_config(identity).unwrap(),
+            store,
+            policy: Policy::default(),
+        })
+        .unwrap();
+        TestServer {
+            running,
+            pki,
+            database,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.running.local_addr().port()
+    }
+
+    /// A Talos-like client connecting to `host` (an IP literal the certificate names).
+    pub fn client(&self, host: &str, source: Option<IpAddr>) -> KmsClient {
+        client_for(host, self.port(), &self.pki.ca, source)
+    }
+}
+
+pub fn client_for(host: &str, port: u16, ca: &Path, source: Option<IpAddr>) -> KmsClient {
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    let mut options = ClientOptions::new(format!("https://{host}:{port}").parse().unwrap());
+    options.ca_file = Some(ca.to_path_buf());
+    options.source_ip = source;
+    KmsClient::new(options).unwrap()
+}
+
+pub fn random_passphrase() -> [u8; 32] {
+    let mut passphrase = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut passphrase).unwrap();
+    passphrase
+}
+
+/// Writes a config file for the binary; `extra` is appended YAML.
+pub fn write_config(dir: &Path, pki: &Pki, bind: &str, extra: &str) -> PathBuf {
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "database: {}\nserverCertFile: {}\nserverKeyFile: {}\nport: 0\nbindAddress: \"{bind}\"\nkmsLogLevel: INFO\nrootLogLevel: WARNING\n{extra}",
+            dir.join("kms.db").display(),
+            pki.cert.display(),
+            pki.key.display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The server binary running as a child process.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// stderr lines after the "serving" line, as they arrive.
+    pub log: mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    /// Starts `talos-kms-server --config FILE` and waits (at most 30 s) until it serves.
+    pub fn start(config: &Path) -> Result<ServerProcess, String> {
+        let mut child = Command::new(BINARY)
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let stderr = child.stderr.take().unwrap();
+        let (lines, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            match log.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => {
+                    if let Some(addr) = line
+                        .split("address=")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .filter(|_| line.contains("serving"))
+                    {
+                        let addr = addr.parse().expect("address in the serving line");
+                        return Ok(ServerProcess { child, addr, log });
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let status = child.wait().ok();
+                    return Err(format!("server did not start ({status:?}): {}", seen.join("\n")));
+                }
+            }
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status (waits at most 30 s).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.child.kill().unwrap();
+        panic!("server did not stop within 30 s of SIGTERM");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion with a 60 s limit.
+pub fn run_binary(args: &[&str]) -> std::process::Output {
+    let child = Command::new(BINARY)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        if finished.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    });
+    let output = child.wait_with_output().unwrap();
+    let _ = done.send(());
+    output
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
