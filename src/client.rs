@@ -302,10 +302,10 @@ impl KmsClient {
             .map_err(connect_error)?;
         let mut last_error = None;
         for address in addresses {
-            if let Some(source) = self.options.source_ip {
-                if source.is_ipv4() != address.is_ipv4() {
-                    continue;
-                }
+            if let Some(source) = self.options.source_ip
+                && source.is_ipv4() != address.is_ipv4()
+            {
+                continue;
             }
             match self.connect_to(address).await {
                 Ok(stream) => return Ok(stream),
@@ -450,7 +450,7 @@ mod tests {
                 tls: false
             }
         );
-        assert_eq!(parse("10.0.0.1:4050").tls, false);
+        assert!(!parse("10.0.0.1:4050").tls);
         assert_eq!(
             parse("https://[::1]:50051"),
             Endpoint {

@@ -19,7 +19,10 @@ async fn seal_then_unseal_on_fresh_connections_returns_the_passphrase() {
 
     let sealed = client.seal(NODE, &passphrase).await.unwrap();
     assert_eq!(sealed.len(), 44, "Talos stores nonce (12) + key (32)");
-    assert!(!sealed.windows(32).any(|w| w == passphrase), "the blob must not contain the passphrase");
+    assert!(
+        !sealed.windows(32).any(|w| w == passphrase),
+        "the blob must not contain the passphrase"
+    );
     assert_eq!(client.unseal(NODE, &sealed).await.unwrap(), passphrase);
     // And again: unseal is repeatable at every boot.
     assert_eq!(client.unseal(NODE, &sealed).await.unwrap(), passphrase);
@@ -40,9 +43,18 @@ async fn the_database_alone_does_not_hold_the_passphrase_or_key() {
         let path = format!("{}{suffix}", dir.path().join("kms.db").display());
         bytes.extend(std::fs::read(path).unwrap_or_default());
     }
-    assert!(bytes.windows(12).any(|w| w == &sealed[..12]), "the nonce is stored");
-    assert!(!bytes.windows(32).any(|w| w == &sealed[12..]), "the key must not be stored");
-    assert!(!bytes.windows(32).any(|w| w == passphrase), "the passphrase must not be stored");
+    assert!(
+        bytes.windows(12).any(|w| w == &sealed[..12]),
+        "the nonce is stored"
+    );
+    assert!(
+        !bytes.windows(32).any(|w| w == &sealed[12..]),
+        "the key must not be stored"
+    );
+    assert!(
+        !bytes.windows(32).any(|w| w == passphrase),
+        "the passphrase must not be stored"
+    );
 }
 
 /// A failed unseal answers OK with 32 bytes that are not the passphrase, and differ
@@ -117,18 +129,30 @@ async fn malformed_requests_get_invalid_argument_with_a_reason() {
 
     let cases: Vec<(Result<Vec<u8>, ClientError>, &str)> = vec![
         (client.unseal(NODE, &sealed[..43]).await, "44-byte"),
-        (client.unseal(NODE, &[sealed.clone(), vec![0]].concat()).await, "44-byte"),
+        (
+            client
+                .unseal(NODE, &[sealed.clone(), vec![0]].concat())
+                .await,
+            "44-byte",
+        ),
         (client.unseal(NODE, &[]).await, "44-byte"),
         (client.unseal("", &sealed).await, "node_uuid is empty"),
         (client.seal(NODE, &[]).await, "data is empty"),
         (client.seal(NODE, &[1u8; 257]).await, "at most 256"),
-        (client.seal(&"u".repeat(256), &[1u8; 32]).await, "node_uuid is 256 bytes"),
+        (
+            client.seal(&"u".repeat(256), &[1u8; 32]).await,
+            "node_uuid is 256 bytes",
+        ),
     ];
     for (result, reason) in cases {
         match result {
             Err(ClientError::Status(status)) => {
                 assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-                assert!(status.message().contains(reason), "{:?} lacks {reason:?}", status.message());
+                assert!(
+                    status.message().contains(reason),
+                    "{:?} lacks {reason:?}",
+                    status.message()
+                );
             }
             other => panic!("expected INVALID_ARGUMENT ({reason}), got {other:?}"),
         }
@@ -143,12 +167,22 @@ async fn ipv4_clients_bind_the_same_address_text_on_a_dual_stack_listener() {
 
     // Seal through a dual-stack listener: the peer appears as ::ffff:127.0.0.1.
     let dual = TestServer::start(dir.path(), "[::]:0").await;
-    let sealed = dual.client("127.0.0.1", None).seal(NODE, &passphrase).await.unwrap();
+    let sealed = dual
+        .client("127.0.0.1", None)
+        .seal(NODE, &passphrase)
+        .await
+        .unwrap();
     dual.running.shutdown().await.unwrap();
 
     // Unseal through an IPv4-only listener on the same database.
     let v4 = TestServer::start(dir.path(), "127.0.0.1:0").await;
-    assert_eq!(v4.client("127.0.0.1", None).unseal(NODE, &sealed).await.unwrap(), passphrase);
+    assert_eq!(
+        v4.client("127.0.0.1", None)
+            .unseal(NODE, &sealed)
+            .await
+            .unwrap(),
+        passphrase
+    );
     v4.running.shutdown().await.unwrap();
 }
 
@@ -169,7 +203,10 @@ async fn records_survive_a_restart_and_access_times_are_flushed_on_shutdown() {
         })
         .unwrap();
     assert_eq!((uuid.as_str(), ip.as_str()), (NODE, "127.0.0.1"));
-    assert!(last_access.is_some(), "the unseal's access time is written at shutdown");
+    assert!(
+        last_access.is_some(),
+        "the unseal's access time is written at shutdown"
+    );
     drop(db);
 
     let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
@@ -213,8 +250,13 @@ async fn ipv6_clients_are_bound_to_their_address() {
     server.running.shutdown().await.unwrap();
 
     let db = rusqlite::Connection::open(dir.path().join("kms.db")).unwrap();
-    let ip: String = db.query_row("SELECT ip FROM records", [], |r| r.get(0)).unwrap();
-    assert_eq!(ip, "0:0:0:0:0:0:0:1", "IPv6 in the legacy server's (Java's) text form");
+    let ip: String = db
+        .query_row("SELECT ip FROM records", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        ip, "0:0:0:0:0:0:0:1",
+        "IPv6 in the legacy server's (Java's) text form"
+    );
 }
 
 #[tokio::test]
@@ -231,6 +273,8 @@ async fn plain_unsealing_client_sees_source_binding_use_ip_text() {
         .unwrap();
     server.running.shutdown().await.unwrap();
     let db = rusqlite::Connection::open(dir.path().join("kms.db")).unwrap();
-    let ip: String = db.query_row("SELECT ip FROM records", [], |r| r.get(0)).unwrap();
+    let ip: String = db
+        .query_row("SELECT ip FROM records", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(ip, LOCAL2);
 }

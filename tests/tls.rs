@@ -12,12 +12,23 @@ use talos_kms_server::tls;
 use tokio::net::TcpStream;
 
 fn openssl(args: &[&str]) -> std::process::Output {
-    let output = Command::new("openssl").args(args).output().expect("openssl is installed");
-    assert!(output.status.success(), "openssl {args:?}: {}", text(&output.stderr));
+    let output = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        text(&output.stderr)
+    );
     output
 }
 
-async fn connect_with_alpn(port: u16, ca: &Path, alpn: &[&[u8]]) -> std::io::Result<Option<Vec<u8>>> {
+async fn connect_with_alpn(
+    port: u16,
+    ca: &Path,
+    alpn: &[&[u8]],
+) -> std::io::Result<Option<Vec<u8>>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
@@ -34,7 +45,10 @@ async fn connect_with_alpn(port: u16, ca: &Path, alpn: &[&[u8]]) -> std::io::Res
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await?;
     let (_, session) = stream.get_ref();
-    assert_eq!(session.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    assert_eq!(
+        session.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
     Ok(session.alpn_protocol().map(<[u8]>::to_vec))
 }
 
@@ -42,9 +56,15 @@ async fn connect_with_alpn(port: u16, ca: &Path, alpn: &[&[u8]]) -> std::io::Res
 async fn alpn_h2_is_negotiated_and_other_protocols_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
-    let negotiated = connect_with_alpn(server.port(), &server.pki.ca, &[b"h2"]).await.unwrap();
+    let negotiated = connect_with_alpn(server.port(), &server.pki.ca, &[b"h2"])
+        .await
+        .unwrap();
     assert_eq!(negotiated.as_deref(), Some(&b"h2"[..]));
-    assert!(connect_with_alpn(server.port(), &server.pki.ca, &[b"http/1.1"]).await.is_err());
+    assert!(
+        connect_with_alpn(server.port(), &server.pki.ca, &[b"http/1.1"])
+            .await
+            .is_err()
+    );
     server.running.shutdown().await.unwrap();
 }
 
@@ -58,14 +78,21 @@ async fn tls_1_2_is_refused_and_1_3_accepted() {
         let (connect, ca) = (connect.clone(), ca.clone());
         tokio::task::spawn_blocking(move || {
             Command::new("openssl")
-                .args(["s_client", version, "-connect", &connect, "-CAfile", &ca, "-alpn", "h2", "-brief"])
+                .args([
+                    "s_client", version, "-connect", &connect, "-CAfile", &ca, "-alpn", "h2",
+                    "-brief",
+                ])
                 .stdin(std::process::Stdio::null())
                 .output()
                 .expect("openssl is installed")
         })
     };
     let v12 = probe("-tls1_2").await.unwrap();
-    assert!(!v12.status.success(), "TLS 1.2 must fail: {}", text(&v12.stderr));
+    assert!(
+        !v12.status.success(),
+        "TLS 1.2 must fail: {}",
+        text(&v12.stderr)
+    );
     let v13 = probe("-tls1_3").await.unwrap();
     let out = text(&v13.stderr) + &text(&v13.stdout);
     assert!(out.contains("TLSv1.3"), "TLS 1.3 must succeed: {out}");
@@ -78,25 +105,56 @@ async fn encrypted_pkcs8_key_serves_and_wrong_password_is_explained() {
     let pki = write_pki(dir.path());
     let encrypted = dir.path().join("server.enc.key");
     openssl(&[
-        "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-passout", "pass:changeit",
-        "-in", pki.key.to_str().unwrap(), "-out", encrypted.to_str().unwrap(),
+        "pkcs8",
+        "-topk8",
+        "-v2",
+        "aes-256-cbc",
+        "-passout",
+        "pass:changeit",
+        "-in",
+        pki.key.to_str().unwrap(),
+        "-out",
+        encrypted.to_str().unwrap(),
     ]);
-    assert!(std::fs::read_to_string(&encrypted).unwrap().contains("ENCRYPTED PRIVATE KEY"));
+    assert!(
+        std::fs::read_to_string(&encrypted)
+            .unwrap()
+            .contains("ENCRYPTED PRIVATE KEY")
+    );
 
-    let error = tls::load_identity(&pki.cert, &encrypted, Some("wrong")).err().unwrap().to_string();
-    assert!(error.contains("serverKeyPassword") && error.contains("wrong password"), "{error}");
-    let error = tls::load_identity(&pki.cert, &encrypted, None).err().unwrap().to_string();
-    assert!(error.contains("encrypted") && error.contains("serverKeyPassword"), "{error}");
+    let error = tls::load_identity(&pki.cert, &encrypted, Some("wrong"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("serverKeyPassword") && error.contains("wrong password"),
+        "{error}"
+    );
+    let error = tls::load_identity(&pki.cert, &encrypted, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("encrypted") && error.contains("serverKeyPassword"),
+        "{error}"
+    );
 
     // The binary, given the legacy config keys, serves with the encrypted key.
     std::fs::rename(&encrypted, &pki.key).unwrap();
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "serverKeyPassword: \"changeit\"\n");
+    let config = write_config(
+        dir.path(),
+        &pki,
+        "127.0.0.1",
+        "serverKeyPassword: \"changeit\"\n",
+    );
     let server = ServerProcess::start(&config).unwrap();
     let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
     let passphrase = random_passphrase();
     let sealed = client.seal(NODE, &passphrase).await.unwrap();
     assert_eq!(client.unseal(NODE, &sealed).await.unwrap(), passphrase);
-    let status = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
     assert!(status.success());
 }
 
@@ -106,24 +164,78 @@ async fn key_formats_and_types_load_and_serve() {
     let d = |name: &str| dir.path().join(name).display().to_string();
     // (name, command that writes the key)
     let keys: Vec<(&str, Vec<String>)> = vec![
-        ("rsa-pkcs1", vec!["genrsa".into(), "-traditional".into(), "-out".into(), d("rsa-pkcs1"), "2048".into()]),
-        ("ec-sec1", vec!["ecparam".into(), "-genkey".into(), "-name".into(), "prime256v1".into(), "-out".into(), d("ec-sec1")]),
-        ("p384-pkcs8", vec!["genpkey".into(), "-algorithm".into(), "EC".into(), "-pkeyopt".into(), "ec_paramgen_curve:P-384".into(), "-out".into(), d("p384-pkcs8")]),
-        ("ed25519", vec!["genpkey".into(), "-algorithm".into(), "ed25519".into(), "-out".into(), d("ed25519")]),
+        (
+            "rsa-pkcs1",
+            vec![
+                "genrsa".into(),
+                "-traditional".into(),
+                "-out".into(),
+                d("rsa-pkcs1"),
+                "2048".into(),
+            ],
+        ),
+        (
+            "ec-sec1",
+            vec![
+                "ecparam".into(),
+                "-genkey".into(),
+                "-name".into(),
+                "prime256v1".into(),
+                "-out".into(),
+                d("ec-sec1"),
+            ],
+        ),
+        (
+            "p384-pkcs8",
+            vec![
+                "genpkey".into(),
+                "-algorithm".into(),
+                "EC".into(),
+                "-pkeyopt".into(),
+                "ec_paramgen_curve:P-384".into(),
+                "-out".into(),
+                d("p384-pkcs8"),
+            ],
+        ),
+        (
+            "ed25519",
+            vec![
+                "genpkey".into(),
+                "-algorithm".into(),
+                "ed25519".into(),
+                "-out".into(),
+                d("ed25519"),
+            ],
+        ),
     ];
     for (name, command) in keys {
         let args: Vec<&str> = command.iter().map(String::as_str).collect();
         openssl(&args);
         let cert = d(&format!("{name}.crt"));
         openssl(&[
-            "req", "-new", "-x509", "-key", &d(name), "-subj", "/CN=127.0.0.1", "-days", "30",
-            "-addext", "subjectAltName=IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE",
-            "-out", &cert,
+            "req",
+            "-new",
+            "-x509",
+            "-key",
+            &d(name),
+            "-subj",
+            "/CN=127.0.0.1",
+            "-days",
+            "30",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-out",
+            &cert,
         ]);
         let identity = tls::load_identity(Path::new(&cert), Path::new(&d(name)), None)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let tls_config = tls::server_config(identity).unwrap();
-        let store = Arc::new(talos_kms_server::store::SqliteStore::open(&dir.path().join(format!("{name}.db"))).unwrap());
+        let store = Arc::new(
+            talos_kms_server::store::SqliteStore::open(&dir.path().join(format!("{name}.db")))
+                .unwrap(),
+        );
         let running = talos_kms_server::server::start(talos_kms_server::server::ServerOptions {
             bind: "127.0.0.1:0".parse().unwrap(),
             tls: tls_config,
@@ -132,10 +244,22 @@ async fn key_formats_and_types_load_and_serve() {
         })
         .unwrap();
         // The self-signed certificate is its own trust anchor here.
-        let client = client_for("127.0.0.1", running.local_addr().port(), Path::new(&cert), None);
+        let client = client_for(
+            "127.0.0.1",
+            running.local_addr().port(),
+            Path::new(&cert),
+            None,
+        );
         let passphrase = random_passphrase();
-        let sealed = client.seal(NODE, &passphrase).await.unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(client.unseal(NODE, &sealed).await.unwrap(), passphrase, "{name}");
+        let sealed = client
+            .seal(NODE, &passphrase)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            client.unseal(NODE, &sealed).await.unwrap(),
+            passphrase,
+            "{name}"
+        );
         running.shutdown().await.unwrap();
     }
 }
@@ -147,12 +271,30 @@ fn mismatched_and_missing_files_are_explained() {
     let other = tempfile::tempdir().unwrap();
     let other_pki = write_pki(other.path());
 
-    let error = tls::load_identity(&pki.cert, &other_pki.key, None).err().unwrap().to_string();
+    let error = tls::load_identity(&pki.cert, &other_pki.key, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(error.contains("does not match the certificate"), "{error}");
-    let error = tls::load_identity(&dir.path().join("nope.crt"), &pki.key, None).err().unwrap().to_string();
-    assert!(error.contains("serverCertFile") && error.contains("cannot read"), "{error}");
-    let error = tls::load_identity(&pki.key, &pki.key, None).err().unwrap().to_string();
+    let error = tls::load_identity(&dir.path().join("nope.crt"), &pki.key, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("serverCertFile") && error.contains("cannot read"),
+        "{error}"
+    );
+    let error = tls::load_identity(&pki.key, &pki.key, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(error.contains("no CERTIFICATE"), "{error}");
-    let error = tls::load_identity(&pki.cert, &pki.cert, None).err().unwrap().to_string();
-    assert!(error.contains("serverKeyFile") && error.contains("no private key"), "{error}");
+    let error = tls::load_identity(&pki.cert, &pki.cert, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("serverKeyFile") && error.contains("no private key"),
+        "{error}"
+    );
 }

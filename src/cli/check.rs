@@ -2,13 +2,11 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 use talos_kms_server::config::Config;
 use talos_kms_server::store::legacy_json;
 use talos_kms_server::store::{SqliteStore, Store};
-use talos_kms_server::tls::{self, inspect::CertificateFacts};
-
-const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+use talos_kms_server::tls;
+use talos_kms_server::tls::inspect::{CertificateFacts, RENEWAL_WARNING};
 
 pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
@@ -38,7 +36,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
                         let state = if days < 0 {
                             ok = false;
                             "EXPIRED"
-                        } else if facts.expires_within(EXPIRY_WARNING) {
+                        } else if facts.expires_within(RENEWAL_WARNING) {
                             "renew soon"
                         } else {
                             "valid"

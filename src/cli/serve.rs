@@ -4,16 +4,14 @@ use anyhow::Context;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 use talos_kms_server::config::Config;
 use talos_kms_server::logging;
 use talos_kms_server::policy::Policy;
 use talos_kms_server::server::{self, ServerOptions};
 use talos_kms_server::store::legacy_json::{self, TakeOver};
 use talos_kms_server::store::{SqliteStore, Store};
-use talos_kms_server::tls::{self, inspect::CertificateFacts};
-
-const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+use talos_kms_server::tls;
+use talos_kms_server::tls::inspect::{CertificateFacts, RENEWAL_WARNING};
 
 pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
@@ -24,10 +22,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         &config.server_key_file,
         config.server_key_password.as_deref(),
     )?;
-    if let Ok(leaf) = CertificateFacts::read(&identity.cert[0]) {
-        if leaf.expires_within(EXPIRY_WARNING) {
-            tracing::warn!(subject = %leaf.subject, days_left = leaf.days_left(), "the server certificate expires soon or has expired; renew it");
-        }
+    if let Ok(leaf) = CertificateFacts::read(&identity.cert[0])
+        && leaf.expires_within(RENEWAL_WARNING)
+    {
+        tracing::warn!(
+            subject = %leaf.subject,
+            days_left = leaf.days_left(),
+            "the server certificate expires soon or has expired; renew it"
+        );
     }
     let store = Arc::new(SqliteStore::open(&config.database)?);
     if let Some(legacy) = &config.node_db_file {

@@ -6,6 +6,9 @@ use std::time::{Duration, SystemTime};
 use x509_cert::Certificate;
 use x509_cert::der::Decode;
 
+/// Warn this long before a certificate expires: two weeks leaves time to fix a renewal.
+pub const RENEWAL_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
 pub struct CertificateFacts {
     pub subject: String,
     pub issuer: String,

@@ -84,7 +84,11 @@ impl TestServer {
 }
 
 pub fn client_for(host: &str, port: u16, ca: &Path, source: Option<IpAddr>) -> KmsClient {
-    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
     let mut options = ClientOptions::new(format!("https://{host}:{port}").parse().unwrap());
     options.ca_file = Some(ca.to_path_buf());
     options.source_ip = source;
@@ -157,7 +161,10 @@ impl ServerProcess {
                 }
                 Err(_) => {
                     let status = child.wait().ok();
-                    return Err(format!("server did not start ({status:?}): {}", seen.join("\n")));
+                    return Err(format!(
+                        "server did not start ({status:?}): {}",
+                        seen.join("\n")
+                    ));
                 }
             }
         }
@@ -202,7 +209,9 @@ pub fn run_binary(args: &[&str]) -> std::process::Output {
     let (done, finished) = mpsc::channel();
     std::thread::spawn(move || {
         if finished.recv_timeout(Duration::from_secs(60)).is_err() {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
     });
     let output = child.wait_with_output().unwrap();
