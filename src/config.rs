@@ -124,7 +124,8 @@ impl Config {
         let raw: RawConfig = if text.trim().is_empty() {
             return Err("is empty; see the commented default in the README".into());
         } else {
-            serde_saphyr::from_str(text).map_err(|e| e.to_string())?
+            // Without the source snippet: it would quote neighbouring lines, such as the password.
+            serde_saphyr::from_str(text).map_err(|e| e.without_snippet().to_string())?
         };
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
@@ -243,6 +244,22 @@ rootLogLevel: "WARNING"
             .err()
             .unwrap();
         assert!(error.contains("bindAdress"), "{error}");
+    }
+
+    #[test]
+    fn errors_never_quote_the_key_password() {
+        for text in [
+            "serverKeyPassword: \"s3cret\"\nbindAdress: 1\n",
+            "database: x\nserverKeyPassword: \"s3cret\nport: [1\n",
+            "database: x\nserverKeyPassword: s3cret\nport: 70000\n",
+        ] {
+            let error = parse(text).err().unwrap();
+            assert!(!error.contains("s3cret"), "{error}");
+        }
+        let config =
+            parse("database: x\nserverCertFile: a\nserverKeyFile: b\nserverKeyPassword: s3cret\n")
+                .unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
     }
 
     #[test]

@@ -260,9 +260,7 @@ async fn ipv6_clients_are_bound_to_their_address() {
 }
 
 #[tokio::test]
-async fn plain_unsealing_client_sees_source_binding_use_ip_text() {
-    // The source address used for binding is the TCP peer: a client from 127.0.0.2 is
-    // recorded as such.
+async fn a_seal_from_127_0_0_2_is_recorded_with_that_address() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
     let source: IpAddr = LOCAL2.parse().unwrap();
