@@ -363,6 +363,23 @@ impl Connection {
     }
 }
 
+/// A random RFC 4122 version-4 UUID, as text: a node UUID for tests and benchmarks.
+pub fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
 fn client_config(
     ca_file: Option<&Path>,
     key_exchange: KeyExchange,

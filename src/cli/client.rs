@@ -6,10 +6,19 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use talos_kms_server::client::{ClientOptions, Endpoint, KeyExchange, KmsClient};
+use talos_kms_server::client::{ClientOptions, Endpoint, KeyExchange, KmsClient, random_uuid};
 
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    action: Action,
+}
+
+/// Which endpoint to talk to, and how: shared by `client` and `bench`.
+#[derive(clap::Args)]
+pub struct Target {
     /// KMS endpoint as in the Talos machine config: https://host:port, or grpc://host:port.
     #[arg(long)]
     endpoint: Endpoint,
@@ -22,8 +31,16 @@ pub struct Args {
     /// TLS key-exchange groups to offer.
     #[arg(long, value_enum, default_value_t = KeyExchange::Go124)]
     kx: KeyExchange,
-    #[command(subcommand)]
-    action: Action,
+}
+
+impl Target {
+    pub fn client(self) -> Result<KmsClient, talos_kms_server::client::ClientError> {
+        let mut options = ClientOptions::new(self.endpoint);
+        options.ca_file = self.ca;
+        options.source_ip = self.source_ip;
+        options.key_exchange = self.kx;
+        KmsClient::new(options)
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -53,11 +70,7 @@ enum Action {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut options = ClientOptions::new(args.endpoint);
-    options.ca_file = args.ca;
-    options.source_ip = args.source_ip;
-    options.key_exchange = args.kx;
-    let client = KmsClient::new(options)?;
+    let client = args.target.client()?;
     match args.action {
         Action::Seal {
             node_uuid,
@@ -103,20 +116,4 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     let _ = aws_lc_rs::rand::fill(&mut bytes);
     bytes
-}
-
-/// A random RFC 4122 version-4 UUID, as text.
-pub fn random_uuid() -> String {
-    let mut b = random_bytes::<16>();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
 }

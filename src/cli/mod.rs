@@ -1,9 +1,11 @@
 //! Command-line interface. `talos-kms-server --config FILE` serves, exactly like the legacy
 //! server; everything else is a subcommand.
 
+mod bench;
 mod check;
 mod client;
 mod demo;
+mod fill;
 mod import_json;
 mod serve;
 
@@ -34,6 +36,10 @@ enum Command {
     Demo(demo::Args),
     /// Act as a Talos node: seal, unseal or round-trip against an endpoint.
     Client(client::Args),
+    /// Measure an endpoint the way Talos nodes use it (see BENCHMARKS.md).
+    Bench(bench::Args),
+    /// Fill a database or a legacy JSON file with N valid records, for benchmarks.
+    Fill(fill::Args),
 }
 
 #[derive(clap::Args)]
@@ -51,6 +57,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(Command::ImportJson(args)), config) => import_json::run(args, config).await,
         (Some(Command::Demo(args)), _) => demo::run(args).await,
         (Some(Command::Client(args)), _) => client::run(args).await,
+        (Some(Command::Bench(args)), _) => bench::run(args).await,
+        (Some(Command::Fill(args)), _) => fill::run(args).await,
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \

@@ -34,6 +34,18 @@ struct LegacyRecord {
     created_at: Option<String>,
 }
 
+/// A record as the legacy server wrote it, fields in its order.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyRecordOut<'a> {
+    node_uuid: &'a str,
+    ip_address: &'a str,
+    cipher_text_b64: String,
+    nonce_b64: String,
+    last_access: Option<String>,
+    created_at: String,
+}
+
 /// The records of a legacy file and the fingerprint of its content.
 pub struct LegacyFile {
     pub batch: ImportBatch,
@@ -59,7 +71,7 @@ pub fn read(path: &Path) -> Result<Option<LegacyFile>, LegacyError> {
     Ok(Some(LegacyFile {
         batch: ImportBatch {
             records,
-            fingerprint: fingerprint(&bytes),
+            fingerprint: Some(fingerprint(&bytes)),
         },
     }))
 }
@@ -80,7 +92,7 @@ pub async fn take_over(store: &dyn Store, path: &Path) -> Result<TakeOver, TakeO
     let report = store
         .import(ImportBatch {
             records,
-            fingerprint,
+            fingerprint: Some(fingerprint),
         })
         .await?;
     Ok(TakeOver::Imported(report))
@@ -149,6 +161,29 @@ fn convert(record: LegacyRecord) -> Result<NewRecord, String> {
     })
 }
 
+/// Writes records in the legacy server's format, so that its JSON can be produced again.
+pub fn write_records<'a>(
+    out: &mut impl std::io::Write,
+    records: impl IntoIterator<Item = &'a NewRecord>,
+) -> std::io::Result<()> {
+    let mut first = true;
+    out.write_all(b"[")?;
+    for record in records {
+        let entry = LegacyRecordOut {
+            node_uuid: &record.node_uuid,
+            ip_address: &record.ip,
+            cipher_text_b64: BASE64.encode(&record.ciphertext),
+            nonce_b64: BASE64.encode(record.nonce),
+            last_access: record.last_access.map(format_timestamp),
+            created_at: format_timestamp(record.created_at),
+        };
+        out.write_all(if first { b" " } else { b", " })?;
+        serde_json::to_writer_pretty(&mut *out, &entry)?;
+        first = false;
+    }
+    out.write_all(b" ]\n")
+}
+
 pub fn parse_timestamp(text: &str) -> Result<UnixTime, String> {
     PrimitiveDateTime::parse(text, TIMESTAMP)
         .map(|t| t.assume_utc().unix_timestamp())
@@ -200,6 +235,19 @@ mod tests {
             record.last_access.map(format_timestamp).unwrap(),
             "2025-10-11 20:22:24"
         );
+    }
+
+    #[test]
+    fn written_records_parse_back() {
+        let records = parse(RECORD.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        write_records(&mut out, &records).unwrap();
+        let again = parse(&out).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].nonce, records[0].nonce);
+        assert_eq!(again[0].ciphertext, records[0].ciphertext);
+        assert_eq!(again[0].created_at, records[0].created_at);
+        assert_eq!(again[0].last_access, records[0].last_access);
     }
 
     #[test]

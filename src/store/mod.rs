@@ -51,8 +51,8 @@ pub enum Inserted {
 /// Records to add unless their nonce is already stored.
 pub struct ImportBatch {
     pub records: Vec<NewRecord>,
-    /// Identifies the source content, so that an unchanged source is not parsed again.
-    pub fingerprint: String,
+    /// Identifies a legacy file's content, so that an unchanged file is not parsed again.
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -88,7 +88,7 @@ pub trait Store: Send + Sync + 'static {
     fn record_access(&self, id: RecordId, at: UnixTime);
 
     /// Adds the records whose nonce is not stored yet, durably, and remembers the batch's
-    /// fingerprint.
+    /// fingerprint if it has one.
     async fn import(&self, batch: ImportBatch) -> Result<ImportReport, StoreError>;
 
     /// Whether a batch with this fingerprint was imported before.

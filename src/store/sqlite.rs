@@ -452,11 +452,13 @@ fn import(tx: &Connection, batch: &ImportBatch) -> rusqlite::Result<ImportReport
             report.skipped += 1;
         }
     }
-    tx.execute(
-        "INSERT OR REPLACE INTO legacy_imports (fingerprint, imported_at, records)
-         VALUES (?1, ?2, ?3)",
-        params![batch.fingerprint, super::now(), batch.records.len()],
-    )?;
+    if let Some(fingerprint) = &batch.fingerprint {
+        tx.execute(
+            "INSERT OR REPLACE INTO legacy_imports (fingerprint, imported_at, records)
+             VALUES (?1, ?2, ?3)",
+            params![fingerprint, super::now(), batch.records.len()],
+        )?;
+    }
     Ok(report)
 }
 

@@ -1,0 +1,428 @@
+//! `bench`: drives any endpoint that speaks the protocol the way Talos nodes do, and measures
+//! what it costs the server. It uses the same [`KmsClient`] as the tests and the `client`
+//! command, so what it measures is what a node experiences.
+
+mod cpu;
+pub mod fill;
+mod report;
+mod storm;
+
+pub use cpu::cpu_time;
+pub use report::{Latency, Report, StormReport};
+pub use storm::storm;
+
+use crate::client::{ClientError, Connection, KmsClient, random_uuid};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinSet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Seal a fresh random passphrase per call.
+    Seal,
+    /// Unseal passphrases sealed before the measured phase, checking every answer.
+    Unseal,
+    /// Alternate seals and checked unseals.
+    Mixed,
+    /// TLS 1.3 handshake with ALPN h2, then close: the floor every call pays.
+    Handshake,
+    /// N nodes booting at once, each unsealing V volumes, with retries.
+    Storm,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConnectionMode {
+    /// A new connection per call, as Talos does.
+    Fresh,
+    /// One connection for all calls.
+    Shared,
+}
+
+pub struct BenchOptions {
+    pub mode: Mode,
+    pub connection: ConnectionMode,
+    /// Calls in flight at most (closed loop: exactly).
+    pub concurrency: usize,
+    /// Open loop: calls started per second.
+    pub rate: Option<f64>,
+    pub duration: Option<Duration>,
+    pub requests: Option<u64>,
+    /// Distinct node UUIDs (pre-sealed for unseal and mixed).
+    pub nodes: usize,
+    pub server_pid: Option<u32>,
+}
+
+/// Something sealed before the measured phase, to unseal during it.
+#[derive(Clone)]
+pub struct Volume {
+    pub node_uuid: String,
+    pub passphrase: [u8; 32],
+    pub sealed: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+enum Failure {
+    Error(String),
+    Mismatch,
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u64>,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    mismatches: u64,
+}
+
+impl Tally {
+    fn record(&mut self, result: Result<(), Failure>, latency: Duration) {
+        match result {
+            Ok(()) => {
+                self.ok += 1;
+                self.latencies_us.push(latency.as_micros() as u64);
+            }
+            Err(Failure::Mismatch) => self.mismatches += 1,
+            Err(Failure::Error(kind)) => *self.errors.entry(kind).or_default() += 1,
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.latencies_us.extend(other.latencies_us);
+        self.ok += other.ok;
+        self.mismatches += other.mismatches;
+        for (kind, count) in other.errors {
+            *self.errors.entry(kind).or_default() += count;
+        }
+    }
+}
+
+struct Workload {
+    client: Arc<KmsClient>,
+    shared: Option<Connection>,
+    mode: Mode,
+    volumes: Vec<Volume>,
+    node_uuids: Vec<String>,
+}
+
+impl Workload {
+    async fn call(&self, index: u64) -> Result<(), Failure> {
+        let seal = match self.mode {
+            Mode::Handshake => return self.client.handshake().await.map_err(failure),
+            Mode::Seal => true,
+            Mode::Mixed => index.is_multiple_of(2),
+            Mode::Unseal | Mode::Storm => false,
+        };
+        if seal {
+            let node = &self.node_uuids[index as usize % self.node_uuids.len()];
+            let passphrase = random_passphrase();
+            let sealed = match &self.shared {
+                Some(connection) => connection.clone().seal(node, &passphrase).await,
+                None => self.client.seal(node, &passphrase).await,
+            }
+            .map_err(failure)?;
+            return if sealed.len() == crate::sealing::SEALED_LEN {
+                Ok(())
+            } else {
+                Err(Failure::Mismatch)
+            };
+        }
+        let volume = &self.volumes[index as usize % self.volumes.len()];
+        let unsealed = match &self.shared {
+            Some(connection) => {
+                connection
+                    .clone()
+                    .unseal(&volume.node_uuid, &volume.sealed)
+                    .await
+            }
+            None => self.client.unseal(&volume.node_uuid, &volume.sealed).await,
+        }
+        .map_err(failure)?;
+        if unsealed == volume.passphrase {
+            Ok(())
+        } else {
+            Err(Failure::Mismatch)
+        }
+    }
+}
+
+fn failure(error: ClientError) -> Failure {
+    Failure::Error(match &error {
+        ClientError::Status(status) => format!("status_{:?}", status.code()),
+        other => other.kind().to_string(),
+    })
+}
+
+pub fn random_passphrase() -> [u8; 32] {
+    let mut passphrase = [0u8; 32];
+    // A failed RNG leaves zeros: still a valid passphrase to seal and check.
+    let _ = aws_lc_rs::rand::fill(&mut passphrase);
+    passphrase
+}
+
+/// Seals one volume per (node, volume) pair on one shared connection; not measured.
+pub async fn preseal(
+    client: &KmsClient,
+    nodes: usize,
+    volumes_per_node: usize,
+) -> Result<Vec<Volume>, BenchError> {
+    let connection = client.connect().await?;
+    let uuids: Vec<String> = (0..nodes).map(|_| random_uuid()).collect();
+    let next = Arc::new(AtomicU64::new(0));
+    let total = (nodes * volumes_per_node) as u64;
+    let sealed = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
+    let uuids = Arc::new(uuids);
+    let mut workers = JoinSet::new();
+    for _ in 0..32 {
+        let (mut connection, next, sealed, uuids) = (
+            connection.clone(),
+            Arc::clone(&next),
+            Arc::clone(&sealed),
+            Arc::clone(&uuids),
+        );
+        workers.spawn(async move {
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= total {
+                    return Ok::<(), ClientError>(());
+                }
+                let node_uuid = uuids[index as usize / volumes_per_node].clone();
+                let passphrase = random_passphrase();
+                let blob = connection.seal(&node_uuid, &passphrase).await?;
+                sealed.lock().await.push((
+                    index,
+                    Volume {
+                        node_uuid,
+                        passphrase,
+                        sealed: blob,
+                    },
+                ));
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.map_err(|e| BenchError::Setup(e.to_string()))??;
+    }
+    let mut sealed = std::mem::take(&mut *sealed.lock().await);
+    sealed.sort_by_key(|(index, _)| *index);
+    Ok(sealed.into_iter().map(|(_, volume)| volume).collect())
+}
+
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+
+/// Runs one measured phase (any mode but storm).
+pub async fn run(client: KmsClient, options: &BenchOptions) -> Result<Report, BenchError> {
+    if options.concurrency == 0 || options.nodes == 0 {
+        return Err(BenchError::Setup(
+            "--concurrency and --nodes must be at least 1".into(),
+        ));
+    }
+    let client = Arc::new(client);
+    let volumes = match options.mode {
+        Mode::Unseal | Mode::Mixed => preseal(&client, options.nodes, 1).await?,
+        _ => Vec::new(),
+    };
+    let node_uuids = (0..options.nodes).map(|_| random_uuid()).collect();
+    let shared = match options.connection {
+        ConnectionMode::Shared if options.mode != Mode::Handshake => Some(client.connect().await?),
+        _ => None,
+    };
+    let workload = Arc::new(Workload {
+        client: Arc::clone(&client),
+        shared,
+        mode: options.mode,
+        volumes,
+        node_uuids,
+    });
+
+    let server_before = options
+        .server_pid
+        .map(|pid| cpu_time(&pid.to_string()))
+        .transpose()
+        .map_err(BenchError::Setup)?;
+    let client_before = cpu_time("self").map_err(BenchError::Setup)?;
+    let start = Instant::now();
+    let (mut tally, not_started) = match options.rate {
+        Some(rate) => open_loop(&workload, options, rate, start).await,
+        None => (closed_loop(&workload, options, start).await, 0),
+    };
+    let elapsed = start.elapsed();
+    let server_used = match (options.server_pid, server_before) {
+        (Some(pid), Some(before)) => {
+            Some(cpu_time(&pid.to_string()).map_err(BenchError::Setup)? - before)
+        }
+        _ => None,
+    };
+    let client_used = cpu_time("self").map_err(BenchError::Setup)? - client_before;
+
+    let calls = (tally.ok + tally.mismatches + tally.errors.values().sum::<u64>()).max(1) as f64;
+    let per_call = |used: Duration| used.as_micros() as f64 / calls;
+    Ok(Report {
+        mode: format!("{:?}", options.mode).to_lowercase(),
+        connection: format!("{:?}", options.connection).to_lowercase(),
+        key_exchange: format!("{:?}", client.options().key_exchange).to_lowercase(),
+        concurrency: options.concurrency,
+        offered_rate: options.rate,
+        duration_s: elapsed.as_secs_f64(),
+        calls_ok: tally.ok,
+        errors: std::mem::take(&mut tally.errors),
+        mismatches: tally.mismatches,
+        not_started,
+        calls_per_s: tally.ok as f64 / elapsed.as_secs_f64(),
+        latency: Latency::of(&mut tally.latencies_us),
+        server_cpu_us_per_call: server_used.map(per_call),
+        client_cpu_us_per_call: per_call(client_used),
+    })
+}
+
+/// When a run ends: after a number of calls, or once calls are due past a duration.
+#[derive(Clone, Copy)]
+struct Stop {
+    requests: Option<u64>,
+    duration: Duration,
+    start: Instant,
+}
+
+impl Stop {
+    fn new(options: &BenchOptions, start: Instant) -> Self {
+        Self {
+            requests: options.requests,
+            duration: options.duration.unwrap_or(DEFAULT_DURATION),
+            start,
+        }
+    }
+
+    /// Whether call number `index`, due at `due`, is part of the run.
+    fn includes(&self, index: u64, due: Instant) -> bool {
+        match self.requests {
+            Some(requests) => index < requests,
+            None => due.duration_since(self.start) < self.duration,
+        }
+    }
+}
+
+async fn closed_loop(workload: &Arc<Workload>, options: &BenchOptions, start: Instant) -> Tally {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut workers = JoinSet::new();
+    for _ in 0..options.concurrency {
+        let (workload, next) = (Arc::clone(workload), Arc::clone(&next));
+        let stop = Stop::new(options, start);
+        workers.spawn(async move {
+            let mut tally = Tally::default();
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let began = Instant::now();
+                if !stop.includes(index, began) {
+                    return tally;
+                }
+                let result = workload.call(index).await;
+                tally.record(result, began.elapsed());
+            }
+        });
+    }
+    let mut tally = Tally::default();
+    while let Some(Ok(worker)) = workers.join_next().await {
+        tally.merge(worker);
+    }
+    tally
+}
+
+/// Starts calls on a fixed schedule whatever the server's speed; latency counts from each
+/// call's scheduled start, so queueing cannot hide.
+async fn open_loop(
+    workload: &Arc<Workload>,
+    options: &BenchOptions,
+    rate: f64,
+    start: Instant,
+) -> (Tally, u64) {
+    let in_flight = Arc::new(Semaphore::new(options.concurrency));
+    let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let mut calls = JoinSet::new();
+    let mut not_started = 0;
+    let mut index = 0u64;
+    let stop = Stop::new(options, start);
+    loop {
+        let due = start + interval.mul_f64(index as f64);
+        if !stop.includes(index, due) {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        match Arc::clone(&in_flight).try_acquire_owned() {
+            Ok(permit) => {
+                let (workload, tally) = (Arc::clone(workload), Arc::clone(&tally));
+                calls.spawn(async move {
+                    let result = workload.call(index).await;
+                    let latency = due.elapsed();
+                    drop(permit);
+                    tally
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .record(result, latency);
+                });
+            }
+            Err(_) => not_started += 1,
+        }
+        index += 1;
+        while calls.try_join_next().is_some() {}
+    }
+    while calls.join_next().await.is_some() {}
+    let tally = std::mem::take(&mut *tally.lock().unwrap_or_else(|p| p.into_inner()));
+    (tally, not_started)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::ClientOptions;
+    use crate::server::{ServerOptions, start};
+    use crate::store::SqliteStore;
+    use crate::tls::{self, throwaway};
+
+    #[tokio::test]
+    async fn a_wrong_unseal_answer_counts_as_a_mismatch_never_a_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = throwaway::generate(&["127.0.0.1".to_string()]).unwrap();
+        let (cert, key, ca) = (
+            dir.path().join("c"),
+            dir.path().join("k"),
+            dir.path().join("ca"),
+        );
+        std::fs::write(&cert, pki.chain_pem).unwrap();
+        std::fs::write(&key, pki.key_pem).unwrap();
+        std::fs::write(&ca, pki.ca_pem).unwrap();
+        let server = start(ServerOptions {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            tls: tls::server_config(tls::load_identity(&cert, &key, None).unwrap()).unwrap(),
+            store: Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap()),
+            policy: Default::default(),
+        })
+        .unwrap();
+        let endpoint = format!("https://127.0.0.1:{}", server.local_addr().port());
+        let mut options = ClientOptions::new(endpoint.parse().unwrap());
+        options.ca_file = Some(ca);
+        let client = Arc::new(KmsClient::new(options).unwrap());
+
+        let mut volumes = preseal(&client, 2, 1).await.unwrap();
+        volumes[1].passphrase[0] ^= 1;
+        let workload = Workload {
+            client,
+            shared: None,
+            mode: Mode::Unseal,
+            volumes,
+            node_uuids: Vec::new(),
+        };
+        assert!(workload.call(0).await.is_ok());
+        assert!(matches!(workload.call(1).await, Err(Failure::Mismatch)));
+        server.shutdown().await.unwrap();
+    }
+}

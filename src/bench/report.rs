@@ -1,0 +1,148 @@
+//! What a bench run measured, as a table for people and one JSON line for scripts.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+
+#[derive(Serialize, Default)]
+pub struct Latency {
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+impl Latency {
+    /// Percentiles of latencies in microseconds (sorted in place).
+    pub fn of(samples: &mut [u64]) -> Latency {
+        if samples.is_empty() {
+            return Latency::default();
+        }
+        samples.sort_unstable();
+        let at = |percent: usize| samples[(samples.len() - 1) * percent / 100];
+        Latency {
+            p50_us: at(50),
+            p90_us: at(90),
+            p99_us: at(99),
+            max_us: at(100),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub mode: String,
+    pub connection: String,
+    pub key_exchange: String,
+    pub concurrency: usize,
+    /// Calls started per second in open loop; absent in closed loop.
+    pub offered_rate: Option<f64>,
+    pub duration_s: f64,
+    pub calls_ok: u64,
+    pub errors: BTreeMap<String, u64>,
+    /// Unseals that answered other bytes than were sealed.
+    pub mismatches: u64,
+    /// Open loop: calls due while `concurrency` calls were already in flight.
+    pub not_started: u64,
+    pub calls_per_s: f64,
+    pub latency: Latency,
+    pub server_cpu_us_per_call: Option<f64>,
+    pub client_cpu_us_per_call: f64,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rate = self
+            .offered_rate
+            .map_or_else(|| "closed loop".into(), |r| format!("open loop {r}/s"));
+        writeln!(
+            f,
+            "{} on {} connections, {}, concurrency {}, {} ({:.1} s)",
+            self.mode, self.connection, self.key_exchange, self.concurrency, rate, self.duration_s
+        )?;
+        writeln!(f, "  calls ok        {}", self.calls_ok)?;
+        let errors: u64 = self.errors.values().sum();
+        write!(f, "  errors          {errors}")?;
+        for (kind, count) in &self.errors {
+            write!(f, "  {kind}: {count}")?;
+        }
+        writeln!(f)?;
+        writeln!(f, "  mismatches      {}", self.mismatches)?;
+        if self.offered_rate.is_some() {
+            writeln!(f, "  not started     {}", self.not_started)?;
+        }
+        writeln!(f, "  calls/s         {:.0}", self.calls_per_s)?;
+        let l = &self.latency;
+        writeln!(
+            f,
+            "  latency         p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            ms(l.p50_us),
+            ms(l.p90_us),
+            ms(l.p99_us),
+            ms(l.max_us)
+        )?;
+        match self.server_cpu_us_per_call {
+            Some(cpu) => writeln!(f, "  server CPU/call {cpu:.1} µs")?,
+            None => writeln!(f, "  server CPU/call (give --server-pid)")?,
+        }
+        write!(f, "  client CPU/call {:.1} µs", self.client_cpu_us_per_call)
+    }
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+#[derive(Serialize)]
+pub struct StormReport {
+    pub mode: &'static str,
+    pub nodes: usize,
+    pub volumes: usize,
+    /// From the moment every node starts until the last volume is unsealed.
+    pub time_to_all_unsealed_s: f64,
+    pub calls: u64,
+    pub timeouts: u64,
+    pub other_errors: u64,
+    pub retries: u64,
+    pub mismatches: u64,
+    /// Volumes still locked when the storm's time limit ran out.
+    pub volumes_left_locked: u64,
+    pub latency: Latency,
+    pub server_cpu_us_per_call: Option<f64>,
+}
+
+impl fmt::Display for StormReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "storm: {} nodes x {} volumes, fresh connections, 10 s deadline per call",
+            self.nodes, self.volumes
+        )?;
+        writeln!(
+            f,
+            "  all unsealed in   {:.2} s",
+            self.time_to_all_unsealed_s
+        )?;
+        writeln!(
+            f,
+            "  calls             {} ({} retries)",
+            self.calls, self.retries
+        )?;
+        writeln!(f, "  timed out         {}", self.timeouts)?;
+        writeln!(f, "  other errors      {}", self.other_errors)?;
+        writeln!(f, "  mismatches        {}", self.mismatches)?;
+        writeln!(f, "  left locked       {}", self.volumes_left_locked)?;
+        let l = &self.latency;
+        writeln!(
+            f,
+            "  latency           p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            ms(l.p50_us),
+            ms(l.p99_us),
+            ms(l.max_us)
+        )?;
+        match self.server_cpu_us_per_call {
+            Some(cpu) => write!(f, "  server CPU/call   {cpu:.1} µs"),
+            None => write!(f, "  server CPU/call   (give --server-pid)"),
+        }
+    }
+}

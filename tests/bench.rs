@@ -1,0 +1,179 @@
+//! `bench` works and its numbers are sane. (Speed targets live in BENCHMARKS.md, measured
+//! with release builds; tests do not time anything.)
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn bench(server: &ServerProcess, ca: &std::path::Path, args: &[&str]) -> Value {
+    let endpoint = format!("https://127.0.0.1:{}", server.addr.port());
+    let pid = server.child.id().to_string();
+    let mut all = vec![
+        "bench",
+        "--endpoint",
+        &endpoint,
+        "--ca",
+        ca.to_str().unwrap(),
+        "--server-pid",
+        &pid,
+        "--output",
+        "json",
+    ];
+    all.extend_from_slice(args);
+    let output = run_binary(&all);
+    assert!(
+        output.status.success(),
+        "bench {args:?}: {}",
+        text(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&output.stdout)))
+}
+
+fn assert_sane(report: &Value, calls: u64) {
+    assert_eq!(report["calls_ok"], calls, "{report}");
+    assert_eq!(report["mismatches"], 0, "{report}");
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    let latency = &report["latency"];
+    let (p50, p99, max) = (
+        latency["p50_us"].as_u64().unwrap(),
+        latency["p99_us"].as_u64().unwrap(),
+        latency["max_us"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= max, "{report}");
+    assert!(report["calls_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["server_cpu_us_per_call"].as_f64().unwrap() >= 0.0,
+        "{report}"
+    );
+    assert!(
+        report["client_cpu_us_per_call"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+}
+
+#[test]
+fn bench_measures_every_mode_and_checks_every_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let server = ServerProcess::start(&config).unwrap();
+
+    let ca = pki.ca.clone();
+    for (args, calls) in [
+        (
+            vec![
+                "--mode",
+                "unseal",
+                "--requests",
+                "40",
+                "--nodes",
+                "10",
+                "--concurrency",
+                "4",
+            ],
+            40,
+        ),
+        (
+            vec![
+                "--mode",
+                "seal",
+                "--requests",
+                "40",
+                "--connection",
+                "shared",
+                "--concurrency",
+                "8",
+            ],
+            40,
+        ),
+        (
+            vec!["--mode", "mixed", "--requests", "20", "--nodes", "5"],
+            20,
+        ),
+        (vec!["--mode", "handshake", "--requests", "20"], 20),
+    ] {
+        let report = bench(&server, &ca, &args);
+        assert_sane(&report, calls);
+    }
+
+    // Open loop: every scheduled call either ran or is counted as not started.
+    let report = bench(
+        &server,
+        &ca,
+        &[
+            "--mode",
+            "unseal",
+            "--rate",
+            "100",
+            "--requests",
+            "30",
+            "--nodes",
+            "5",
+            "--concurrency",
+            "2",
+        ],
+    );
+    let started = report["calls_ok"].as_u64().unwrap();
+    assert_eq!(
+        started + report["not_started"].as_u64().unwrap(),
+        30,
+        "{report}"
+    );
+    assert_eq!(report["mismatches"], 0);
+
+    let storm = bench(
+        &server,
+        &ca,
+        &["--mode", "storm", "--nodes", "20", "--volumes", "2"],
+    );
+    assert_eq!(storm["volumes_left_locked"], 0, "{storm}");
+    assert_eq!(storm["mismatches"], 0, "{storm}");
+    assert!(storm["calls"].as_u64().unwrap() >= 40, "{storm}");
+    assert!(
+        storm["time_to_all_unsealed_s"].as_f64().unwrap() > 0.0,
+        "{storm}"
+    );
+    drop(server);
+}
+
+#[test]
+fn fill_makes_records_a_server_can_count_and_a_legacy_file_that_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("kms.db");
+    let output = run_binary(&[
+        "fill",
+        "--database",
+        database.to_str().unwrap(),
+        "--records",
+        "2000",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let db = rusqlite::Connection::open(&database).unwrap();
+    let count: i64 = db
+        .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(count, 2000);
+
+    let legacy = dir.path().join("legacy.json");
+    let output = run_binary(&[
+        "fill",
+        "--legacy-json",
+        legacy.to_str().unwrap(),
+        "--records",
+        "500",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let output = run_binary(&[
+        "import-json",
+        legacy.to_str().unwrap(),
+        "--database",
+        database.to_str().unwrap(),
+    ]);
+    assert!(
+        text(&output.stdout).contains("imported 500 records, skipped 0"),
+        "{}",
+        text(&output.stdout)
+    );
+}
