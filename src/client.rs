@@ -384,7 +384,7 @@ fn client_config(
     ca_file: Option<&Path>,
     key_exchange: KeyExchange,
 ) -> Result<Arc<rustls::ClientConfig>, ClientError> {
-    use rustls::crypto::aws_lc_rs::kx_group;
+    use rustls::crypto::aws_lc_rs::{cipher_suite, kx_group};
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -407,7 +407,15 @@ fn client_config(
         KeyExchange::X25519mlkem768 => vec![kx_group::X25519MLKEM768],
         KeyExchange::P256 => vec![kx_group::SECP256R1],
     };
+    // Go's TLS 1.3 preference on CPUs with AES instructions, so that measurements see the
+    // suite Talos negotiates.
+    let cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+    ];
     let provider = rustls::crypto::CryptoProvider {
+        cipher_suites,
         kx_groups,
         ..rustls::crypto::aws_lc_rs::default_provider()
     };

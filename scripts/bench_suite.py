@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Runs every measurement of BENCHMARKS.md against a release build on this machine.
+
+Usage: scripts/bench_suite.py [--quick] [--out bench-results]
+
+Writes one JSON line per `bench` run to OUT/results.jsonl (with the experiment's name and
+parameters added), a summary of the targets to OUT/summary.md, and the plots (through
+scripts/bench_plot.py). Everything runs on loopback; servers and files live in a temporary
+directory that is removed at the end.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "talos-kms-server")
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+
+
+def make_cert(work, name, keygen):
+    """A CA-signed server certificate for 127.0.0.1 with the key `keygen` makes."""
+    ca_key, ca = os.path.join(work, "ca.key"), os.path.join(work, "ca.pem")
+    if not os.path.exists(ca):
+        sh("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", ca_key)
+        sh("openssl", "req", "-x509", "-new", "-key", ca_key, "-subj", "/CN=bench CA", "-days", "30", "-out", ca)
+    key, csr, crt = (os.path.join(work, f"{name}.{ext}") for ext in ("key", "csr", "crt"))
+    sh("openssl", *keygen, "-out", key)
+    sh("openssl", "req", "-new", "-key", key, "-subj", "/CN=127.0.0.1", "-out", csr)
+    ext = os.path.join(work, "ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    sh("openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+       "-days", "30", "-extfile", ext, "-out", crt)
+    chain = os.path.join(work, f"{name}.chain")
+    with open(chain, "w") as f:
+        f.write(open(crt).read() + open(ca).read())
+    return chain, key
+
+
+class Server:
+    def __init__(self, work, cert, database, log_level="WARN"):
+        self.config = os.path.join(work, "config.yaml")
+        with open(self.config, "w") as f:
+            f.write(f"database: {database}\nserverCertFile: {cert[0]}\nserverKeyFile: {cert[1]}\n"
+                    f"port: 0\nbindAddress: 127.0.0.1\nkmsLogLevel: {log_level}\nrootLogLevel: WARNING\n")
+        started = time.monotonic()
+        self.proc = subprocess.Popen([BIN, "--config", self.config], stderr=subprocess.PIPE, text=True)
+        # The "serving" line is logged at INFO; WARN configs print nothing, so probe the port.
+        self.port = None
+        deadline = started + 30
+        while time.monotonic() < deadline:
+            port = listening_port(self.proc.pid)
+            if port:
+                self.port = port
+                break
+            time.sleep(0.002)
+        if not self.port:
+            raise RuntimeError("server did not start")
+        self.startup_s = time.monotonic() - started
+
+    def rss_kib(self, field="VmRSS"):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return None
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def listening_port(pid):
+    """The TCP port process `pid` listens on, from /proc (no tools needed)."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            m = re.match(r"socket:\[(\d+)\]", target)
+            if m:
+                inodes.add(m.group(1))
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[3] == "0A" and parts[9] in inodes:
+                        return int(parts[1].split(":")[1], 16)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+def bench(server, ca, *args, **extra):
+    out = sh(BIN, "bench", "--endpoint", f"https://127.0.0.1:{server.port}", "--ca", ca,
+             "--server-pid", str(server.proc.pid), "--output", "json", *map(str, args)).stdout
+    record = json.loads(out)
+    record.update(extra)
+    return record
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="short runs, for trying the script")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
+    parser.add_argument("--runs", type=int, default=3)
+    opts = parser.parse_args()
+    seconds = 1 if opts.quick else 5
+    runs = 1 if opts.quick else opts.runs
+    million = 20_000 if opts.quick else 1_000_000
+
+    subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
+    os.makedirs(opts.out, exist_ok=True)
+    results_path = os.path.join(opts.out, "results.jsonl")
+    results = open(results_path, "w")
+    summary = []
+
+    def keep(record):
+        results.write(json.dumps(record) + "\n")
+        results.flush()
+        return record
+
+    work = tempfile.mkdtemp(prefix="kms-bench-")
+    try:
+        ca = os.path.join(work, "ca.pem")
+        certs = {
+            "p256": make_cert(work, "p256", ["ecparam", "-name", "prime256v1", "-genkey", "-noout"]),
+            "ed25519": make_cert(work, "ed25519", ["genpkey", "-algorithm", "ed25519"]),
+            "rsa2048": make_cert(work, "rsa2048", ["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+        }
+
+        # Handshake floor per certificate key type and key-exchange group.
+        summary.append("## Handshake floor (server CPU per handshake, median)\n")
+        summary.append("| certificate | X25519 | X25519MLKEM768 |\n|---|---|---|")
+        for name, cert in certs.items():
+            server = Server(work, cert, os.path.join(work, f"floor-{name}.db"))
+            row = []
+            for kx in ("x25519", "x25519mlkem768"):
+                cpu = [keep(bench(server, ca, "--mode", "handshake", "--kx", kx, "--concurrency", 8,
+                                  "--duration", seconds, experiment="floor", cert=name, run=r))
+                       ["server_cpu_us_per_call"] for r in range(runs)]
+                row.append(f"{statistics.median(cpu):.0f} µs")
+            server.stop()
+            summary.append(f"| {name} | {row[0]} | {row[1]} |")
+
+        # Target 1: fresh unseal against the bare handshake, same server, alternating.
+        server = Server(work, certs["p256"], os.path.join(work, "main.db"))
+        ratios = []
+        for r in range(runs):
+            hs = keep(bench(server, ca, "--mode", "handshake", "--concurrency", 8, "--duration", seconds,
+                            experiment="target1", run=r))
+            un = keep(bench(server, ca, "--mode", "unseal", "--concurrency", 8, "--duration", seconds,
+                            "--nodes", 1000, experiment="target1", run=r))
+            ratios.append((un["server_cpu_us_per_call"] / hs["server_cpu_us_per_call"],
+                           hs["server_cpu_us_per_call"], un["server_cpu_us_per_call"]))
+        ratios.sort()
+        mid = ratios[len(ratios) // 2]
+        summary.append("\n## Target 1: fresh unseal vs bare handshake (P-256, Go 1.24 groups)\n")
+        summary.append(f"median ratio {mid[0]:.2f} (handshake {mid[1]:.0f} µs, unseal {mid[2]:.0f} µs); "
+                       f"all runs: {', '.join(f'{r[0]:.2f}' for r in ratios)}")
+
+        # Target 3: seal throughput against unseal throughput, fresh and shared.
+        summary.append("\n## Target 3: seal vs unseal throughput, concurrency 32\n")
+        summary.append("| connection | seal calls/s | unseal calls/s | ratio |\n|---|---|---|---|")
+        for connection in ("fresh", "shared"):
+            pairs = []
+            for r in range(runs):
+                seal = keep(bench(server, ca, "--mode", "seal", "--connection", connection, "--concurrency", 32,
+                                  "--duration", seconds, experiment="target3", run=r))
+                unseal = keep(bench(server, ca, "--mode", "unseal", "--connection", connection, "--concurrency", 32,
+                                    "--duration", seconds, "--nodes", 1000, experiment="target3", run=r))
+                pairs.append((seal["calls_per_s"] / unseal["calls_per_s"], seal["calls_per_s"], unseal["calls_per_s"]))
+            pairs.sort()
+            m = pairs[len(pairs) // 2]
+            summary.append(f"| {connection} | {m[1]:.0f} | {m[2]:.0f} | {m[0]:.2f} |")
+
+        # Sweeps for the plots.
+        for connection in ("fresh", "shared"):
+            for concurrency in (1, 2, 4, 8, 16, 32, 64):
+                keep(bench(server, ca, "--mode", "unseal", "--connection", connection, "--concurrency", concurrency,
+                           "--duration", max(1, seconds // 2), "--nodes", 1000, experiment="sweep-concurrency"))
+        for connection, rates in (("fresh", (100, 200, 400, 800, 1200, 1600, 2000)),
+                                  ("shared", (1000, 4000, 8000, 16000, 24000, 32000))):
+            for rate in rates:
+                keep(bench(server, ca, "--mode", "unseal", "--connection", connection, "--rate", rate,
+                           "--concurrency", 256, "--duration", seconds, "--nodes", 1000, experiment="sweep-rate"))
+        server.stop()
+
+        # Target 4: flat to a million records.
+        summary.append("\n## Target 4: 1,000 vs 1,000,000 records (shared connection, concurrency 32)\n")
+        summary.append("| records | startup | RSS idle | unseal p50 | unseal p99 | calls/s |\n|---|---|---|---|---|---|")
+        small_db, big_db = os.path.join(work, "small.db"), os.path.join(work, "big.db")
+        sh(BIN, "fill", "--database", small_db, "--records", "1000")
+        started = time.monotonic()
+        sh(BIN, "fill", "--database", big_db, "--records", str(million))
+        fill_s = time.monotonic() - started
+        by_size = {}
+        for label, db in (("1k", small_db), (f"{million // 1000}k", big_db)):
+            server = Server(work, certs["p256"], db)
+            time.sleep(0.5)
+            idle = server.rss_kib()
+            reps = [keep(bench(server, ca, "--mode", "unseal", "--connection", "shared", "--concurrency", 32,
+                               "--duration", seconds, "--nodes", 1000, experiment="target4", records=label, run=r))
+                    for r in range(runs)]
+            p50 = statistics.median(r["latency"]["p50_us"] for r in reps)
+            p99 = statistics.median(r["latency"]["p99_us"] for r in reps)
+            rate = statistics.median(r["calls_per_s"] for r in reps)
+            by_size[label] = (p50, p99)
+            summary.append(f"| {label} | {server.startup_s * 1000:.0f} ms | {idle / 1024:.1f} MiB | "
+                           f"{p50 / 1000:.2f} ms | {p99 / 1000:.2f} ms | {rate:.0f} |")
+            server.stop()
+        (s50, s99), (b50, b99) = by_size.values()
+        summary.append(f"\nratios at {million:,} records: p50 {b50 / s50:.2f}, p99 {b99 / s99:.2f}; "
+                       f"filling {million:,} records took {fill_s:.1f} s")
+        legacy = os.path.join(work, "legacy.json")
+        count = 10_000 if opts.quick else 100_000
+        sh(BIN, "fill", "--legacy-json", legacy, "--records", str(count))
+        started = time.monotonic()
+        sh(BIN, "import-json", legacy, "--database", os.path.join(work, "import.db"))
+        summary.append(f"importing a {count:,}-record legacy JSON file took {time.monotonic() - started:.1f} s")
+
+        # Target 5: the storm, with the server's peak memory.
+        server = Server(work, certs["p256"], os.path.join(work, "storm.db"))
+        nodes = 200 if opts.quick else 2000
+        storm = keep(bench(server, ca, "--mode", "storm", "--nodes", nodes, "--volumes", 2, experiment="storm"))
+        peak = server.rss_kib("VmHWM")
+        server.stop()
+        summary.append(f"\n## Target 5: storm, {nodes} nodes x 2 volumes\n")
+        summary.append(f"all unsealed in {storm['time_to_all_unsealed_s']:.2f} s; {storm['calls']} calls, "
+                       f"{storm['timeouts']} timed out, {storm['other_errors']} other errors, "
+                       f"{storm['volumes_left_locked']} left locked; p99 {storm['latency']['p99_us'] / 1000:.1f} ms; "
+                       f"server peak RSS {peak / 1024:.1f} MiB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        results.close()
+
+    text = "\n".join(summary) + "\n"
+    with open(os.path.join(opts.out, "summary.md"), "w") as f:
+        f.write(text)
+    print(text)
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_plot.py"), results_path, opts.out], check=True)
+
+
+if __name__ == "__main__":
+    main()
