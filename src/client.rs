@@ -232,13 +232,7 @@ impl KmsClient {
         self.deadline(async {
             let tcp = self.tcp().await?;
             if let Some((connector, name)) = &self.tls {
-                connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|source| ClientError::Tls {
-                        endpoint: self.options.endpoint.to_string(),
-                        source,
-                    })?;
+                self.tls_handshake(connector, name, tcp).await?;
             }
             Ok(())
         })
@@ -258,13 +252,7 @@ impl KmsClient {
         let tcp = self.tcp().await?;
         let sender = match &self.tls {
             Some((connector, name)) => {
-                let tls = connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|source| ClientError::Tls {
-                        endpoint: self.options.endpoint.to_string(),
-                        source,
-                    })?;
+                let tls = self.tls_handshake(connector, name, tcp).await?;
                 self.http2(tls).await?
             }
             None => self.http2(tcp).await?,
@@ -272,6 +260,21 @@ impl KmsClient {
         Ok(Connection {
             grpc: KMSServiceClient::with_origin(H2(sender), self.origin.clone()),
         })
+    }
+
+    async fn tls_handshake(
+        &self,
+        connector: &TlsConnector,
+        name: &ServerName<'static>,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+        connector
+            .connect(name.clone(), tcp)
+            .await
+            .map_err(|source| ClientError::Tls {
+                endpoint: self.options.endpoint.to_string(),
+                source,
+            })
     }
 
     async fn http2<IO>(&self, io: IO) -> Result<SendRequest<tonic::body::Body>, ClientError>

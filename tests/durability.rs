@@ -55,6 +55,12 @@ async fn kill_9_during_a_burst_of_concurrent_seals_loses_no_acknowledged_seal() 
     );
 
     let server = ServerProcess::start(&config).unwrap();
+    let db = rusqlite::Connection::open(dir.path().join("kms.db")).unwrap();
+    let integrity: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+    drop(db);
     let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
     let mut connection = client.connect().await.unwrap();
     for (node, passphrase, sealed) in &acknowledged {
@@ -125,4 +131,67 @@ fn a_foreign_sqlite_file_is_refused_not_migrated() {
         )
         .unwrap();
     assert_eq!(tables, 1, "the foreign file is left as it was");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_log_even_at_trace_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("kmsLogLevel: INFO", "kmsLogLevel: TRACE")
+            .replace("rootLogLevel: WARNING", "rootLogLevel: TRACE"),
+    )
+    .unwrap();
+    let mut server = ServerProcess::start(&config).unwrap();
+    let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
+    let passphrase = random_passphrase();
+    let sealed = client.seal(NODE, &passphrase).await.unwrap();
+    client.unseal(NODE, &sealed).await.unwrap();
+    let mut wrong = sealed.clone();
+    wrong[20] ^= 1;
+    client.unseal(NODE, &wrong).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let log = std::mem::replace(&mut server.log, std::sync::mpsc::channel().1);
+        let status = server.terminate();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        (status, log.try_iter().collect::<Vec<_>>().join("\n"))
+    })
+    .await
+    .unwrap();
+    let (status, log) = status;
+    assert!(status.success());
+    assert!(
+        log.contains("unsealed") && log.contains("unseal refused"),
+        "the log is being captured: {log}"
+    );
+
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let decimal = |bytes: &[u8]| {
+        bytes
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (what, secret) in [
+        ("passphrase", &passphrase[..]),
+        ("key", &sealed[12..]),
+        ("blob", &sealed[..]),
+    ] {
+        for form in [b64.encode(secret), hex(secret), decimal(&secret[..8])] {
+            assert!(
+                !log.contains(&form),
+                "the {what} appears in the log as {form}"
+            );
+        }
+    }
+    assert!(
+        !log.contains(&b64.encode(&sealed[..12])),
+        "the nonce is part of the blob: not logged either"
+    );
 }

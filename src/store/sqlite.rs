@@ -410,19 +410,27 @@ enum Done {
     Flush(oneshot::Sender<Result<(), StoreError>>),
 }
 
-fn insert(tx: &Connection, record: &NewRecord) -> rusqlite::Result<Inserted> {
-    let mut statement = tx.prepare_cached(
-        "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
-    match statement.execute(params![
+/// Binds a record to the six columns of an `INSERT ... VALUES (?1, ..., ?6)` and runs it.
+fn execute_insert(
+    statement: &mut rusqlite::Statement<'_>,
+    record: &NewRecord,
+) -> rusqlite::Result<usize> {
+    statement.execute(params![
         &record.nonce[..],
         record.node_uuid,
         record.ip,
         record.ciphertext,
         record.created_at,
         record.last_access,
-    ]) {
+    ])
+}
+
+fn insert(tx: &Connection, record: &NewRecord) -> rusqlite::Result<Inserted> {
+    let mut statement = tx.prepare_cached(
+        "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    match execute_insert(&mut statement, record) {
         Ok(_) => Ok(Inserted::Stored(tx.last_insert_rowid())),
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
             Ok(Inserted::NonceTaken)
@@ -438,14 +446,7 @@ fn import(tx: &Connection, batch: &ImportBatch) -> rusqlite::Result<ImportReport
     )?;
     let mut report = ImportReport::default();
     for record in &batch.records {
-        let added = statement.execute(params![
-            &record.nonce[..],
-            record.node_uuid,
-            record.ip,
-            record.ciphertext,
-            record.created_at,
-            record.last_access,
-        ])?;
+        let added = execute_insert(&mut statement, record)?;
         if added == 1 {
             report.imported += 1;
         } else {
