@@ -39,8 +39,6 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Store(#[from] StoreError),
 }
 
 /// Binds and starts serving; returns once the port accepts connections.

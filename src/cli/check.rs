@@ -94,10 +94,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
                 legacy.display()
             ),
             Ok(Some(file)) => {
-                let mut missing = file.batch.records.len();
+                let mut missing = file.records.len();
                 if let Some(store) = &store {
                     missing = 0;
-                    for record in &file.batch.records {
+                    for record in &file.records {
                         if store.find_by_nonce(&record.nonce).await?.is_none() {
                             missing += 1;
                         }
@@ -106,7 +106,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
                 println!(
                     "nodeDbFile   {}: {} legacy records, {missing} not yet in the database",
                     legacy.display(),
-                    file.batch.records.len()
+                    file.records.len()
                 );
             }
             Err(e) => {

@@ -30,7 +30,7 @@ pub async fn run(args: Args, global_config: Option<PathBuf>) -> anyhow::Result<E
     let file = legacy_json::read(&args.file)?
         .with_context(|| format!("legacy database {}: no such file", args.file.display()))?;
     let store = SqliteStore::open(&database)?;
-    let report = store.import(file.batch).await?;
+    let report = store.import(file).await?;
     println!(
         "imported {} records, skipped {} already present, from {} into {}",
         report.imported,

@@ -46,11 +46,6 @@ struct LegacyRecordOut<'a> {
     created_at: String,
 }
 
-/// The records of a legacy file and the fingerprint of its content.
-pub struct LegacyFile {
-    pub batch: ImportBatch,
-}
-
 /// What a take-over did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TakeOver {
@@ -60,19 +55,18 @@ pub enum TakeOver {
     Imported(ImportReport),
 }
 
-/// Reads a legacy file. `Ok(None)` when it does not exist; an empty file has no records.
-pub fn read(path: &Path) -> Result<Option<LegacyFile>, LegacyError> {
+/// Reads a legacy file into an import batch. `Ok(None)` when it does not exist; an empty
+/// file has no records.
+pub fn read(path: &Path) -> Result<Option<ImportBatch>, LegacyError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(error(path, format!("cannot read it: {e}"))),
     };
     let records = parse(&bytes).map_err(|problem| error(path, problem))?;
-    Ok(Some(LegacyFile {
-        batch: ImportBatch {
-            records,
-            fingerprint: Some(fingerprint(&bytes)),
-        },
+    Ok(Some(ImportBatch {
+        records,
+        fingerprint: Some(fingerprint(&bytes)),
     }))
 }
 

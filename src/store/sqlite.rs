@@ -15,7 +15,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionB
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
@@ -50,7 +50,6 @@ const MAX_BATCH: usize = 1024;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct SqliteStore {
-    path: PathBuf,
     readers: Box<[Mutex<Connection>]>,
     next_reader: AtomicUsize,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
@@ -116,17 +115,12 @@ impl SqliteStore {
             .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
 
         Ok(Self {
-            path: path.to_path_buf(),
             readers: readers.into_boxed_slice(),
             next_reader: AtomicUsize::new(0),
             jobs: Mutex::new(Some(jobs)),
             accesses,
             writer: Mutex::new(Some(writer)),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn submit(&self, job: Job) -> Result<(), StoreError> {
