@@ -58,6 +58,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         policy: Policy::default(),
     };
     let dir_path = dir.path().to_path_buf();
+    // The full path, so that the printed command works from `cargo run` too.
+    let program = std::env::current_exe().unwrap_or_else(|_| "talos-kms-server".into());
     serve_until_signal(options, |addr| {
         let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
         let host = if host.contains(':') { format!("[{host}]") } else { host };
@@ -69,7 +71,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
              # Throwaway CA, certificate and database in {dir}; all deleted when this stops (Ctrl-C).\n\
              #\n\
              # Try it as a Talos node would:\n\
-             #   talos-kms-server client --endpoint {endpoint} --ca {ca} roundtrip\n\
+             #   {program} client --endpoint {endpoint} --ca {ca} roundtrip\n\
              #\n\
              # Talos machine-config patch (also in {dir}/talos-patch.yaml). The CA is trusted\n\
              # through TrustedRootsConfig, which lives in STATE: it serves EPHEMERAL and user\n\
@@ -77,6 +79,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
              {patch}",
             dir = dir_path.display(),
             ca = dir_path.join("ca.pem").display(),
+            program = program.display(),
         );
     })
     .await?;
