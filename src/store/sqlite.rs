@@ -232,7 +232,13 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
         .mode(0o600)
         .open(path)
     {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            // The new file's directory entry must survive a power cut too.
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            fs::File::open(parent.unwrap_or(Path::new(".")))
+                .and_then(|dir| dir.sync_all())
+                .map_err(io_error)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(io_error(e)),
     }
@@ -470,4 +476,65 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_are_flushed_to_disk_before_they_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("t.db")).unwrap();
+        configure(&conn).unwrap();
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        let synchronous: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(
+            synchronous, 2,
+            "synchronous=FULL: a seal survives a power cut once answered"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_nonce_can_be_stored_once_and_an_import_skips_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let record = NewRecord {
+            nonce: [9; 12],
+            node_uuid: "n".into(),
+            ip: "10.0.0.1".into(),
+            ciphertext: vec![0; 48],
+            created_at: 1,
+            last_access: None,
+        };
+        assert!(matches!(
+            store.insert(record.clone()).await.unwrap(),
+            Inserted::Stored(_)
+        ));
+        assert_eq!(
+            store.insert(record.clone()).await.unwrap(),
+            Inserted::NonceTaken
+        );
+        let report = store
+            .import(ImportBatch {
+                records: vec![record],
+                fingerprint: Some("f".into()),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            report,
+            ImportReport {
+                imported: 0,
+                skipped: 1
+            }
+        );
+        assert!(store.has_imported("f").await.unwrap());
+        assert_eq!(store.count().await.unwrap(), 1);
+    }
 }
