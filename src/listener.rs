@@ -29,6 +29,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Talos makes one call per connection; clients that share one (`bench`, tools) get room
 /// for concurrency, as grpc-go servers give them.
 const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// A Talos call takes milliseconds; a connection still open after this is asked to close
+/// (HTTP/2 GOAWAY, calls in flight finish), so idle clients cannot hold every slot forever.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 type Grpc = KMSServiceServer<KmsService>;
@@ -128,18 +131,20 @@ impl Handler {
         let connection =
             http2.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
         tokio::pin!(connection);
-        tokio::select! {
+        let closing = tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
                     tracing::debug!(peer = %self.peer, %error, "connection ended with an error");
                 }
+                return;
             }
-            _ = stopped(&mut self.shutdown) => {
-                // Finish the calls in flight, accept no new ones.
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
-            }
-        }
+            _ = stopped(&mut self.shutdown) => "server stopping",
+            _ = tokio::time::sleep(MAX_CONNECTION_AGE) => "connection too old",
+        };
+        // Finish the calls in flight, accept no new ones.
+        tracing::debug!(peer = %self.peer, reason = closing, "closing connection");
+        connection.as_mut().graceful_shutdown();
+        let _ = connection.await;
     }
 }
 
