@@ -89,10 +89,10 @@ fn bench_measures_every_mode_and_checks_every_answer() {
             40,
         ),
         (
-            vec!["--mode", "mixed", "--requests", "20", "--nodes", "5"],
-            20,
+            vec!["--mode", "mixed", "--requests", "60", "--nodes", "5"],
+            60,
         ),
-        (vec!["--mode", "handshake", "--requests", "20"], 20),
+        (vec!["--mode", "handshake", "--requests", "100"], 100),
     ] {
         let report = bench(&server, &ca, &args);
         assert_sane(&report, calls);
