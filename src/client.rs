@@ -366,6 +366,14 @@ impl Connection {
     }
 }
 
+/// 32 random bytes, as a Talos node makes for every new LUKS2 key slot.
+pub fn random_passphrase() -> [u8; 32] {
+    let mut passphrase = [0u8; 32];
+    // A failed RNG leaves zeros: still a passphrase that seals and checks.
+    let _ = aws_lc_rs::rand::fill(&mut passphrase);
+    passphrase
+}
+
 /// A random RFC 4122 version-4 UUID, as text: a node UUID for tests and benchmarks.
 pub fn random_uuid() -> String {
     let mut b = [0u8; 16];

@@ -25,6 +25,28 @@ pub fn cpu_time(pid: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(total * 1000 / USER_HZ))
 }
 
+/// CPU time of one process over a measured phase.
+pub struct CpuMeter {
+    pid: String,
+    start: Duration,
+}
+
+impl CpuMeter {
+    /// Starts measuring process `pid` ("self" for this process).
+    pub fn start(pid: &str) -> Result<Self, String> {
+        Ok(Self {
+            pid: pid.to_string(),
+            start: cpu_time(pid)?,
+        })
+    }
+
+    /// Microseconds of CPU per call since `start`.
+    pub fn per_call_us(&self, calls: u64) -> Result<f64, String> {
+        let used = cpu_time(&self.pid)?.saturating_sub(self.start);
+        Ok(used.as_micros() as f64 / calls.max(1) as f64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -19,7 +19,7 @@ fn record(index: u64) -> NewRecord {
         (index >> 8) & 0xff,
         index & 0xff
     );
-    let passphrase = super::random_passphrase();
+    let passphrase = crate::client::random_passphrase();
     // With a working RNG and AEAD this cannot fail; a failed seal is simply skipped.
     let sealed = sealing::seal(&node_uuid, &ip, &passphrase);
     let (nonce, ciphertext) = match sealed {

@@ -7,11 +7,11 @@ pub mod fill;
 mod report;
 mod storm;
 
-pub use cpu::cpu_time;
+pub use cpu::CpuMeter;
 pub use report::{Latency, Report, StormReport};
 pub use storm::storm;
 
-use crate::client::{ClientError, Connection, KmsClient, random_uuid};
+use crate::client::{ClientError, Connection, KmsClient, random_passphrase, random_uuid};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -162,13 +162,6 @@ fn failure(error: ClientError) -> Failure {
     })
 }
 
-pub fn random_passphrase() -> [u8; 32] {
-    let mut passphrase = [0u8; 32];
-    // A failed RNG leaves zeros: still a valid passphrase to seal and check.
-    let _ = aws_lc_rs::rand::fill(&mut passphrase);
-    passphrase
-}
-
 /// Seals one volume per (node, volume) pair on one shared connection; not measured.
 pub async fn preseal(
     client: &KmsClient,
@@ -244,28 +237,17 @@ pub async fn run(client: KmsClient, options: &BenchOptions) -> Result<Report, Be
         node_uuids,
     });
 
-    let server_before = options
-        .server_pid
-        .map(|pid| cpu_time(&pid.to_string()))
-        .transpose()
-        .map_err(BenchError::Setup)?;
-    let client_before = cpu_time("self").map_err(BenchError::Setup)?;
+    let server_cpu = server_meter(options.server_pid)?;
+    let client_cpu = CpuMeter::start("self").map_err(BenchError::Setup)?;
     let start = Instant::now();
     let (mut tally, not_started) = match options.rate {
         Some(rate) => open_loop(&workload, options, rate, start).await,
         None => (closed_loop(&workload, options, start).await, 0),
     };
     let elapsed = start.elapsed();
-    let server_used = match (options.server_pid, server_before) {
-        (Some(pid), Some(before)) => {
-            Some(cpu_time(&pid.to_string()).map_err(BenchError::Setup)? - before)
-        }
-        _ => None,
-    };
-    let client_used = cpu_time("self").map_err(BenchError::Setup)? - client_before;
-
-    let calls = (tally.ok + tally.mismatches + tally.errors.values().sum::<u64>()).max(1) as f64;
-    let per_call = |used: Duration| used.as_micros() as f64 / calls;
+    let calls = tally.ok + tally.mismatches + tally.errors.values().sum::<u64>();
+    let server_cpu_us_per_call = per_call_us(server_cpu.as_ref(), calls)?;
+    let client_cpu_us_per_call = client_cpu.per_call_us(calls).map_err(BenchError::Setup)?;
     Ok(Report {
         mode: format!("{:?}", options.mode).to_lowercase(),
         connection: format!("{:?}", options.connection).to_lowercase(),
@@ -279,9 +261,23 @@ pub async fn run(client: KmsClient, options: &BenchOptions) -> Result<Report, Be
         not_started,
         calls_per_s: tally.ok as f64 / elapsed.as_secs_f64(),
         latency: Latency::of(&mut tally.latencies_us),
-        server_cpu_us_per_call: server_used.map(per_call),
-        client_cpu_us_per_call: per_call(client_used),
+        server_cpu_us_per_call,
+        client_cpu_us_per_call,
     })
+}
+
+/// Starts measuring the server's CPU, when its process id is known.
+fn server_meter(pid: Option<u32>) -> Result<Option<CpuMeter>, BenchError> {
+    pid.map(|pid| CpuMeter::start(&pid.to_string()))
+        .transpose()
+        .map_err(BenchError::Setup)
+}
+
+fn per_call_us(meter: Option<&CpuMeter>, calls: u64) -> Result<Option<f64>, BenchError> {
+    meter
+        .map(|meter| meter.per_call_us(calls))
+        .transpose()
+        .map_err(BenchError::Setup)
 }
 
 /// When a run ends: after a number of calls, or once calls are due past a duration.

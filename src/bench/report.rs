@@ -81,12 +81,20 @@ impl fmt::Display for Report {
             ms(l.p99_us),
             ms(l.max_us)
         )?;
-        match self.server_cpu_us_per_call {
-            Some(cpu) => writeln!(f, "  server CPU/call {cpu:.1} µs")?,
-            None => writeln!(f, "  server CPU/call (give --server-pid)")?,
-        }
+        writeln!(
+            f,
+            "  server CPU/call {}",
+            server_cpu(self.server_cpu_us_per_call)
+        )?;
         write!(f, "  client CPU/call {:.1} µs", self.client_cpu_us_per_call)
     }
+}
+
+fn server_cpu(per_call_us: Option<f64>) -> String {
+    per_call_us.map_or_else(
+        || "(give --server-pid)".into(),
+        |cpu| format!("{cpu:.1} µs"),
+    )
 }
 
 fn ms(us: u64) -> f64 {
@@ -140,9 +148,10 @@ impl fmt::Display for StormReport {
             ms(l.p99_us),
             ms(l.max_us)
         )?;
-        match self.server_cpu_us_per_call {
-            Some(cpu) => write!(f, "  server CPU/call   {cpu:.1} µs"),
-            None => write!(f, "  server CPU/call   (give --server-pid)"),
-        }
+        write!(
+            f,
+            "  server CPU/call   {}",
+            server_cpu(self.server_cpu_us_per_call)
+        )
     }
 }

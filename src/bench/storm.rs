@@ -2,7 +2,7 @@
 //! unseals its volumes one after the other, each call on a fresh connection with Talos's
 //! 10 s deadline, retrying after a failure.
 
-use super::{BenchError, Latency, StormReport, Volume, cpu_time, preseal};
+use super::{BenchError, Latency, StormReport, Volume, per_call_us, preseal, server_meter};
 use crate::client::{ClientError, KmsClient};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,10 +39,7 @@ pub async fn storm(
     let sealed = preseal(&client, nodes, volumes).await?;
     let counters = Arc::new(Counters::default());
     let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(nodes * volumes)));
-    let server_before = server_pid
-        .map(|pid| cpu_time(&pid.to_string()))
-        .transpose()
-        .map_err(BenchError::Setup)?;
+    let server_cpu = server_meter(server_pid)?;
 
     let start = Instant::now();
     let mut boots = JoinSet::new();
@@ -63,13 +60,7 @@ pub async fn storm(
     let elapsed = start.elapsed();
 
     let calls = counters.calls.load(Ordering::Relaxed);
-    let server_cpu_us_per_call = match (server_pid, server_before) {
-        (Some(pid), Some(before)) => {
-            let used = cpu_time(&pid.to_string()).map_err(BenchError::Setup)? - before;
-            Some(used.as_micros() as f64 / calls.max(1) as f64)
-        }
-        _ => None,
-    };
+    let server_cpu_us_per_call = per_call_us(server_cpu.as_ref(), calls)?;
     let mut latencies = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(StormReport {
         mode: "storm",

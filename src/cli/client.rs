@@ -6,7 +6,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use talos_kms_server::client::{ClientOptions, Endpoint, KeyExchange, KmsClient, random_uuid};
+use talos_kms_server::client::{
+    ClientOptions, Endpoint, KeyExchange, KmsClient, random_passphrase, random_uuid,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -80,7 +82,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Some(text) => BASE64
                     .decode(text.trim())
                     .context("--passphrase is not base64")?,
-                None => random_bytes::<32>().to_vec(),
+                None => random_passphrase().to_vec(),
             };
             let sealed = client.seal(&node_uuid, &passphrase).await?;
             println!("sealed:     {}", BASE64.encode(&sealed));
@@ -96,7 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Action::Roundtrip { node_uuid } => {
             let node_uuid = node_uuid.unwrap_or_else(random_uuid);
-            let passphrase = random_bytes::<32>();
+            let passphrase = random_passphrase();
             let sealed = client.seal(&node_uuid, &passphrase).await?;
             let unsealed = client.unseal(&node_uuid, &sealed).await?;
             if unsealed != passphrase {
@@ -110,10 +112,4 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut bytes = [0u8; N];
-    let _ = aws_lc_rs::rand::fill(&mut bytes);
-    bytes
 }

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
+#[allow(unused_imports)] // not every test binary seals
+pub use talos_kms_server::client::random_passphrase;
 use talos_kms_server::client::{ClientOptions, KmsClient};
 use talos_kms_server::policy::Policy;
 use talos_kms_server::server::{self, RunningServer, ServerOptions};
@@ -93,12 +95,6 @@ pub fn client_for(host: &str, port: u16, ca: &Path, source: Option<IpAddr>) -> K
     options.ca_file = Some(ca.to_path_buf());
     options.source_ip = source;
     KmsClient::new(options).unwrap()
-}
-
-pub fn random_passphrase() -> [u8; 32] {
-    let mut passphrase = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut passphrase).unwrap();
-    passphrase
 }
 
 /// Writes a config file for the binary; `extra` is appended YAML.
