@@ -9,7 +9,7 @@ fn main() {
             .route_name(route)
             .input_type("crate::proto::Request")
             .output_type("crate::proto::Response")
-            .codec_path("tonic_prost::ProstCodec")
+            .codec_path("crate::proto::SmallMessageCodec")
             .build()
     };
     let service = tonic_build::manual::Service::builder()

@@ -237,6 +237,53 @@ async fn concurrent_seals_all_unseal() {
     server.running.shutdown().await.unwrap();
 }
 
+/// On one connection, unseals are answered within the poll that reads them while seals wait
+/// for their commit in tasks of their own: every answer must still reach its own call.
+#[tokio::test]
+async fn interleaved_seals_and_unseals_on_one_connection_each_get_their_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
+    let client = server.client("127.0.0.1", None);
+    let connection = client.connect().await.unwrap();
+    let mut sealed_before = Vec::new();
+    for i in 0..32 {
+        let node = format!("earlier-{i}");
+        let passphrase = random_passphrase();
+        let sealed = connection.clone().seal(&node, &passphrase).await.unwrap();
+        sealed_before.push((node, passphrase, sealed));
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for (i, (node, passphrase, sealed)) in sealed_before.into_iter().enumerate() {
+        let mut unsealing = connection.clone();
+        calls.spawn(async move {
+            let answer = unsealing.unseal(&node, &sealed).await.unwrap();
+            assert_eq!(
+                answer, passphrase,
+                "unseal of {node} got another call's answer"
+            );
+        });
+        let mut sealing = connection.clone();
+        calls.spawn(async move {
+            let node = format!("later-{i}");
+            let passphrase = random_passphrase();
+            let sealed = sealing.seal(&node, &passphrase).await.unwrap();
+            let answer = sealing.unseal(&node, &sealed).await.unwrap();
+            assert_eq!(answer, passphrase, "seal then unseal of {node}");
+        });
+    }
+    let mut finished = 0;
+    while let Some(call) =
+        tokio::time::timeout(std::time::Duration::from_secs(30), calls.join_next())
+            .await
+            .expect("every call is answered within 30 s")
+    {
+        call.unwrap();
+        finished += 1;
+    }
+    assert_eq!(finished, 64);
+    server.running.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn ipv6_clients_are_bound_to_their_address() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,17 +4,26 @@
 //! Shaped like mini-redis: a [`Listener`] accepts and spawns one [`Handler`] per
 //! connection; shutdown is a watch signal, and the listener knows all handlers are done when
 //! every clone of its `finished` sender has been dropped.
+//!
+//! A Talos call is one request on a fresh connection, so the handler answers it within the
+//! poll that reads it ([`InlineFirst`]) and sends the whole reply in one write
+//! ([`write_batch`]): beyond the TLS handshake, a call then costs one more read and one
+//! more write.
+
+mod write_batch;
 
 use crate::policy::MAX_MESSAGE_LEN;
 use crate::proto::KMSServiceServer;
 use crate::service::{KmsService, Peer};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -32,6 +41,8 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// A Talos call takes milliseconds; a connection still open after this is asked to close
 /// (HTTP/2 GOAWAY, calls in flight finish), so idle clients cannot hold every slot forever.
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+/// HTTP/2's initial flow-control window (RFC 9113 §6.9.2).
+const SPEC_WINDOW_SIZE: u32 = 65_535;
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 type Grpc = KMSServiceServer<KmsService>;
@@ -124,15 +135,21 @@ impl Handler {
             inner: self.grpc,
             peer: Peer(self.peer),
         };
-        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let mut http2 = hyper::server::conn::http2::Builder::new(InlineFirst);
         http2
             .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            // Messages are tiny: the protocol's default windows need no WINDOW_UPDATE at
+            // the start of every connection, and Talos has no use for a Date header.
+            .initial_connection_window_size(SPEC_WINDOW_SIZE)
+            .initial_stream_window_size(SPEC_WINDOW_SIZE)
+            .auto_date_header(false);
+        let (io, batch) = write_batch::batched(tls);
         let connection =
-            http2.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
+            http2.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
         tokio::pin!(connection);
         let closing = tokio::select! {
-            result = connection.as_mut() => {
+            result = sending(connection.as_mut(), &batch) => {
                 if let Err(error) = result {
                     tracing::debug!(peer = %self.peer, %error, "connection ended with an error");
                 }
@@ -144,7 +161,46 @@ impl Handler {
         // Finish the calls in flight, accept no new ones.
         tracing::debug!(peer = %self.peer, reason = closing, "closing connection");
         connection.as_mut().graceful_shutdown();
-        let _ = connection.await;
+        let _ = sending(connection.as_mut(), &batch).await;
+    }
+}
+
+/// Drives the connection, sending what each poll queued before the task sleeps.
+async fn sending<C: Future, IO: tokio::io::AsyncWrite + Unpin>(
+    mut connection: Pin<&mut C>,
+    batch: &write_batch::WriteBatch<IO>,
+) -> C::Output {
+    std::future::poll_fn(|cx| {
+        let polled = connection.as_mut().poll(cx);
+        batch.send(cx);
+        polled
+    })
+    .await
+}
+
+/// hyper's executor for request futures: polls each once at once, inside the connection's
+/// poll, so that a call answered without waiting (every unseal) is written in the same
+/// batch as the frames that carried it; only a future that must wait (a seal awaiting its
+/// commit) becomes a task of its own.
+#[derive(Clone, Copy)]
+struct InlineFirst;
+
+impl<F> hyper::rt::Executor<F> for InlineFirst
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        let mut future = Box::pin(future);
+        // A pending future must wake the waker of its latest poll. The spawned task is
+        // polled again with its own waker, so nothing ever relies on this no-op one.
+        if future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+        {
+            tokio::spawn(future);
+        }
     }
 }
 
