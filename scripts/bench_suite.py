@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs every measurement of BENCHMARKS.md against a release build on this machine.
 
-Usage: scripts/bench_suite.py [--quick] [--out bench-results]
+Usage: scripts/bench_suite.py [--quick] [--out bench-results] [--reference KMS_SERVER [--only-reference]]
 
 Writes one JSON line per `bench` run to OUT/results.jsonl (with the experiment's name and
 parameters added), a summary of the targets to OUT/summary.md, and the plots (through
@@ -80,6 +80,30 @@ class Server:
         self.proc.wait(timeout=30)
 
 
+class ReferenceServer:
+    """The reference server of the makers of Talos (siderolabs/kms-client cmd/kms-server),
+    built separately (see BENCHMARKS.md), serving the same certificate with TLS."""
+
+    def __init__(self, binary, work, cert):
+        key = os.path.join(work, "reference-master.key")
+        with open(key, "wb") as f:
+            f.write(os.urandom(32))
+        self.proc = subprocess.Popen([binary, "--kms-api-endpoint", "127.0.0.1:0", "--key-path", key,
+                                      "--tls-enable", "--tls-cert-path", cert[0], "--tls-key-path", cert[1]],
+                                     stderr=subprocess.DEVNULL)
+        self.port = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not self.port:
+            self.port = listening_port(self.proc.pid)
+            time.sleep(0.01)
+        if not self.port:
+            raise RuntimeError("reference server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 def listening_port(pid):
     """The TCP port process `pid` listens on, from /proc (no tools needed)."""
     try:
@@ -114,6 +138,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="short runs, for trying the script")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--reference", metavar="KMS_SERVER",
+                        help="binary of the reference server, for target 2 (measured only when given)")
+    parser.add_argument("--only-reference", action="store_true", help="measure target 2 only")
     opts = parser.parse_args()
     seconds = 1 if opts.quick else 5
     runs = 1 if opts.quick else opts.runs
@@ -138,6 +165,11 @@ def main():
             "ed25519": make_cert(work, "ed25519", ["genpkey", "-algorithm", "ed25519"]),
             "rsa2048": make_cert(work, "rsa2048", ["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
         }
+
+        if opts.reference:
+            target2(opts.reference, work, certs["p256"], ca, runs, seconds, keep, summary)
+        if opts.only_reference:
+            return finish(opts, results, results_path, summary)
 
         # Handshake floor per certificate key type and key-exchange group.
         summary.append("## Handshake floor (server CPU per handshake, median)\n")
@@ -242,13 +274,56 @@ def main():
                        f"server peak RSS {peak / 1024:.1f} MiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        results.close()
+    finish(opts, results, results_path, summary)
 
+
+def target2(reference_binary, work, cert, ca, runs, seconds, keep, summary):
+    """This server against the reference, side by side in one run with one client, alternating."""
+    ours = Server(work, cert, os.path.join(work, "target2.db"))
+    reference = ReferenceServer(reference_binary, work, cert)
+    experiments = [
+        ("fresh unseal, c=8: server CPU per call", "server_cpu_us_per_call", 0.5,
+         ["--mode", "unseal", "--concurrency", 8, "--nodes", 1000]),
+        ("fresh unseal, open loop 400/s: p99", "p99", 0.7,
+         ["--mode", "unseal", "--rate", 400, "--concurrency", 256, "--nodes", 1000]),
+        ("shared connection unseal, c=32: server CPU per call", "server_cpu_us_per_call", 0.4,
+         ["--mode", "unseal", "--connection", "shared", "--concurrency", 32, "--nodes", 1000]),
+        ("bare handshake, c=8: server CPU per call", "server_cpu_us_per_call", None,
+         ["--mode", "handshake", "--concurrency", 8]),
+    ]
+    summary.append("## Target 2: against the reference server (same client, certificate and run)\n")
+    summary.append("| measurement | this server | reference | ratio | target |\n|---|---|---|---|---|")
+    try:
+        for label, field, target, args in experiments:
+            figures = {"ours": [], "reference": [], "ratio": []}
+            for r in range(runs):
+                pair = {}
+                for name, server in (("ours", ours), ("reference", reference)):
+                    record = keep(bench(server, ca, *args, "--duration", seconds,
+                                        experiment="target2", against=name, run=r))
+                    pair[name] = record["latency"]["p99_us"] / 1000 if field == "p99" else record[field]
+                    figures[name].append(pair[name])
+                figures["ratio"].append(pair["ours"] / pair["reference"])
+            unit = "ms" if field == "p99" else "µs"
+            median = {k: statistics.median(v) for k, v in figures.items()}
+            verdict = "" if target is None else (f"≤ {target}x: " + ("met" if median["ratio"] <= target else "not met"))
+            summary.append(f"| {label} | {median['ours']:.1f} {unit} | {median['reference']:.1f} {unit} | "
+                           f"{median['ratio']:.2f}x | {verdict} |")
+    finally:
+        ours.stop()
+        reference.stop()
+    summary.append("")
+
+
+def finish(opts, results, results_path, summary):
+    results.close()
     text = "\n".join(summary) + "\n"
     with open(os.path.join(opts.out, "summary.md"), "w") as f:
         f.write(text)
     print(text)
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_plot.py"), results_path, opts.out], check=True)
+    if not opts.only_reference:
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_plot.py"), results_path, opts.out],
+                       check=True)
 
 
 if __name__ == "__main__":
