@@ -5,10 +5,10 @@
 //! connection; shutdown is a watch signal, and the listener knows all handlers are done when
 //! every clone of its `finished` sender has been dropped.
 //!
-//! A Talos call is one request on a fresh connection, so the handler answers it within the
-//! poll that reads it ([`InlineFirst`]) and sends the whole reply in one write
-//! ([`write_batch`]): beyond the TLS handshake, a call then costs one more read and one
-//! more write.
+//! A Talos call is one request on a fresh connection, arriving with the client's TLS
+//! Finished. The handler answers it within the poll that reads it ([`InlineFirst`]) and
+//! sends everything that poll queued in one write ([`write_batch`]): the server's HTTP/2
+//! SETTINGS, its acknowledgement of the client's, and the response leave together.
 
 mod write_batch;
 
