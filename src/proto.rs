@@ -24,11 +24,14 @@ pub struct Response {
 }
 
 /// tonic's codec with buffers sized for these messages: the default 8 KiB per call and
-/// direction cost more to allocate than the whole call (every message here fits in
-/// [`crate::policy::MAX_MESSAGE_LEN`]; larger ones still work, the buffer grows).
+/// direction cost more to allocate than the whole call. Requests and answers here are a few
+/// hundred bytes (a seal request at most ~530); a larger one still works, the buffer grows.
 pub struct SmallMessageCodec<T, U>(PhantomData<fn() -> (T, U)>);
 
-const SMALL_MESSAGE_BUFFERS: usize = 1024;
+fn small_buffers() -> BufferSettings {
+    const SIZE: usize = 1024;
+    BufferSettings::new(SIZE, SIZE)
+}
 
 impl<T, U> Default for SmallMessageCodec<T, U> {
     fn default() -> Self {
@@ -47,17 +50,11 @@ where
     type Decoder = ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::new(
-            SMALL_MESSAGE_BUFFERS,
-            SMALL_MESSAGE_BUFFERS,
-        ))
+        ProstEncoder::new(small_buffers())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::new(
-            SMALL_MESSAGE_BUFFERS,
-            SMALL_MESSAGE_BUFFERS,
-        ))
+        ProstDecoder::new(small_buffers())
     }
 }
 
