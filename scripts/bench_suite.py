@@ -47,25 +47,33 @@ def make_cert(work, name, keygen):
     return chain, key
 
 
-class Server:
+class Listening:
+    """A server process on loopback, with the port it listens on."""
+
+    def start(self, argv):
+        self.proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            self.port = listening_port(self.proc.pid)
+            if self.port:
+                return
+            time.sleep(0.002)
+        raise RuntimeError(f"{argv[0]} did not start listening")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+class Server(Listening):
     def __init__(self, work, cert, database, log_level="WARN"):
         self.config = os.path.join(work, "config.yaml")
         with open(self.config, "w") as f:
             f.write(f"database: {database}\nserverCertFile: {cert[0]}\nserverKeyFile: {cert[1]}\n"
                     f"port: 0\nbindAddress: 127.0.0.1\nkmsLogLevel: {log_level}\nrootLogLevel: WARNING\n")
         started = time.monotonic()
-        self.proc = subprocess.Popen([BIN, "--config", self.config], stderr=subprocess.PIPE, text=True)
         # The "serving" line is logged at INFO; WARN configs print nothing, so probe the port.
-        self.port = None
-        deadline = started + 30
-        while time.monotonic() < deadline:
-            port = listening_port(self.proc.pid)
-            if port:
-                self.port = port
-                break
-            time.sleep(0.002)
-        if not self.port:
-            raise RuntimeError("server did not start")
+        self.start([BIN, "--config", self.config])
         self.startup_s = time.monotonic() - started
 
     def rss_kib(self, field="VmRSS"):
@@ -75,12 +83,8 @@ class Server:
                     return int(line.split()[1])
         return None
 
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
-
-class ReferenceServer:
+class ReferenceServer(Listening):
     """The reference server of the makers of Talos (siderolabs/kms-client cmd/kms-server),
     built separately (see BENCHMARKS.md), serving the same certificate with TLS."""
 
@@ -88,20 +92,8 @@ class ReferenceServer:
         key = os.path.join(work, "reference-master.key")
         with open(key, "wb") as f:
             f.write(os.urandom(32))
-        self.proc = subprocess.Popen([binary, "--kms-api-endpoint", "127.0.0.1:0", "--key-path", key,
-                                      "--tls-enable", "--tls-cert-path", cert[0], "--tls-key-path", cert[1]],
-                                     stderr=subprocess.DEVNULL)
-        self.port = None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not self.port:
-            self.port = listening_port(self.proc.pid)
-            time.sleep(0.01)
-        if not self.port:
-            raise RuntimeError("reference server did not start")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        self.start([binary, "--kms-api-endpoint", "127.0.0.1:0", "--key-path", key,
+                    "--tls-enable", "--tls-cert-path", cert[0], "--tls-key-path", cert[1]])
 
 
 def listening_port(pid):

@@ -157,6 +157,15 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// What the handler does at the end of each poll of the connection.
+    async fn end_of_poll<IO: AsyncWrite + Unpin>(batch: &WriteBatch<IO>) {
+        std::future::poll_fn(|cx| {
+            batch.send(cx);
+            Poll::Ready(())
+        })
+        .await;
+    }
+
     /// Runs one "poll" of a task that writes `parts`, then sends the batch.
     async fn write_then_send<IO: AsyncWrite + Unpin>(
         io: &mut BatchedIo<IO>,
@@ -167,11 +176,7 @@ mod tests {
             io.write_all(part).await.expect("queue accepts");
             io.flush().await.expect("flush is a no-op");
         }
-        std::future::poll_fn(|cx| {
-            batch.send(cx);
-            Poll::Ready(())
-        })
-        .await;
+        end_of_poll(batch).await;
     }
 
     #[tokio::test]
@@ -203,11 +208,7 @@ mod tests {
             if got.len() == message.len() {
                 break;
             }
-            std::future::poll_fn(|cx| {
-                batch.send(cx);
-                Poll::Ready(())
-            })
-            .await;
+            end_of_poll(&batch).await;
         }
         assert_eq!(got, message);
     }
