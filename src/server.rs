@@ -56,6 +56,7 @@ pub fn start(options: ServerOptions) -> Result<RunningServer, ServerError> {
         tls: tokio_rustls::TlsAcceptor::from(options.tls),
         service: Arc::new(KmsService::new(Arc::clone(&options.store), options.policy)),
         limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        handshakes: Arc::new(Semaphore::new(handshakes_at_once())),
         shutdown,
         finished: finished_sender,
     };
@@ -86,6 +87,12 @@ impl RunningServer {
         }
         self.store.flush().await
     }
+}
+
+/// Enough first flights computed at once to keep every core busy, and no more: beyond that,
+/// more only slows each other down (see `listener::handshake`).
+fn handshakes_at_once() -> usize {
+    std::thread::available_parallelism().map_or(2, |cores| 2 * cores.get())
 }
 
 /// A listening socket; `[::]` also accepts IPv4 (dual stack) whatever the system default.

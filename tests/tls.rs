@@ -298,3 +298,59 @@ fn mismatched_and_missing_files_are_explained() {
         "{error}"
     );
 }
+
+/// A ClientHello as a Talos node would send it, ready to write to a socket.
+fn client_hello() -> Vec<u8> {
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    hello
+}
+
+/// What the server sends back to a raw TCP client that sent a ClientHello and, if
+/// `then_leave`, closed its side, all before the server looked at the connection (the test
+/// does not yield to the server's tasks until it reads).
+async fn answer_to_hello(port: u16, then_leave: bool) -> Vec<u8> {
+    use std::io::Write;
+    use tokio::io::AsyncReadExt;
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    socket.write_all(&client_hello()).unwrap();
+    if then_leave {
+        socket.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    socket.set_nonblocking(true).unwrap();
+    let mut socket = TcpStream::from_std(socket).unwrap();
+    let mut answer = vec![0u8; 16 * 1024];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), socket.read(&mut answer))
+        .await
+        .expect("the server answers or closes within 10 s")
+        .expect("the server closes cleanly, without a reset");
+    answer.truncate(read);
+    answer
+}
+
+#[tokio::test]
+async fn a_client_gone_before_its_handshake_costs_no_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
+    let waiting = answer_to_hello(server.port(), false).await;
+    assert_eq!(
+        waiting.first(),
+        Some(&22),
+        "a waiting client gets the server's handshake records"
+    );
+    let gone = answer_to_hello(server.port(), true).await;
+    assert!(
+        gone.is_empty(),
+        "a client that closed after its ClientHello got {} bytes of handshake",
+        gone.len()
+    );
+    server.running.shutdown().await.unwrap();
+}

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,7 +28,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tonic::codegen::Service;
 
 /// Connections served at once; more wait in the kernel's accept queue. Bounds memory and
@@ -52,6 +54,8 @@ pub struct Listener {
     pub tls: TlsAcceptor,
     pub service: Arc<KmsService>,
     pub limit: Arc<Semaphore>,
+    /// Handshakes computing their first flight at once; see [`handshake`].
+    pub handshakes: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
     pub finished: mpsc::Sender<()>,
 }
@@ -60,6 +64,7 @@ struct Handler {
     socket: TcpStream,
     peer: SocketAddr,
     tls: TlsAcceptor,
+    handshakes: Arc<Semaphore>,
     grpc: Grpc,
     shutdown: watch::Receiver<bool>,
     _finished: mpsc::Sender<()>,
@@ -101,6 +106,7 @@ impl Listener {
                 socket,
                 peer,
                 tls: self.tls.clone(),
+                handshakes: Arc::clone(&self.handshakes),
                 grpc: grpc.clone(),
                 shutdown: self.shutdown.clone(),
                 _finished: self.finished.clone(),
@@ -115,10 +121,13 @@ impl Listener {
 
 impl Handler {
     async fn run(mut self) {
-        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(self.socket));
         let tls = tokio::select! {
-            result = handshake => match result {
-                Ok(Ok(tls)) => tls,
+            result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(self.socket, &self.tls, &self.handshakes)) => match result {
+                Ok(Ok(Some(tls))) => tls,
+                Ok(Ok(None)) => {
+                    tracing::debug!(peer = %self.peer, "client left before its handshake began");
+                    return;
+                }
                 Ok(Err(error)) => {
                     tracing::debug!(peer = %self.peer, %error, "TLS handshake failed");
                     return;
@@ -162,6 +171,48 @@ impl Handler {
         tracing::debug!(peer = %self.peer, reason = closing, "closing connection");
         connection.as_mut().graceful_shutdown();
         let _ = sending(connection.as_mut(), &batch).await;
+    }
+}
+
+/// Completes TLS, or returns `None` for a client that gave up waiting.
+///
+/// When a storm outruns the server, what must not happen is that every connection gets a
+/// share of the CPU: all calls then slow down together and pass Talos's 10 s deadline
+/// together, each after the server paid for its handshake. So the costly step (key share
+/// and signature, computed when the ClientHello is accepted) runs for a few connections at
+/// a time, in arrival order, and each call's remaining steps are cheap and prompt. A node
+/// whose deadline passed while it waited has closed its socket and will retry on a new one;
+/// its FIN is all that follows its ClientHello (a TLS 1.3 client sends nothing more before
+/// the server's answer), and it is dropped without that work.
+async fn handshake(
+    socket: TcpStream,
+    tls: &TlsAcceptor,
+    handshakes: &Semaphore,
+) -> std::io::Result<Option<TlsStream<TcpStream>>> {
+    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket).await?;
+    let Ok(turn) = handshakes.acquire().await else {
+        return Ok(None);
+    };
+    if client_left(&hello.io) {
+        return Ok(None);
+    }
+    let accept = hello.into_stream(Arc::clone(tls.config()));
+    drop(turn);
+    accept.await.map(Some)
+}
+
+/// Whether the peer has closed its side and sent nothing more: a peek that finds the end
+/// of the stream (or a reset) now, without waiting. It asks the socket itself, because
+/// tokio forgets a FIN that arrived with data once that data has been read.
+fn client_left(socket: &TcpStream) -> bool {
+    let mut byte = [MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(socket).peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(error) => !matches!(
+            error.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ),
     }
 }
 
