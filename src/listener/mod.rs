@@ -1,5 +1,6 @@
 //! Where requests enter: accepts TCP connections, bounds how many are served at once,
-//! completes TLS, and serves gRPC over HTTP/2 on each with the peer address attached.
+//! completes TLS (its costly step a few connections at a time, see [`handshake`]), and
+//! serves gRPC over HTTP/2 on each with the peer address attached.
 //!
 //! Shaped like mini-redis: a [`Listener`] accepts and spawns one [`Handler`] per
 //! connection; shutdown is a watch signal, and the listener knows all handlers are done when
@@ -121,8 +122,9 @@ impl Listener {
 
 impl Handler {
     async fn run(mut self) {
+        let handshaking = handshake(self.socket, &self.tls, &self.handshakes);
         let tls = tokio::select! {
-            result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(self.socket, &self.tls, &self.handshakes)) => match result {
+            result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshaking) => match result {
                 Ok(Ok(Some(tls))) => tls,
                 Ok(Ok(None)) => {
                     tracing::debug!(peer = %self.peer, "client left before its handshake began");
@@ -190,9 +192,10 @@ async fn handshake(
     handshakes: &Semaphore,
 ) -> std::io::Result<Option<TlsStream<TcpStream>>> {
     let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket).await?;
-    let Ok(turn) = handshakes.acquire().await else {
-        return Ok(None);
-    };
+    let turn = handshakes
+        .acquire()
+        .await
+        .map_err(|_| std::io::Error::other("the server is stopping"))?;
     if client_left(&hello.io) {
         return Ok(None);
     }
