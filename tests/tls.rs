@@ -24,6 +24,17 @@ fn openssl(args: &[&str]) -> std::process::Output {
     output
 }
 
+/// A TLS 1.3-only client configuration with the project's crypto provider.
+fn client_config(roots: rustls::RootCertStore, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
 async fn connect_with_alpn(
     port: u16,
     ca: &Path,
@@ -33,13 +44,7 @@ async fn connect_with_alpn(
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(roots, alpn)));
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
     let stream = connector
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
@@ -301,12 +306,7 @@ fn mismatched_and_missing_files_are_explained() {
 
 /// A ClientHello as a Talos node would send it, ready to write to a socket.
 fn client_hello() -> Vec<u8> {
-    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = client_config(rustls::RootCertStore::empty(), &[b"h2"]);
     let name = ServerName::try_from("127.0.0.1").unwrap();
     let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
     let mut hello = Vec::new();
