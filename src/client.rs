@@ -1,4 +1,4 @@
-//! A KMS client that behaves exactly like a Talos node (FACTS.md §2): a new connection for
+//! A KMS client that behaves exactly like a Talos node (docs/protocol.md §2): a new connection for
 //! every call, TLS 1.3 with ALPN `h2` and no resumption, one call with a 10 s deadline, then
 //! close. Tests, `bench` and the operator's `client` command all use it.
 

@@ -20,7 +20,7 @@ struct LegacySeal {
     json: String,
 }
 
-/// The legacy server's Seal, as FACTS.md §3 describes it.
+/// The legacy server's Seal, as docs/protocol.md §4 describes it.
 fn legacy_seal(node_uuid: &str, ip_text: &'static str) -> LegacySeal {
     let passphrase = random_passphrase();
     let mut key = [0u8; 32];

@@ -1,4 +1,4 @@
-//! The sealing scheme of the legacy server (FACTS.md §3), bit-compatible with it.
+//! The sealing scheme of the legacy server (docs/protocol.md §4), bit-compatible with it.
 //!
 //! Every seal gets its own random AES-256-GCM key K and nonce N. The passphrase is encrypted
 //! with K and N, with the node UUID followed by the peer-address text as associated data. The

@@ -1,4 +1,4 @@
-//! The legacy server's database: one JSON array rewritten on every request (FACTS.md §3).
+//! The legacy server's database: one JSON array rewritten on every request (docs/protocol.md §5).
 //!
 //! It is only ever read. Its records are taken over into the store, so that nodes sealed by
 //! the legacy server keep booting.
