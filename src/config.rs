@@ -21,8 +21,9 @@ pub const DEFAULT_CONFIG: &str = r#"# talos-kms-server configuration. Edit it, t
 nodeDbFile: "/etc/talos-kms-server/nodeDbFile.json"
 
 # The embedded SQLite database holding every sealed record. Back it up: losing it means
-# losing every disk that only has a KMS key. Default: talos-kms-server.db beside nodeDbFile.
-# database: "/var/lib/talos-kms-server/talos-kms-server.db"
+# losing every disk that only has a KMS key. Without this key it is talos-kms-server.db
+# beside nodeDbFile, as a legacy config (which has no `database`) expects.
+database: "/var/lib/talos-kms-server/talos-kms-server.db"
 
 # PEM certificate, followed by its chain. Talos nodes must trust it with their built-in
 # public CA bundle to unlock STATE (a TrustedRootsConfig lives inside STATE itself).
@@ -30,7 +31,7 @@ serverCertFile: "/etc/talos-kms-server/server.crt"
 # PEM private key: PKCS#8 (encrypted with serverKeyPassword, or plain), PKCS#1 RSA or SEC1 EC.
 serverKeyFile: "/etc/talos-kms-server/server.key"
 # Password of an encrypted PKCS#8 key; leave empty for a plain key.
-serverKeyPassword: "changeit"
+serverKeyPassword: ""
 
 # Where to listen. "::" listens on IPv6 and IPv4.
 port: 50051
@@ -92,14 +93,33 @@ pub enum ConfigError {
          key, database) and start again"
     )]
     WroteDefault(PathBuf),
+    #[error(
+        "no config file at {0}; `talos-kms-server serve --config {0}` writes a commented \
+         default there"
+    )]
+    Missing(PathBuf),
     #[error("config file {path}: {problem}")]
     Invalid { path: PathBuf, problem: String },
 }
 
 impl Config {
-    /// Loads `path`. A missing file gets the commented default written in its place and
-    /// an error, like the legacy server.
+    /// Loads `path` for serving. A missing file gets the commented default written in its
+    /// place and an error, like the legacy server.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match Self::read(path) {
+            Err(ConfigError::Missing(_)) => {
+                write_default(path).map_err(|e| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    problem: format!("does not exist, and writing a default there failed: {e}"),
+                })?;
+                Err(ConfigError::WroteDefault(path.to_path_buf()))
+            }
+            other => other,
+        }
+    }
+
+    /// Loads `path`, writing nothing: for `check` and the other commands that only look.
+    pub fn read(path: &Path) -> Result<Config, ConfigError> {
         let invalid = |problem: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             problem,
@@ -107,12 +127,7 @@ impl Config {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                write_default(path).map_err(|e| {
-                    invalid(format!(
-                        "does not exist, and writing a default there failed: {e}"
-                    ))
-                })?;
-                return Err(ConfigError::WroteDefault(path.to_path_buf()));
+                return Err(ConfigError::Missing(path.to_path_buf()));
             }
             Err(e) => return Err(invalid(format!("cannot read it: {e}"))),
         };
@@ -190,10 +205,13 @@ fn write_default(path: &Path) -> std::io::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
-    // create_new: never overwrite a file that appeared meanwhile.
+    use std::os::unix::fs::OpenOptionsExt;
+    // create_new: never overwrite a file that appeared meanwhile. 0600: it will hold the
+    // key's password.
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(path)?
         .write_all(DEFAULT_CONFIG.as_bytes())
 }
@@ -212,9 +230,9 @@ mod tests {
         assert_eq!(config.listen, "0.0.0.0:50051".parse().unwrap());
         assert_eq!(
             config.database,
-            Path::new("/etc/talos-kms-server/talos-kms-server.db")
+            Path::new("/var/lib/talos-kms-server/talos-kms-server.db")
         );
-        assert_eq!(config.server_key_password.as_deref(), Some("changeit"));
+        assert_eq!(config.server_key_password, None);
         assert_eq!(config.root_log_level, LogLevel::Warn);
     }
 
@@ -234,6 +252,11 @@ rootLogLevel: "WARNING"
         assert_eq!(
             config.node_db_file.unwrap(),
             Path::new("/etc/talos-kms-server/nodeDbFile.json")
+        );
+        assert_eq!(
+            config.database,
+            Path::new("/etc/talos-kms-server/talos-kms-server.db"),
+            "without `database`, beside nodeDbFile where the legacy package lets it write"
         );
         assert_eq!(config.kms_log_level, LogLevel::Info);
     }

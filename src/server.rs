@@ -18,7 +18,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_BACKLOG: i32 = 4096;
 
 pub struct ServerOptions {
-    pub bind: SocketAddr,
     pub tls: Arc<rustls::ServerConfig>,
     pub store: Arc<dyn Store>,
     pub policy: Policy,
@@ -34,39 +33,89 @@ pub struct RunningServer {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    /// The OS error is part of the sentence, so it is not chained as a source too.
+    #[error("cannot listen on {addr}: {problem}")]
+    Bind { addr: SocketAddr, problem: String },
+}
+
+/// A bound port, not yet served: binding comes before anything is written to disk, so a
+/// start that fails here leaves nothing behind.
+pub struct Port {
+    tcp: TcpListener,
+    local_addr: SocketAddr,
+}
+
+/// Binds the listening socket.
+pub fn bind(addr: SocketAddr) -> Result<Port, ServerError> {
+    let bind_error = |source: std::io::Error| ServerError::Bind {
+        addr,
+        problem: describe_bind_error(addr, &source),
+    };
+    let tcp = listen(addr).map_err(bind_error)?;
+    let local_addr = tcp.local_addr().map_err(bind_error)?;
+    Ok(Port { tcp, local_addr })
 }
 
 /// Binds and starts serving; returns once the port accepts connections.
-pub fn start(options: ServerOptions) -> Result<RunningServer, ServerError> {
-    let bind_error = |source| ServerError::Bind {
-        addr: options.bind,
-        source,
+pub fn start(bind_addr: SocketAddr, options: ServerOptions) -> Result<RunningServer, ServerError> {
+    Ok(bind(bind_addr)?.serve(options))
+}
+
+impl Port {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Starts serving on the port.
+    pub fn serve(self, options: ServerOptions) -> RunningServer {
+        let (stop, shutdown) = watch::channel(false);
+        let (finished_sender, finished) = mpsc::channel(1);
+        let listener = Listener {
+            tcp: self.tcp,
+            tls: tokio_rustls::TlsAcceptor::from(options.tls),
+            service: Arc::new(KmsService::new(Arc::clone(&options.store), options.policy)),
+            limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            handshakes: Arc::new(Semaphore::new(handshakes_at_once())),
+            shutdown,
+            finished: finished_sender,
+        };
+        RunningServer {
+            local_addr: self.local_addr,
+            stop,
+            listener: tokio::spawn(listener.run()),
+            finished,
+            store: options.store,
+        }
+    }
+}
+
+/// The OS's words, and what to do about the usual causes.
+pub fn describe_bind_error(addr: SocketAddr, error: &std::io::Error) -> String {
+    let fix = match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process listens there: is the server already running? \
+             `ss -ltnp` shows who; or choose another `port`)"
+        }
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            " (ports below 1024 need the CAP_NET_BIND_SERVICE capability, e.g. \
+             `AmbientCapabilities=CAP_NET_BIND_SERVICE` in the systemd unit; or use 50051)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            " (no interface of this host has that address: check `bindAddress`, or use \
+             0.0.0.0 or ::)"
+        }
+        _ => "",
     };
-    let tcp = bind(options.bind).map_err(bind_error)?;
-    let local_addr = tcp.local_addr().map_err(bind_error)?;
-    let (stop, shutdown) = watch::channel(false);
-    let (finished_sender, finished) = mpsc::channel(1);
-    let listener = Listener {
-        tcp,
-        tls: tokio_rustls::TlsAcceptor::from(options.tls),
-        service: Arc::new(KmsService::new(Arc::clone(&options.store), options.policy)),
-        limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-        handshakes: Arc::new(Semaphore::new(handshakes_at_once())),
-        shutdown,
-        finished: finished_sender,
-    };
-    Ok(RunningServer {
-        local_addr,
-        stop,
-        listener: tokio::spawn(listener.run()),
-        finished,
-        store: options.store,
-    })
+    format!("{}{fix}", plain_os_error(error))
+}
+
+/// `Address already in use`, without Rust's ` (os error 98)`.
+fn plain_os_error(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" (os error ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
 }
 
 impl RunningServer {
@@ -96,7 +145,7 @@ fn handshakes_at_once() -> usize {
 }
 
 /// A listening socket; `[::]` also accepts IPv4 (dual stack) whatever the system default.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         socket.set_only_v6(false)?;

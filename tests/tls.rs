@@ -241,12 +241,14 @@ async fn key_formats_and_types_load_and_serve() {
             talos_kms_server::store::SqliteStore::open(&dir.path().join(format!("{name}.db")))
                 .unwrap(),
         );
-        let running = talos_kms_server::server::start(talos_kms_server::server::ServerOptions {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            tls: tls_config,
-            store,
-            policy: Default::default(),
-        })
+        let running = talos_kms_server::server::start(
+            "127.0.0.1:0".parse().unwrap(),
+            talos_kms_server::server::ServerOptions {
+                tls: tls_config,
+                store,
+                policy: Default::default(),
+            },
+        )
         .unwrap();
         // The self-signed certificate is its own trust anchor here.
         let client = client_for(

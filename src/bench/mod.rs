@@ -396,12 +396,14 @@ mod tests {
         std::fs::write(&cert, pki.chain_pem).unwrap();
         std::fs::write(&key, pki.key_pem).unwrap();
         std::fs::write(&ca, pki.ca_pem).unwrap();
-        let server = start(ServerOptions {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            tls: tls::server_config(tls::load_identity(&cert, &key, None).unwrap()).unwrap(),
-            store: Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap()),
-            policy: Default::default(),
-        })
+        let server = start(
+            "127.0.0.1:0".parse().unwrap(),
+            ServerOptions {
+                tls: tls::server_config(tls::load_identity(&cert, &key, None).unwrap()).unwrap(),
+                store: Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap()),
+                policy: Default::default(),
+            },
+        )
         .unwrap();
         let endpoint = format!("https://127.0.0.1:{}", server.local_addr().port());
         let mut options = ClientOptions::new(endpoint.parse().unwrap());

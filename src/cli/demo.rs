@@ -1,7 +1,7 @@
 //! `demo`: the first command of the README. Serves on loopback with a throwaway CA,
 //! certificate and database, and prints the Talos machine-config patch to use.
 
-use super::serve::serve_until_signal;
+use super::serve::{OnHangup, serve_until_signal};
 use anyhow::Context;
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use talos_kms_server::logging::{self, LogLevel};
 use talos_kms_server::policy::Policy;
-use talos_kms_server::server::ServerOptions;
+use talos_kms_server::server::{self, ServerOptions};
 use talos_kms_server::store::SqliteStore;
 use talos_kms_server::tls::{self, throwaway};
 
@@ -51,8 +51,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let identity = tls::load_identity(&cert_file, &key_file, None)?;
     let store = Arc::new(SqliteStore::open(&dir.path().join("demo.db"))?);
 
+    let port = server::bind(args.listen)?;
     let options = ServerOptions {
-        bind: args.listen,
         tls: tls::server_config(identity)?,
         store,
         policy: Policy::default(),
@@ -60,7 +60,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let dir_path = dir.path().to_path_buf();
     // The full path, so that the printed command works from `cargo run` too.
     let program = std::env::current_exe().unwrap_or_else(|_| "talos-kms-server".into());
-    serve_until_signal(options, |addr| {
+    serve_until_signal(port, options, OnHangup::Stop, |addr| {
         let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
         let host = if host.contains(':') { format!("[{host}]") } else { host };
         let endpoint = format!("https://{host}:{}", addr.port());

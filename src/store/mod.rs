@@ -72,6 +72,10 @@ pub enum StoreError {
     Write(String),
     #[error("the database writer has stopped")]
     WriterStopped,
+    /// The file at the configured path is no longer the one the server has open; nothing is
+    /// read from or written to it until a restart.
+    #[error("database {path} {problem}; refusing every call until the server is restarted")]
+    Lost { path: String, problem: String },
 }
 
 /// The storage interface of the server. Implementations must make [`Store::insert`] durable

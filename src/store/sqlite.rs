@@ -5,6 +5,11 @@
 //! yet a burst of seals shares its fsyncs. Reads use a small pool of connections and run
 //! inline: a point lookup served from the page cache takes microseconds, less than handing
 //! it to another thread would.
+//!
+//! SQLite keeps working on a file it has open after that file is deleted, renamed or
+//! replaced, so each commit and each lookup that finds nothing first makes sure the
+//! configured path still leads to the opened file ([`OpenedFile`]); once it does not, the
+//! store refuses everything until a restart.
 
 use super::{
     ImportBatch, ImportReport, Inserted, NewRecord, Record, RecordId, Store, StoreError, UnixTime,
@@ -14,10 +19,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -50,6 +55,10 @@ const MAX_BATCH: usize = 1024;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct SqliteStore {
+    file: Arc<OpenedFile>,
+    /// Whether [`SqliteStore::open`] created the file: an empty database should never be a
+    /// surprise.
+    created: bool,
     readers: Box<[Mutex<Connection>]>,
     next_reader: AtomicUsize,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
@@ -70,8 +79,10 @@ impl SqliteStore {
     /// Opens the database at `path`, creating it (mode 0600, parent directory 0700) when it
     /// does not exist, and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        create_private_file(path)?;
-        Self::open_existing(path)
+        let created = create_private_file(path)?;
+        let mut store = Self::open_existing(path)?;
+        store.created = created;
+        Ok(store)
     }
 
     /// Opens an existing database; never creates one.
@@ -80,9 +91,13 @@ impl SqliteStore {
             path: path.display().to_string(),
             problem,
         };
-        if !path.exists() {
-            return Err(open_error("does not exist".into()));
-        }
+        let file = match OpenedFile::open(path) {
+            Ok(file) => Arc::new(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(open_error("does not exist".into()));
+            }
+            Err(e) => return Err(open_error(e.to_string())),
+        };
         let mut writer = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -106,21 +121,32 @@ impl SqliteStore {
             .collect::<Result<Vec<_>, rusqlite::Error>>()
             .map_err(|e| open_error(e.to_string()))?;
 
+        // The file SQLite opened is the one `file` holds, unless the path changed meanwhile.
+        file.verify()?;
+
         let accesses = Arc::new(Mutex::new(HashMap::new()));
         let (jobs, queue) = mpsc::channel();
         let writer_accesses = Arc::clone(&accesses);
+        let writer_file = Arc::clone(&file);
         let writer = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(writer, queue, writer_accesses))
+            .spawn(move || write_loop(writer, queue, writer_accesses, &writer_file))
             .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
 
         Ok(Self {
+            file,
+            created: false,
             readers: readers.into_boxed_slice(),
             next_reader: AtomicUsize::new(0),
             jobs: Mutex::new(Some(jobs)),
             accesses,
             writer: Mutex::new(Some(writer)),
         })
+    }
+
+    /// Whether this store created its database file when it was opened.
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     fn submit(&self, job: Job) -> Result<(), StoreError> {
@@ -133,6 +159,7 @@ impl SqliteStore {
         &self,
         query: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
+        self.file.not_lost()?;
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         let count = self.readers.len();
         for i in 0..count {
@@ -163,7 +190,7 @@ impl Store for SqliteStore {
     }
 
     async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
-        self.read(|conn| {
+        let found = self.read(|conn| {
             conn.prepare_cached(
                 "SELECT id, node_uuid, ip, ciphertext, created_at, last_access
                  FROM records WHERE nonce = ?1",
@@ -179,7 +206,12 @@ impl Store for SqliteStore {
                 })
             })
             .optional()
-        })
+        })?;
+        // "Nothing found" in a file that is no longer the configured one proves nothing.
+        if found.is_none() {
+            self.file.verify()?;
+        }
+        Ok(found)
     }
 
     fn record_access(&self, id: RecordId, at: UnixTime) {
@@ -212,7 +244,7 @@ impl Store for SqliteStore {
 
 /// Creates the file with mode 0600 before SQLite sees it; SQLite gives its -wal and -shm
 /// files the same mode.
-fn create_private_file(path: &Path) -> Result<(), StoreError> {
+fn create_private_file(path: &Path) -> Result<bool, StoreError> {
     let io_error = |e: std::io::Error| StoreError::Open {
         path: path.display().to_string(),
         problem: e.to_string(),
@@ -237,9 +269,10 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
             let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
             fs::File::open(parent.unwrap_or(Path::new(".")))
                 .and_then(|dir| dir.sync_all())
-                .map_err(io_error)
+                .map_err(io_error)?;
+            Ok(true)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(io_error(e)),
     }
 }
@@ -297,15 +330,19 @@ fn write_loop(
     mut conn: Connection,
     queue: mpsc::Receiver<Job>,
     accesses: Arc<Mutex<HashMap<RecordId, UnixTime>>>,
+    file: &OpenedFile,
 ) {
     let mut last_access_flush = Instant::now();
     loop {
         let mut batch = Vec::new();
         match queue.recv_timeout(ACCESS_FLUSH_INTERVAL) {
             Ok(job) => batch.push(job),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Idle: notice a vanished file before a node's call would.
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = file.verify();
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                commit_batch(&mut conn, Vec::new(), &accesses, true);
+                commit_batch(&mut conn, Vec::new(), &accesses, true, file);
                 return;
             }
         }
@@ -321,18 +358,30 @@ fn write_loop(
             last_access_flush = Instant::now();
         }
         if !batch.is_empty() || flush_accesses {
-            commit_batch(&mut conn, batch, &accesses, flush_accesses);
+            commit_batch(&mut conn, batch, &accesses, flush_accesses, file);
         }
     }
 }
 
-/// Runs every queued job in one transaction, commits once, then answers each job.
+/// Runs every queued job in one transaction, commits once, then answers each job; nothing
+/// is acknowledged unless the commit reached the file at the configured path.
 fn commit_batch(
     conn: &mut Connection,
     batch: Vec<Job>,
     accesses: &Mutex<HashMap<RecordId, UnixTime>>,
     flush_accesses: bool,
+    file: &OpenedFile,
 ) {
+    if file.not_lost().is_err() {
+        for job in batch {
+            match job {
+                Job::Insert(_, reply) => drop(reply.send(Err(file.lost_error()))),
+                Job::Import(_, reply) => drop(reply.send(Err(file.lost_error()))),
+                Job::Flush(reply) => drop(reply.send(Err(file.lost_error()))),
+            }
+        }
+        return;
+    }
     let pending = if flush_accesses {
         std::mem::take(&mut *lock(accesses))
     } else {
@@ -361,9 +410,18 @@ fn commit_batch(
         tx.commit()
     })();
 
-    let failure = committed.as_ref().err().map(describe);
-    if let Some(problem) = &failure {
+    let failure = if file.verify().is_err() {
+        Some(Failure::Lost)
+    } else {
+        committed
+            .as_ref()
+            .err()
+            .map(|e| Failure::Commit(describe(e)))
+    };
+    if let Some(Failure::Commit(problem)) = &failure {
         tracing::error!(%problem, "database commit failed; the requests in it were refused");
+    }
+    if failure.is_some() {
         // Keep the access times for the next attempt, unless newer ones arrived meanwhile.
         let mut current = lock(accesses);
         for (id, at) in pending {
@@ -374,26 +432,105 @@ fn commit_batch(
     for finished in done {
         match finished {
             Done::Insert(result, reply) => {
-                let _ = reply.send(settle(&failure, result));
+                let _ = reply.send(settle(&failure, result, file));
             }
             Done::Import(result, reply) => {
-                let _ = reply.send(settle(&failure, result));
+                let _ = reply.send(settle(&failure, result, file));
             }
             Done::Flush(reply) => {
-                let _ = reply.send(settle(&failure, Ok(())));
+                let _ = reply.send(settle(&failure, Ok(()), file));
             }
         }
     }
 }
 
+/// Why a whole group commit was refused.
+enum Failure {
+    Commit(String),
+    Lost,
+}
+
 fn settle<T>(
-    commit_failure: &Option<String>,
+    failure: &Option<Failure>,
     result: rusqlite::Result<T>,
+    file: &OpenedFile,
 ) -> Result<T, StoreError> {
-    match (commit_failure, result) {
-        (Some(problem), _) => Err(StoreError::Write(problem.clone())),
+    match (failure, result) {
+        (Some(Failure::Lost), _) => Err(file.lost_error()),
+        (Some(Failure::Commit(problem)), _) => Err(StoreError::Write(problem.clone())),
         (None, Ok(value)) => Ok(value),
         (None, Err(e)) => Err(StoreError::Write(describe(&e))),
+    }
+}
+
+/// The database file as opened, and the path the operator knows it by. A commit to a file
+/// that was deleted, or moved where the next start will not look, would be lost on restart.
+struct OpenedFile {
+    path: PathBuf,
+    /// Held open to ask the kernel about the very file SQLite opened.
+    handle: fs::File,
+    device: u64,
+    inode: u64,
+    /// What happened to the file, once it was found gone; never cleared.
+    lost: OnceLock<String>,
+}
+
+impl OpenedFile {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let handle = fs::File::open(path)?;
+        let metadata = handle.metadata()?;
+        Ok(Self {
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+            handle,
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            lost: OnceLock::new(),
+        })
+    }
+
+    /// A flag check only: for reads, whose file cannot lose what they find.
+    fn not_lost(&self) -> Result<(), StoreError> {
+        match self.lost.get() {
+            Some(_) => Err(self.lost_error()),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the configured path still leads to the opened file; the first time it does
+    /// not, the store is marked lost and the reason logged.
+    fn verify(&self) -> Result<(), StoreError> {
+        self.not_lost()?;
+        let Some(problem) = self.problem() else {
+            return Ok(());
+        };
+        if self.lost.set(problem).is_ok() {
+            tracing::error!(
+                "{}; restore the file to its path (or restore a backup), then restart the server",
+                self.lost_error()
+            );
+        }
+        Err(self.lost_error())
+    }
+
+    fn problem(&self) -> Option<String> {
+        let deleted = self.handle.metadata().is_ok_and(|m| m.nlink() == 0);
+        match fs::metadata(&self.path) {
+            Ok(now) if now.dev() == self.device && now.ino() == self.inode => None,
+            Ok(_) if deleted => Some("was deleted and another file put in its place".into()),
+            Ok(_) => Some("was replaced by another file".into()),
+            Err(_) if deleted => Some("was deleted".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(
+                "is no longer at its path (deleted, or it or a directory above it renamed)".into(),
+            ),
+            Err(e) => Some(format!("can no longer be reached at its path ({e})")),
+        }
+    }
+
+    fn lost_error(&self) -> StoreError {
+        StoreError::Lost {
+            path: self.path.display().to_string(),
+            problem: self.lost.get().cloned().unwrap_or_default(),
+        }
     }
 }
 
@@ -498,6 +635,36 @@ mod tests {
             synchronous, 2,
             "synchronous=FULL: a seal survives a power cut once answered"
         );
+    }
+
+    fn record(nonce: u8) -> NewRecord {
+        NewRecord {
+            nonce: [nonce; 12],
+            node_uuid: "n".into(),
+            ip: "10.0.0.1".into(),
+            ciphertext: vec![0; 48],
+            created_at: 1,
+            last_access: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deleted_file_is_named_and_refuses_everything_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.created());
+        store.insert(record(1)).await.unwrap();
+        fs::remove_file(&path).unwrap();
+        let refused = store.insert(record(2)).await.unwrap_err().to_string();
+        assert!(refused.contains("was deleted"), "{refused}");
+        assert!(refused.contains(&path.display().to_string()), "{refused}");
+        // Not even a record the open file still holds is served from a lost store.
+        assert!(matches!(
+            store.find_by_nonce(&[1; 12]).await,
+            Err(StoreError::Lost { .. })
+        ));
+        assert!(matches!(store.flush().await, Err(StoreError::Lost { .. })));
     }
 
     #[tokio::test]

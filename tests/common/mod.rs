@@ -36,8 +36,22 @@ pub fn write_pki(dir: &Path) -> Pki {
     };
     std::fs::write(&files.ca, pki.ca_pem).unwrap();
     std::fs::write(&files.cert, pki.chain_pem).unwrap();
-    std::fs::write(&files.key, pki.key_pem).unwrap();
+    write_private(&files.key, &pki.key_pem);
     files
+}
+
+/// Writes a file only its owner may read, as keys and configs should be.
+pub fn write_private(path: &Path, content: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(content.as_bytes()))
+        .unwrap();
 }
 
 /// A server running inside the test process.
@@ -61,12 +75,14 @@ impl TestServer {
         let identity = tls::load_identity(&pki.cert, &pki.key, None).unwrap();
         let database = dir.join("kms.db");
         let store = Arc::new(SqliteStore::open(&database).unwrap());
-        let running = server::start(ServerOptions {
-            bind: bind.parse().unwrap(),
-            tls: tls::server_config(identity).unwrap(),
-            store,
-            policy: Policy::default(),
-        })
+        let running = server::start(
+            bind.parse().unwrap(),
+            ServerOptions {
+                tls: tls::server_config(identity).unwrap(),
+                store,
+                policy: Policy::default(),
+            },
+        )
         .unwrap();
         TestServer {
             running,
@@ -100,16 +116,15 @@ pub fn client_for(host: &str, port: u16, ca: &Path, source: Option<IpAddr>) -> K
 /// Writes a config file for the binary; `extra` is appended YAML.
 pub fn write_config(dir: &Path, pki: &Pki, bind: &str, extra: &str) -> PathBuf {
     let path = dir.join("config.yaml");
-    std::fs::write(
+    write_private(
         &path,
-        format!(
+        &format!(
             "database: {}\nserverCertFile: {}\nserverKeyFile: {}\nport: 0\nbindAddress: \"{bind}\"\nkmsLogLevel: INFO\nrootLogLevel: WARNING\n{extra}",
             dir.join("kms.db").display(),
             pki.cert.display(),
             pki.key.display(),
         ),
-    )
-    .unwrap();
+    );
     path
 }
 
@@ -117,6 +132,8 @@ pub fn write_config(dir: &Path, pki: &Pki, bind: &str, extra: &str) -> PathBuf {
 pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// stderr up to and including the "serving" line.
+    pub startup_log: Vec<String>,
     /// stderr lines after the "serving" line, as they arrive.
     pub log: mpsc::Receiver<String>,
 }
@@ -151,7 +168,13 @@ impl ServerProcess {
                         .filter(|_| line.contains("serving"))
                     {
                         let addr = addr.parse().expect("address in the serving line");
-                        return Ok(ServerProcess { child, addr, log });
+                        seen.push(line);
+                        return Ok(ServerProcess {
+                            child,
+                            addr,
+                            startup_log: seen,
+                            log,
+                        });
                     }
                     seen.push(line);
                 }
