@@ -76,6 +76,7 @@ impl Port {
             service: Arc::new(KmsService::new(Arc::clone(&options.store), options.policy)),
             limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             handshakes: Arc::new(Semaphore::new(handshakes_at_once())),
+            handshake_failures: Arc::default(),
             shutdown,
             finished: finished_sender,
         };

@@ -11,11 +11,15 @@
 //! sends everything that poll queued in one write ([`write_batch`]): the server's HTTP/2
 //! SETTINGS, its acknowledgement of the client's, and the response leave together.
 
+mod handshake_failures;
 mod write_batch;
+
+pub use handshake_failures::HandshakeFailures;
 
 use crate::policy::MAX_MESSAGE_LEN;
 use crate::proto::KMSServiceServer;
 use crate::service::{KmsService, Peer};
+use handshake_failures::{Reason, SUMMARY_INTERVAL};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -57,6 +61,7 @@ pub struct Listener {
     pub limit: Arc<Semaphore>,
     /// Handshakes computing their first flight at once; see [`handshake`].
     pub handshakes: Arc<Semaphore>,
+    pub handshake_failures: Arc<HandshakeFailures>,
     pub shutdown: watch::Receiver<bool>,
     pub finished: mpsc::Sender<()>,
 }
@@ -66,6 +71,7 @@ struct Handler {
     peer: SocketAddr,
     tls: TlsAcceptor,
     handshakes: Arc<Semaphore>,
+    handshake_failures: Arc<HandshakeFailures>,
     grpc: Grpc,
     shutdown: watch::Receiver<bool>,
     _finished: mpsc::Sender<()>,
@@ -77,6 +83,10 @@ impl Listener {
     pub async fn run(mut self) {
         let grpc = KMSServiceServer::from_arc(Arc::clone(&self.service))
             .max_decoding_message_size(MAX_MESSAGE_LEN);
+        tokio::spawn(summarize_handshake_failures(
+            Arc::clone(&self.handshake_failures),
+            self.shutdown.clone(),
+        ));
         let mut backoff = Duration::from_millis(10);
         loop {
             let permit = tokio::select! {
@@ -108,6 +118,7 @@ impl Listener {
                 peer,
                 tls: self.tls.clone(),
                 handshakes: Arc::clone(&self.handshakes),
+                handshake_failures: Arc::clone(&self.handshake_failures),
                 grpc: grpc.clone(),
                 shutdown: self.shutdown.clone(),
                 _finished: self.finished.clone(),
@@ -131,11 +142,11 @@ impl Handler {
                     return;
                 }
                 Ok(Err(error)) => {
-                    tracing::debug!(peer = %self.peer, %error, "TLS handshake failed");
+                    handshake_failed(&self.handshake_failures, self.peer.ip(), Reason::of(&error), &error);
                     return;
                 }
-                Err(_) => {
-                    tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                Err(timeout) => {
+                    handshake_failed(&self.handshake_failures, self.peer.ip(), Reason::timed_out(), &timeout);
                     return;
                 }
             },
@@ -173,6 +184,47 @@ impl Handler {
         tracing::debug!(peer = %self.peer, reason = closing, "closing connection");
         connection.as_mut().graceful_shutdown();
         let _ = sending(connection.as_mut(), &batch).await;
+    }
+}
+
+fn handshake_failed(
+    failures: &HandshakeFailures,
+    peer: std::net::IpAddr,
+    reason: Reason,
+    error: &dyn std::fmt::Display,
+) {
+    if reason.is_probe() {
+        tracing::debug!(%peer, %error, "connection closed before its TLS handshake");
+    } else if failures.record(peer, &reason) {
+        tracing::warn!(
+            %peer,
+            reason = %reason.kind,
+            %error,
+            "TLS handshake failed: {}; more failures of this peer and reason are summed up \
+             once a minute",
+            reason.hint
+        );
+    } else {
+        tracing::debug!(%peer, reason = %reason.kind, %error, "TLS handshake failed");
+    }
+}
+
+/// Logs, once a minute, the handshake failures that were not logged one by one.
+async fn summarize_handshake_failures(
+    failures: Arc<HandshakeFailures>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(SUMMARY_INTERVAL);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                if let Some(summary) = failures.summary() {
+                    tracing::warn!("{summary}");
+                }
+            }
+            _ = stopped(&mut shutdown) => return,
+        }
     }
 }
 
@@ -268,15 +320,58 @@ struct WithPeer {
 impl Service<http::Request<Incoming>> for WithPeer {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
-    type Future = <Grpc as Service<http::Request<Incoming>>>::Future;
+    type Future = Answer<<Grpc as Service<http::Request<Incoming>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Service::<http::Request<Incoming>>::poll_ready(&mut self.inner, cx)
     }
 
     fn call(&mut self, mut request: http::Request<Incoming>) -> Self::Future {
+        if !is_grpc(request.headers()) {
+            // The gRPC spec's answer, so that no other HTTP/2 client mistakes a gRPC error
+            // (status 200) for success; nothing is sealed or unsealed.
+            let mut refused = http::Response::new(tonic::body::Body::empty());
+            *refused.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            return Answer::Refused(Some(refused));
+        }
         request.extensions_mut().insert(self.peer);
-        self.inner.call(request)
+        Answer::Grpc(self.inner.call(request))
+    }
+}
+
+/// `application/grpc` or `application/grpc+proto`, with or without parameters.
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let media_type = value.split(';').next().unwrap_or_default().trim();
+    media_type.eq_ignore_ascii_case("application/grpc")
+        || media_type.eq_ignore_ascii_case("application/grpc+proto")
+}
+
+/// A gRPC call's answer, or an HTTP refusal ready at once.
+pub enum Answer<F> {
+    Grpc(F),
+    Refused(Option<http::Response<tonic::body::Body>>),
+}
+
+impl<F> Future for Answer<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Answer::Grpc(call) => Pin::new(call).poll(cx),
+            Answer::Refused(response) => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => Poll::Pending,
+            },
+        }
     }
 }
 
