@@ -8,6 +8,7 @@
 //! operator's `client` command.
 
 pub mod bench;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod listener;

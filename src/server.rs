@@ -111,7 +111,7 @@ pub fn describe_bind_error(addr: SocketAddr, error: &std::io::Error) -> String {
 }
 
 /// `Address already in use`, without Rust's ` (os error 98)`.
-fn plain_os_error(error: &std::io::Error) -> String {
+pub fn plain_os_error(error: &std::io::Error) -> String {
     let text = error.to_string();
     match text.rfind(" (os error ") {
         Some(at) => text[..at].to_string(),

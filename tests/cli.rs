@@ -20,9 +20,18 @@ fn a_missing_config_gets_a_commented_default_and_a_failure() {
     );
     let written = std::fs::read_to_string(&config).unwrap();
     assert!(written.contains("serverKeyPassword") && written.contains("# "));
+    assert!(!written.contains("changeit"), "no well-known password");
+    assert!(written.contains("database: \"/var/lib/talos-kms-server/"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "it will hold the key's password");
 
     // Running again does not overwrite it: it now fails on the missing certificate.
-    std::fs::write(&config, written.replace("changeit", "mine")).unwrap();
+    std::fs::write(
+        &config,
+        written.replace("serverKeyPassword: \"\"", "serverKeyPassword: \"mine\""),
+    )
+    .unwrap();
     let output = run_binary(&["serve", "--config", config.to_str().unwrap()]);
     assert!(!output.status.success());
     assert!(

@@ -162,7 +162,10 @@ fn a_start_that_cannot_bind_leaves_nothing_behind_and_says_why_once() {
     let port = taken.local_addr().unwrap().port();
     let config = write_config(dir.path(), &pki, "127.0.0.1", "");
     let written = std::fs::read_to_string(&config).unwrap();
-    write_private(&config, &written.replace("port: 0", &format!("port: {port}")));
+    write_private(
+        &config,
+        &written.replace("port: 0", &format!("port: {port}")),
+    );
 
     let output = run_binary(&["--config", config.to_str().unwrap()]);
     let stderr = text(&output.stderr);

@@ -1,126 +1,68 @@
 //! `check`: validates everything `serve` would use, without serving or changing anything.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use talos_kms_server::config::Config;
-use talos_kms_server::store::legacy_json;
-use talos_kms_server::store::{SqliteStore, Store};
-use talos_kms_server::tls;
-use talos_kms_server::tls::inspect::{CertificateFacts, RENEWAL_WARNING};
+use talos_kms_server::check::{self, CheckOptions, Level};
+use talos_kms_server::client::Endpoint;
 
-pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
-    let config = Config::load(config_path)?;
-    let mut ok = true;
-    println!("config       {}: valid", config.path.display());
-    println!("listen       {}", config.listen);
+#[derive(clap::Args)]
+pub struct Args {
+    /// Config file (YAML, legacy keys). Never written: a missing file is reported.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// The endpoint nodes use (https://HOST:PORT), to check that the certificate names HOST.
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<Endpoint>,
+    /// `text` for people, `json` (one object with every finding and the result) for scripts.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
 
-    match tls::load_identity(
-        &config.server_cert_file,
-        &config.server_key_file,
-        config.server_key_password.as_deref(),
-    ) {
-        Ok(identity) => {
-            println!(
-                "key          {}: matches the certificate",
-                config.server_key_file.display()
-            );
-            for (index, der) in identity.cert.iter().enumerate() {
-                let role = if index == 0 {
-                    "certificate "
-                } else {
-                    "  chain     "
-                };
-                match CertificateFacts::read(der) {
-                    Ok(facts) => {
-                        let days = facts.days_left();
-                        let state = if days < 0 {
-                            ok = false;
-                            "EXPIRED"
-                        } else if facts.expires_within(RENEWAL_WARNING) {
-                            "renew soon"
-                        } else {
-                            "valid"
-                        };
-                        println!(
-                            "{role} {} (issued by {}): {state}, {days} days left",
-                            facts.subject, facts.issuer
-                        );
-                    }
-                    Err(problem) => {
-                        ok = false;
-                        println!("{role} #{index}: {problem}");
-                    }
-                }
-            }
-            if let Err(e) = tls::server_config(identity) {
-                ok = false;
-                println!("tls          cannot build the TLS configuration: {e}");
-            }
-        }
-        Err(e) => {
-            ok = false;
-            println!("certificate  {e}");
-        }
-    }
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
 
-    let store = if config.database.exists() {
-        match SqliteStore::open_existing(&config.database) {
-            Ok(store) => {
-                println!(
-                    "database     {}: {} records",
-                    config.database.display(),
-                    store.count().await?
-                );
-                Some(store)
-            }
-            Err(e) => {
-                ok = false;
-                println!("database     {e}");
-                None
-            }
-        }
-    } else {
-        println!(
-            "database     {}: does not exist yet; the server creates it at start",
-            config.database.display()
-        );
-        None
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let options = CheckOptions {
+        endpoint_host: args.endpoint.map(|endpoint| endpoint.host),
     };
-
-    if let Some(legacy) = &config.node_db_file {
-        match legacy_json::read(legacy) {
-            Ok(None) => println!(
-                "nodeDbFile   {}: absent, nothing to take over",
-                legacy.display()
-            ),
-            Ok(Some(file)) => {
-                let mut missing = file.records.len();
-                if let Some(store) = &store {
-                    missing = 0;
-                    for record in &file.records {
-                        if store.find_by_nonce(&record.nonce).await?.is_none() {
-                            missing += 1;
-                        }
-                    }
-                }
-                println!(
-                    "nodeDbFile   {}: {} legacy records, {missing} not yet in the database",
-                    legacy.display(),
-                    file.records.len()
-                );
+    let report = check::run(&args.config, &options).await;
+    let (problems, warnings) = (report.count(Level::Problem), report.count(Level::Warning));
+    let verdict = match report.worst() {
+        Level::Problem => format!(
+            "{problems} problem{} found: `serve` would fail or nodes would refuse the server",
+            plural(problems)
+        ),
+        Level::Warning => format!("ok, with {warnings} warning{}", plural(warnings)),
+        Level::Ok | Level::Info => "ok".into(),
+    };
+    match args.output {
+        Output::Text => {
+            for finding in &report.findings {
+                let mark = match finding.level {
+                    Level::Ok => "",
+                    Level::Info => "note: ",
+                    Level::Warning => "WARNING: ",
+                    Level::Problem => "PROBLEM: ",
+                };
+                println!("{:<12} {mark}{}", finding.topic, finding.message);
             }
-            Err(e) => {
-                ok = false;
-                println!("nodeDbFile   {e}");
-            }
+            println!("{verdict}");
         }
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "findings": report.findings,
+                "result": verdict,
+                "exit_code": report.exit_code(),
+            })
+        ),
     }
+    Ok(ExitCode::from(report.exit_code()))
+}
 
-    if ok {
-        println!("ok");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        println!("problems found: see above");
-        Ok(ExitCode::FAILURE)
-    }
+fn plural(count: usize) -> &'static str {
+    if count == 1 { "" } else { "s" }
 }

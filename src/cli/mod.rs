@@ -28,8 +28,9 @@ pub struct Cli {
 enum Command {
     /// Serve Seal and Unseal until SIGTERM or SIGINT.
     Serve(ConfigArg),
-    /// Validate config, certificate, key and database without serving.
-    Check(ConfigArg),
+    /// Validate config, certificate, key, port and database without serving or writing.
+    /// Exit 0: all good; 2: warnings only; 1: something that would fail.
+    Check(check::Args),
     /// Import a legacy nodeDbFile.json into the database (idempotent).
     ImportJson(import_json::Args),
     /// Try it: serve on loopback with a throwaway CA and database, print the Talos patch.
@@ -53,7 +54,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match (cli.command, cli.config) {
         (Some(Command::Serve(args)), _) => serve::run(&args.config).await,
         (None, Some(config)) => serve::run(&config).await,
-        (Some(Command::Check(args)), _) => check::run(&args.config).await,
+        (Some(Command::Check(args)), _) => check::run(args).await,
         (Some(Command::ImportJson(args)), config) => import_json::run(args, config).await,
         (Some(Command::Demo(args)), _) => demo::run(args).await,
         (Some(Command::Client(args)), _) => client::run(args).await,

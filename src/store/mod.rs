@@ -4,7 +4,7 @@
 pub mod legacy_json;
 mod sqlite;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{Inspection, SqliteStore};
 
 use crate::sealing::SealNonce;
 use async_trait::async_trait;

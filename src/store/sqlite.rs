@@ -171,6 +171,93 @@ impl SqliteStore {
     }
 }
 
+/// What a read-only look at a database file finds; see [`SqliteStore::inspect`].
+pub struct Inspection {
+    /// Applied schema migrations; `serve` brings it up to [`Inspection::current_version`].
+    pub schema_version: usize,
+    pub current_version: usize,
+    pub records: u64,
+    /// How many of the nonces asked about have no record.
+    pub missing: usize,
+}
+
+impl SqliteStore {
+    /// Reads what an operator needs to know of a database without changing it: no
+    /// migration, no journal-mode change, no write. For `check`, beside a running server.
+    pub fn inspect(path: &Path, nonces: &[SealNonce]) -> Result<Inspection, StoreError> {
+        let open_error = |problem: String| StoreError::Open {
+            path: path.display().to_string(),
+            problem,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_error(describe(&e)))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| open_error(describe(&e)))?;
+        let read = || -> Result<Inspection, StoreError> {
+            let version = schema_state(&conn)?;
+            let mut inspection = Inspection {
+                schema_version: version,
+                current_version: MIGRATIONS.len(),
+                records: 0,
+                missing: nonces.len(),
+            };
+            if version == 0 {
+                return Ok(inspection);
+            }
+            inspection.records =
+                conn.query_row("SELECT count(*) FROM records", [], |row| row.get(0))?;
+            let mut lookup = conn.prepare("SELECT 1 FROM records WHERE nonce = ?1")?;
+            let mut missing = 0;
+            for nonce in nonces {
+                if !lookup.exists([&nonce[..]])? {
+                    missing += 1;
+                }
+            }
+            inspection.missing = missing;
+            Ok(inspection)
+        };
+        read().map_err(|e| match e {
+            StoreError::Open { problem, .. } => open_error(problem),
+            StoreError::Sqlite(e) => open_error(describe(&e)),
+            other => open_error(other.to_string()),
+        })
+    }
+}
+
+/// The applied schema version, after making sure the file is ours (or empty) and not newer
+/// than this build knows.
+fn schema_state(conn: &Connection) -> Result<usize, StoreError> {
+    let application_id: i64 = conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
+    let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let has_tables: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table'",
+        [],
+        |r| r.get(0),
+    )?;
+    let problem = |problem: String| StoreError::Open {
+        path: String::new(),
+        problem,
+    };
+    if application_id != APPLICATION_ID && (application_id != 0 || has_tables) {
+        return Err(problem(
+            "is an SQLite file of another program; point `database` at a new file or at a \
+             talos-kms-server database"
+                .into(),
+        ));
+    }
+    if version > MIGRATIONS.len() {
+        return Err(problem(format!(
+            "has schema version {version}, newer than this server knows ({}); run a newer \
+             talos-kms-server",
+            MIGRATIONS.len()
+        )));
+    }
+    Ok(version)
+}
+
 impl Drop for SqliteStore {
     /// Closing the queue makes the writer flush buffered access times and stop.
     fn drop(&mut self) {
@@ -292,31 +379,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let application_id: i64 = tx.pragma_query_value(None, "application_id", |r| r.get(0))?;
-    let version: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let has_tables: bool = tx.query_row(
-        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table'",
-        [],
-        |r| r.get(0),
-    )?;
-    let problem = |problem: String| StoreError::Open {
-        path: String::new(),
-        problem,
-    };
-    if application_id != APPLICATION_ID && (application_id != 0 || has_tables) {
-        return Err(problem(
-            "is an SQLite file of another program; point `database` at a new file or at a \
-             talos-kms-server database"
-                .into(),
-        ));
-    }
-    if version > MIGRATIONS.len() {
-        return Err(problem(format!(
-            "has schema version {version}, newer than this server knows ({}); run a newer \
-             talos-kms-server",
-            MIGRATIONS.len()
-        )));
-    }
+    let version = schema_state(&tx)?;
     for migration in &MIGRATIONS[version..] {
         tx.execute_batch(migration)?;
     }
