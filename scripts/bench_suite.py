@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
 """Runs every measurement of BENCHMARKS.md against a release build on this machine.
 
-Usage: scripts/bench_suite.py [--quick] [--out bench-results] [--reference KMS_SERVER [--only-reference]]
+Usage: scripts/bench_suite.py [--quick] [--out bench-results] [--runs N]
+                              [--reference KMS_SERVER [--only-reference]]
+                              [--baseline OLD_BINARY [--only-baseline]]
+
+--baseline measures a build of this server from before a change (e.g. `git worktree add
+/tmp/before HEAD~1 && cargo build --release` there) side by side with this one: server CPU per
+fresh-connection call, alternating, the way the request path's cost is checked.
 
 Writes one JSON line per `bench` run to OUT/results.jsonl (with the experiment's name and
 parameters added), a summary of the targets to OUT/summary.md, and the plots (through
@@ -66,14 +72,14 @@ class Listening:
 
 
 class Server(Listening):
-    def __init__(self, work, cert, database, log_level="WARN", cpus=None):
-        self.config = os.path.join(work, "config.yaml")
+    def __init__(self, work, cert, database, log_level="WARN", cpus=None, binary=BIN):
+        self.config = os.path.join(work, os.path.basename(database) + ".yaml")
         with open(self.config, "w") as f:
             f.write(f"database: {database}\nserverCertFile: {cert[0]}\nserverKeyFile: {cert[1]}\n"
                     f"port: 0\nbindAddress: 127.0.0.1\nkmsLogLevel: {log_level}\nrootLogLevel: WARNING\n")
         started = time.monotonic()
         # The "serving" line is logged at INFO; WARN configs print nothing, so probe the port.
-        self.start(pinned(cpus) + [BIN, "--config", self.config])
+        self.start(pinned(cpus) + [binary, "--config", self.config])
         self.startup_s = time.monotonic() - started
 
     def rss_kib(self, field="VmRSS"):
@@ -139,6 +145,9 @@ def main():
     parser.add_argument("--reference", metavar="KMS_SERVER",
                         help="binary of the reference server, for target 2 (measured only when given)")
     parser.add_argument("--only-reference", action="store_true", help="measure target 2 only")
+    parser.add_argument("--baseline", metavar="OLD_BINARY",
+                        help="a build from before a change, measured side by side with this one")
+    parser.add_argument("--only-baseline", action="store_true", help="measure the baseline comparison only")
     opts = parser.parse_args()
     seconds = 1 if opts.quick else 5
     runs = 1 if opts.quick else opts.runs
@@ -166,7 +175,9 @@ def main():
 
         if opts.reference:
             target2(opts.reference, work, certs["p256"], ca, runs, seconds, keep, summary)
-        if opts.only_reference:
+        if opts.baseline:
+            against_baseline(opts.baseline, work, certs["p256"], ca, runs, seconds, keep, summary)
+        if opts.only_reference or opts.only_baseline:
             return finish(opts, results, results_path, summary)
 
         # Handshake floor per certificate key type and key-exchange group.
@@ -360,13 +371,46 @@ def target2(reference_binary, work, cert, ca, runs, seconds, keep, summary):
     summary.append("")
 
 
+def against_baseline(binary, work, cert, ca, runs, seconds, keep, summary):
+    """This build against an older one: server CPU per call on fresh connections, alternating
+    in one run (the machine drifts more between runs than a change costs)."""
+    servers = {"this build": Server(work, cert, os.path.join(work, "current.db")),
+               "baseline": Server(work, cert, os.path.join(work, "baseline.db"), binary=binary)}
+    experiments = [
+        ("fresh unseal, c=8", ["--mode", "unseal", "--concurrency", 8, "--nodes", 1000]),
+        ("fresh seal, c=8", ["--mode", "seal", "--concurrency", 8]),
+        ("bare handshake, c=8", ["--mode", "handshake", "--concurrency", 8]),
+    ]
+    summary.append("## This build against the baseline (server CPU per call, median)\n")
+    summary.append("| measurement | this build | baseline | ratio | runs' ratios |\n|---|---|---|---|---|")
+    try:
+        for label, args in experiments:
+            figures = {name: [] for name in servers}
+            ratios = []
+            for r in range(runs):
+                pair = {}
+                for name, server in servers.items():
+                    record = keep(bench(server, ca, *args, "--duration", seconds,
+                                        experiment="baseline", against=name, run=r))
+                    pair[name] = record["server_cpu_us_per_call"]
+                    figures[name].append(pair[name])
+                ratios.append(pair["this build"] / pair["baseline"])
+            now, before = (statistics.median(figures[name]) for name in servers)
+            summary.append(f"| {label} | {now:.0f} µs | {before:.0f} µs | {now / before:.3f}x | "
+                           + ", ".join(f"{r:.2f}" for r in ratios) + " |")
+    finally:
+        for server in servers.values():
+            server.stop()
+    summary.append("")
+
+
 def finish(opts, results, results_path, summary):
     results.close()
     text = "\n".join(summary) + "\n"
     with open(os.path.join(opts.out, "summary.md"), "w") as f:
         f.write(text)
     print(text)
-    if not opts.only_reference:
+    if not (opts.only_reference or opts.only_baseline):
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_plot.py"), results_path, opts.out],
                        check=True)
 

@@ -186,9 +186,8 @@ fn a_database_on_proc_is_a_problem() {
     let dir = tempfile::tempdir().unwrap();
     let pki = write_pki(dir.path());
     let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let written = std::fs::read_to_string(&config).unwrap();
     let database = dir.path().join("kms.db").display().to_string();
-    write_private(&config, &written.replace(&database, "/proc/kms/kms.db"));
+    edit_config(&config, &database, "/proc/kms/kms.db");
     let checked = check(&config, &[]);
     assert_eq!(checked.code, Some(1), "{}", checked.stdout);
     assert!(line_with(&checked.stdout, &["PROBLEM", "/proc/kms/kms.db", "kernel"]).is_some());
@@ -198,14 +197,9 @@ fn a_database_on_proc_is_a_problem() {
 fn a_port_in_use_warns() {
     let dir = tempfile::tempdir().unwrap();
     let pki = write_pki(dir.path());
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port();
+    let (_taken, port) = taken_port();
     let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let written = std::fs::read_to_string(&config).unwrap();
-    write_private(
-        &config,
-        &written.replace("port: 0", &format!("port: {port}")),
-    );
+    edit_config(&config, "port: 0", &format!("port: {port}"));
     let checked = check(&config, &[]);
     assert_eq!(checked.code, Some(2), "{}", checked.stdout);
     assert!(line_with(&checked.stdout, &["WARNING", "in use"]).is_some());
@@ -303,13 +297,12 @@ fn a_database_directory_the_server_cannot_write_is_a_problem() {
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o555)).unwrap();
-    let written = std::fs::read_to_string(&config).unwrap();
     let database = dir.path().join("kms.db").display().to_string();
-    std::fs::write(
+    edit_config(
         &config,
-        written.replace(&database, &data.join("kms.db").display().to_string()),
-    )
-    .unwrap();
+        &database,
+        &data.join("kms.db").display().to_string(),
+    );
     let checked = check_unprivileged(&config);
     assert_eq!(checked.code, Some(1), "{}", checked.stdout);
     let problem = line_with(&checked.stdout, &["PROBLEM", "cannot write"]).unwrap();
@@ -328,8 +321,7 @@ fn a_privileged_port_without_the_capability_is_a_problem() {
         return;
     }
     let (_dir, config) = readable_setup();
-    let written = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, written.replace("port: 0", "port: 1")).unwrap();
+    edit_config(&config, "port: 0", "port: 1");
     let checked = check_unprivileged(&config);
     assert_eq!(checked.code, Some(1), "{}", checked.stdout);
     assert!(

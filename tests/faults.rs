@@ -63,11 +63,10 @@ async fn nodes_keep_calling_while(fault: Fault) {
     let pki = write_pki(root.path());
     let database = data.join("kms.db");
     let config = write_config(root.path(), &pki, "127.0.0.1", "");
-    let text = std::fs::read_to_string(&config).unwrap();
-    let default_database = root.path().join("kms.db").display().to_string();
-    write_private(
+    edit_config(
         &config,
-        &text.replace(&default_database, &database.display().to_string()),
+        &root.path().join("kms.db").display().to_string(),
+        &database.display().to_string(),
     );
     let mut server = ServerProcess::start(&config).unwrap();
     let client = Arc::new(client_for("127.0.0.1", server.addr.port(), &pki.ca, None));

@@ -158,14 +158,9 @@ async fn sighup_and_sigusr1_do_not_stop_the_server() {
 fn a_start_that_cannot_bind_leaves_nothing_behind_and_says_why_once() {
     let dir = tempfile::tempdir().unwrap();
     let pki = write_pki(dir.path());
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port();
+    let (_taken, port) = taken_port();
     let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let written = std::fs::read_to_string(&config).unwrap();
-    write_private(
-        &config,
-        &written.replace("port: 0", &format!("port: {port}")),
-    );
+    edit_config(&config, "port: 0", &format!("port: {port}"));
 
     let output = run_binary(&["--config", config.to_str().unwrap()]);
     let stderr = text(&output.stderr);

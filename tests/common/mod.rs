@@ -128,6 +128,24 @@ pub fn write_config(dir: &Path, pki: &Pki, bind: &str, extra: &str) -> PathBuf {
     path
 }
 
+/// Replaces `from` with `to` in a config file; the file keeps its mode.
+pub fn edit_config(config: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(
+        text.contains(from),
+        "{from:?} is not in {}",
+        config.display()
+    );
+    write_private(config, &text.replace(from, to));
+}
+
+/// A loopback port that another socket holds, and that socket.
+pub fn taken_port() -> (std::net::TcpListener, u16) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    (taken, port)
+}
+
 /// The server binary running as a child process.
 pub struct ServerProcess {
     pub child: Child,
