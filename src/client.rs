@@ -126,28 +126,28 @@ impl ClientOptions {
     }
 }
 
+/// What went wrong, as a sentence an operator can act on. No variant keeps a library error
+/// as its source: those print Debug text, so each is turned into words where it is caught.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{0}")]
     Setup(String),
-    #[error("cannot connect to {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
-        source: std::io::Error,
-    },
-    #[error("TLS handshake with {endpoint} failed: {source}")]
-    Tls {
-        endpoint: String,
-        source: std::io::Error,
-    },
-    #[error("HTTP/2 with {endpoint} failed: {source}")]
-    Http2 {
-        endpoint: String,
-        source: hyper::Error,
-    },
-    #[error("the server answered {}: {}", .0.code(), .0.message())]
+    #[error("cannot connect to {endpoint}: {problem}")]
+    Connect { endpoint: String, problem: String },
+    #[error("TLS handshake with {endpoint} failed: {problem}")]
+    Tls { endpoint: String, problem: String },
+    #[error(
+        "{endpoint} speaks TLS, but the endpoint asks for plaintext gRPC: use {https} as the endpoint"
+    )]
+    SpeaksTls { endpoint: String, https: String },
+    #[error("HTTP/2 with {endpoint} failed: {problem}")]
+    Http2 { endpoint: String, problem: String },
+    #[error("the server refused the call with {}: {}", code_name(.0.code()), .0.message())]
     Status(tonic::Status),
-    #[error("no answer within {0:?}")]
+    #[error(
+        "no answer within {} s: the server is overloaded, or a firewall drops the packets",
+        .0.as_secs_f64()
+    )]
     Timeout(Duration),
 }
 
@@ -158,10 +158,16 @@ impl ClientError {
             ClientError::Setup(_) => "setup",
             ClientError::Connect { .. } => "connect",
             ClientError::Tls { .. } => "tls",
+            ClientError::SpeaksTls { .. } => "plaintext_to_tls",
             ClientError::Http2 { .. } => "http2",
             ClientError::Status(_) => "status",
             ClientError::Timeout(_) => "timeout",
         }
+    }
+
+    /// Whether a plaintext call could have failed because the server expects TLS.
+    fn may_be_plaintext_to_tls(&self) -> bool {
+        matches!(self, ClientError::Http2 { .. } | ClientError::Timeout(_))
     }
 }
 
@@ -175,6 +181,8 @@ pub struct KmsClient {
 #[derive(Clone)]
 pub struct Connection {
     grpc: KMSServiceClient<H2>,
+    sender: SendRequest<tonic::body::Body>,
+    endpoint: Arc<str>,
 }
 
 impl KmsClient {
@@ -183,7 +191,10 @@ impl KmsClient {
         let tls = if endpoint.tls {
             let config = client_config(options.ca_file.as_deref(), options.key_exchange)?;
             let name = ServerName::try_from(endpoint.host.clone()).map_err(|_| {
-                ClientError::Setup(format!("{:?} is not a valid server name", endpoint.host))
+                ClientError::Setup(format!(
+                    "`{}` is not a valid host name or IP address: fix the endpoint's host",
+                    endpoint.host
+                ))
             })?;
             Some((TlsConnector::from(config), name))
         } else {
@@ -211,19 +222,75 @@ impl KmsClient {
 
     /// Seals `passphrase` on a fresh connection, like a Talos node at first boot.
     pub async fn seal(&self, node_uuid: &str, passphrase: &[u8]) -> Result<Vec<u8>, ClientError> {
-        self.deadline(async { self.connect_now().await?.seal(node_uuid, passphrase).await })
-            .await
+        let result = self
+            .deadline(async { self.connect_now().await?.seal(node_uuid, passphrase).await })
+            .await;
+        self.explain(result).await
     }
 
     /// Unseals `sealed` on a fresh connection, like a Talos node at boot.
     pub async fn unseal(&self, node_uuid: &str, sealed: &[u8]) -> Result<Vec<u8>, ClientError> {
-        self.deadline(async { self.connect_now().await?.unseal(node_uuid, sealed).await })
-            .await
+        let result = self
+            .deadline(async { self.connect_now().await?.unseal(node_uuid, sealed).await })
+            .await;
+        self.explain(result).await
     }
 
     /// Opens a connection for several calls.
     pub async fn connect(&self) -> Result<Connection, ClientError> {
-        self.deadline(self.connect_now()).await
+        let result = self.deadline(self.connect_now()).await;
+        self.explain(result).await
+    }
+
+    /// A plaintext call to a TLS server fails in HTTP/2 or times out, which says nothing of
+    /// the cause: ask the port with a TLS handshake and, if it answers, say so.
+    async fn explain<T>(&self, result: Result<T, ClientError>) -> Result<T, ClientError> {
+        match result {
+            Err(error)
+                if self.tls.is_none()
+                    && error.may_be_plaintext_to_tls()
+                    && self.speaks_tls().await =>
+            {
+                let endpoint = &self.options.endpoint;
+                let https = Endpoint {
+                    tls: true,
+                    ..endpoint.clone()
+                };
+                Err(ClientError::SpeaksTls {
+                    endpoint: endpoint.to_string(),
+                    https: https.to_string(),
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the endpoint completes a TLS handshake, or fails one for a reason only a TLS
+    /// server gives (its certificate, an alert). Nothing is sent after the handshake.
+    async fn speaks_tls(&self) -> bool {
+        const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+        let Ok(config) = client_config(None, self.options.key_exchange) else {
+            return false;
+        };
+        let name = ServerName::try_from(self.options.endpoint.host.clone())
+            .unwrap_or_else(|_| ServerName::try_from("kms.invalid").expect("a valid DNS name"));
+        let probe = async {
+            let tcp = self.tcp().await.ok()?;
+            Some(TlsConnector::from(config).connect(name, tcp).await)
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+            Ok(Some(Ok(_))) => true,
+            Ok(Some(Err(error))) => match rustls_error(&error) {
+                Some(
+                    rustls::Error::InvalidMessage(_)
+                    | rustls::Error::InappropriateMessage { .. }
+                    | rustls::Error::InappropriateHandshakeMessage { .. },
+                ) => false,
+                Some(_) => true,
+                None => false,
+            },
+            _ => false,
+        }
     }
 
     /// Completes TCP and the TLS handshake (ALPN `h2`), then closes: the cost every Talos
@@ -258,7 +325,9 @@ impl KmsClient {
             None => self.http2(tcp).await?,
         };
         Ok(Connection {
-            grpc: KMSServiceClient::with_origin(H2(sender), self.origin.clone()),
+            grpc: KMSServiceClient::with_origin(H2(sender.clone()), self.origin.clone()),
+            sender,
+            endpoint: self.options.endpoint.to_string().into(),
         })
     }
 
@@ -271,9 +340,9 @@ impl KmsClient {
         connector
             .connect(name.clone(), tcp)
             .await
-            .map_err(|source| ClientError::Tls {
+            .map_err(|error| ClientError::Tls {
                 endpoint: self.options.endpoint.to_string(),
-                source,
+                problem: describe_tls(&error, name, self.options.ca_file.as_deref()),
             })
     }
 
@@ -285,9 +354,9 @@ impl KmsClient {
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(io))
             .await
-            .map_err(|source| ClientError::Http2 {
+            .map_err(|error| ClientError::Http2 {
                 endpoint: self.options.endpoint.to_string(),
-                source,
+                problem: describe_hyper(&error),
             })?;
         // Ends when the last sender is dropped: that closes the connection, as Talos does.
         tokio::spawn(connection);
@@ -296,13 +365,13 @@ impl KmsClient {
 
     async fn tcp(&self) -> Result<TcpStream, ClientError> {
         let endpoint = &self.options.endpoint;
-        let connect_error = |source| ClientError::Connect {
+        let connect_error = |problem| ClientError::Connect {
             endpoint: endpoint.to_string(),
-            source,
+            problem,
         };
         let addresses = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
             .await
-            .map_err(connect_error)?;
+            .map_err(|e| connect_error(format!("cannot resolve {}: {e}", endpoint.host)))?;
         let mut last_error = None;
         for address in addresses {
             if let Some(source) = self.options.source_ip
@@ -315,12 +384,14 @@ impl KmsClient {
                 Err(e) => last_error = Some(e),
             }
         }
-        Err(connect_error(last_error.unwrap_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::AddrNotAvailable,
-                "no address of the endpoint matches the source address family",
-            )
-        })))
+        Err(connect_error(match last_error {
+            Some(error) => describe_connect(&error, self.options.source_ip),
+            None => format!(
+                "no address of {} is of the family of --source-ip (IPv4 or IPv6): use a source \
+                 address of the same family",
+                endpoint.host
+            ),
+        }))
     }
 
     async fn connect_to(&self, address: SocketAddr) -> std::io::Result<TcpStream> {
@@ -344,15 +415,21 @@ impl Connection {
         node_uuid: &str,
         passphrase: &[u8],
     ) -> Result<Vec<u8>, ClientError> {
+        self.ready().await?;
         let request = proto::Request {
             node_uuid: node_uuid.to_string(),
             data: passphrase.to_vec(),
         };
-        let response = self.grpc.seal(request).await.map_err(ClientError::Status)?;
+        let response = self
+            .grpc
+            .seal(request)
+            .await
+            .map_err(|status| self.status_error(status))?;
         Ok(response.into_inner().data)
     }
 
     pub async fn unseal(&mut self, node_uuid: &str, sealed: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.ready().await?;
         let request = proto::Request {
             node_uuid: node_uuid.to_string(),
             data: sealed.to_vec(),
@@ -361,8 +438,36 @@ impl Connection {
             .grpc
             .unseal(request)
             .await
-            .map_err(ClientError::Status)?;
+            .map_err(|status| self.status_error(status))?;
         Ok(response.into_inner().data)
+    }
+
+    /// Waits until the connection can take a call. The generated client would turn a broken
+    /// connection here into a status with no cause, indistinguishable from the server's.
+    async fn ready(&mut self) -> Result<(), ClientError> {
+        self.sender
+            .ready()
+            .await
+            .map_err(|error| ClientError::Http2 {
+                endpoint: self.endpoint.to_string(),
+                problem: describe_hyper(&error),
+            })
+    }
+
+    /// tonic reports a broken connection as a status too; only a status the server sent is
+    /// the server's answer.
+    fn status_error(&self, status: tonic::Status) -> ClientError {
+        use std::error::Error;
+        match status
+            .source()
+            .and_then(|e| e.downcast_ref::<hyper::Error>())
+        {
+            Some(error) => ClientError::Http2 {
+                endpoint: self.endpoint.to_string(),
+                problem: describe_hyper(error),
+            },
+            None => ClientError::Status(status),
+        }
     }
 }
 
@@ -401,7 +506,17 @@ fn client_config(
         Some(path) => {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| ClientError::Setup(format!("CA file {}: {e}", path.display())))?;
+                .map_err(|e| {
+                    ClientError::Setup(match e {
+                        rustls::pki_types::pem::Error::Io(e) => {
+                            format!("cannot read the CA file {}: {e}", path.display())
+                        }
+                        _ => format!(
+                            "the CA file {} is not PEM: give a file of -----BEGIN CERTIFICATE----- blocks",
+                            path.display()
+                        ),
+                    })
+                })?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
                 return Err(ClientError::Setup(format!(
@@ -438,6 +553,228 @@ fn client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// The TLS error inside an I/O error from tokio-rustls, if that is what it is.
+fn rustls_error(error: &std::io::Error) -> Option<&rustls::Error> {
+    error.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// A failed handshake in words, with what to do about it. rustls's own messages print its
+/// enums with Debug, which an operator cannot act on.
+fn describe_tls(error: &std::io::Error, name: &ServerName<'_>, ca_file: Option<&Path>) -> String {
+    use rustls::CertificateError as Cert;
+    let Some(tls) = rustls_error(error) else {
+        return match error.kind() {
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                "the server closed the connection during the handshake: check that the port \
+                 serves TLS, and the server's log for why it refused this client"
+                    .into()
+            }
+            _ => error.to_string(),
+        };
+    };
+    let untrusted = match ca_file {
+        Some(ca) => format!(
+            "the server's certificate is not issued by a CA in {} (unknown issuer): pass the \
+             CA that issued it with --ca",
+            ca.display()
+        ),
+        None => "the server's certificate is not trusted (issued by an unknown CA): pass --ca \
+                 FILE with the CA that issued it, or use a certificate from a public CA"
+            .into(),
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            Cert::UnknownIssuer => untrusted,
+            Cert::NotValidForNameContext { presented, .. } => {
+                let names: Vec<String> = presented.iter().filter_map(|n| host_name(n)).collect();
+                if names.is_empty() {
+                    format!(
+                        "the server's certificate is not valid for {}: it names no host (no DNS \
+                         or IP subjectAltName); issue one that names the endpoint's host",
+                        name.to_str()
+                    )
+                } else {
+                    format!(
+                        "the server's certificate is not valid for {}: its names are {}; use \
+                         one of them in the endpoint, or add {} to the certificate",
+                        name.to_str(),
+                        names.join(", "),
+                        name.to_str()
+                    )
+                }
+            }
+            Cert::NotValidForName => format!(
+                "the server's certificate is not valid for {}: use a name it holds in the \
+                 endpoint, or add this one to the certificate",
+                name.to_str()
+            ),
+            Cert::ExpiredContext { not_after, .. } => format!(
+                "the server's certificate expired on {}: renew it",
+                utc(not_after.as_secs())
+            ),
+            Cert::Expired => "the server's certificate has expired: renew it".into(),
+            Cert::NotValidYetContext { not_before, .. } => format!(
+                "the server's certificate is not valid before {}: check the clocks of this \
+                 machine and of the issuer",
+                utc(not_before.as_secs())
+            ),
+            Cert::NotValidYet => "the server's certificate is not valid yet: check the clocks \
+                                  of this machine and of the issuer"
+                .into(),
+            Cert::Revoked => {
+                "the server's certificate is revoked: give the server a new one".into()
+            }
+            Cert::BadSignature => "a signature in the server's certificate chain does not \
+                                   verify: the server sends a broken chain, or someone is in \
+                                   the middle"
+                .into(),
+            Cert::InvalidPurpose | Cert::InvalidPurposeContext { .. } => {
+                "the server's certificate is not for TLS servers (its extended key usage lacks \
+                 serverAuth): issue one for server authentication"
+                    .into()
+            }
+            Cert::UnsupportedSignatureAlgorithmContext { .. }
+            | Cert::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+                "the server's certificate chain uses a signature algorithm this client does not \
+                 accept: use ECDSA (P-256, P-384), RSA (2048+) or Ed25519"
+                    .into()
+            }
+            _ => format!(
+                "the server's certificate chain does not verify against the trusted CAs: check \
+                 that the server sends its full chain; {}",
+                if ca_file.is_some() {
+                    "and that --ca holds the CA that issued it"
+                } else {
+                    "pass --ca FILE with the CA that issued it if it is private"
+                }
+            ),
+        },
+        rustls::Error::AlertReceived(alert) => {
+            use rustls::AlertDescription as Alert;
+            let hint = match alert {
+                Alert::HandshakeFailure | Alert::ProtocolVersion | Alert::InsufficientSecurity => {
+                    ": it may not support TLS 1.3 or the key exchange chosen with --kx (try --kx x25519)"
+                }
+                Alert::NoApplicationProtocol => {
+                    ": it does not offer HTTP/2 (ALPN h2), which gRPC needs; is this a KMS port?"
+                }
+                Alert::UnrecognisedName => {
+                    ": it does not serve this host name; check the endpoint's host"
+                }
+                _ => "; its log may say why",
+            };
+            format!(
+                "the server refused the handshake ({} alert){hint}",
+                words(&format!("{alert:?}"))
+            )
+        }
+        rustls::Error::PeerIncompatible(_) => {
+            "the server and this client have no TLS 1.3 parameters in common: the server may not \
+             support TLS 1.3 or the key exchange chosen with --kx (try --kx x25519)"
+                .into()
+        }
+        rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. } => {
+            "the server did not answer with TLS: if it serves plaintext gRPC, use grpc:// in the \
+             endpoint"
+                .into()
+        }
+        rustls::Error::NoCertificatesPresented => {
+            "the server sent no certificate: configure one on the server".into()
+        }
+        other => format!(
+            "{}: check the server's TLS setup and its log",
+            words(&format!("{other:?}"))
+        ),
+    }
+}
+
+/// A host name from webpki's Debug text of a subjectAltName entry (`DnsName("a.example")`,
+/// `IpAddress(10.0.0.1)`), which is all rustls gives; `None` for entries that name no host.
+fn host_name(presented: &str) -> Option<String> {
+    if let Some(dns) = presented
+        .strip_prefix("DnsName(\"")
+        .and_then(|rest| rest.strip_suffix("\")"))
+    {
+        return Some(dns.to_string());
+    }
+    let ip = presented
+        .strip_prefix("IpAddress(")
+        .and_then(|rest| rest.strip_suffix(')'))?;
+    // Reparsed so that IPv6 reads as usual (webpki writes `0::1`).
+    Some(
+        ip.parse::<IpAddr>()
+            .map_or_else(|_| ip.to_string(), |ip| ip.to_string()),
+    )
+}
+
+/// A gRPC status code as the gRPC specification writes it, e.g. `INVALID_ARGUMENT`.
+fn code_name(code: tonic::Code) -> String {
+    words(&format!("{code:?}")).to_uppercase().replace(' ', "_")
+}
+
+/// `PeerMisbehaved(IllegalMiddleboxChangeCipherSpec)` as "peer misbehaved: illegal middlebox
+/// change cipher spec", for errors with no better sentence.
+fn words(debug: &str) -> String {
+    let mut parts = Vec::new();
+    for token in debug.split(|c: char| !c.is_ascii_alphanumeric()) {
+        if !token.starts_with(|c: char| c.is_ascii_uppercase()) {
+            continue;
+        }
+        let mut part = String::new();
+        for c in token.chars() {
+            if c.is_ascii_uppercase() && !part.is_empty() {
+                part.push(' ');
+            }
+            part.push(c.to_ascii_lowercase());
+        }
+        parts.push(part);
+    }
+    if parts.is_empty() {
+        "TLS error".into()
+    } else {
+        parts.join(": ")
+    }
+}
+
+fn utc(seconds: u64) -> String {
+    i64::try_from(seconds)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| format!("{seconds} s after 1970"))
+}
+
+/// A failed connect in words, with the likely fix.
+fn describe_connect(error: &std::io::Error, source_ip: Option<IpAddr>) -> String {
+    match error.kind() {
+        std::io::ErrorKind::ConnectionRefused => {
+            "connection refused: check that the server runs and that the endpoint's port is the \
+             one it listens on"
+                .into()
+        }
+        std::io::ErrorKind::AddrNotAvailable if source_ip.is_some() => {
+            format!("{error}: --source-ip must be an address of this machine")
+        }
+        _ => error.to_string(),
+    }
+}
+
+/// hyper's message and the HTTP/2 reason under it (hyper alone says only "http2 error").
+fn describe_hyper(error: &hyper::Error) -> String {
+    use std::error::Error;
+    match error.source() {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
 }
 
 /// An HTTP/2 connection as the transport of the generated gRPC client: one connection, no

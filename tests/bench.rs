@@ -177,3 +177,114 @@ fn fill_makes_records_a_server_can_count_and_a_legacy_file_that_imports() {
         text(&output.stdout)
     );
 }
+
+fn count_records(database: &std::path::Path) -> i64 {
+    let db = rusqlite::Connection::open(database).unwrap();
+    db.query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn bench_that_makes_no_call_fails_with_the_first_error() {
+    // A port nothing listens on: bind one, then close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    for (mode, format) in [
+        ("handshake", "table"),
+        ("seal", "json"),
+        ("unseal", "table"),
+    ] {
+        let output = run_binary(&[
+            "bench",
+            "--endpoint",
+            &endpoint,
+            "--output",
+            format,
+            "--mode",
+            mode,
+            "--requests",
+            "3",
+            "--nodes",
+            "2",
+        ]);
+        assert!(!output.status.success(), "{mode}: {}", text(&output.stdout));
+        let said = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        assert!(
+            said.contains(&format!("cannot connect to {endpoint}"))
+                && said.contains("connection refused"),
+            "{mode}: {said}"
+        );
+    }
+}
+
+#[test]
+fn unseal_bench_on_volumes_made_by_fill_adds_no_record() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let database = dir.path().join("kms.db");
+    let volumes = dir.path().join("volumes.jsonl");
+    let output = run_binary(&[
+        "fill",
+        "--database",
+        database.to_str().unwrap(),
+        "--records",
+        "30",
+        "--ip",
+        "127.0.0.1",
+        "--volumes",
+        volumes.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let mode = std::fs::metadata(&volumes).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the volumes file holds passphrases");
+    assert_eq!(count_records(&database), 30);
+
+    let server = ServerProcess::start(&config).unwrap();
+    let from = ["--volumes-from", volumes.to_str().unwrap()];
+    let report = bench(
+        &server,
+        &pki.ca,
+        &[&["--mode", "unseal", "--requests", "60"][..], &from].concat(),
+    );
+    assert_sane(&report, 60);
+    let storm = bench(
+        &server,
+        &pki.ca,
+        &[&["--mode", "storm"][..], &from].concat(),
+    );
+    assert_eq!(storm["nodes"], 30, "{storm}");
+    assert_eq!(storm["volumes_unsealed"], 30, "{storm}");
+    assert_eq!(storm["mismatches"], 0, "{storm}");
+    assert_eq!(count_records(&database), 30, "no record added");
+
+    // Seal modes refuse the file rather than add records anyway.
+    let endpoint = format!("https://127.0.0.1:{}", server.addr.port());
+    let output = run_binary(
+        &[
+            &[
+                "bench",
+                "--endpoint",
+                &endpoint,
+                "--ca",
+                pki.ca.to_str().unwrap(),
+            ][..],
+            &["--mode", "mixed"],
+            &from,
+        ]
+        .concat(),
+    );
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("--volumes-from is for --mode unseal or storm"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert_eq!(count_records(&database), 30);
+    drop(server);
+}

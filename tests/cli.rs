@@ -165,3 +165,314 @@ async fn demo_serves_and_prints_a_talos_patch_that_works() {
     let dir = std::path::Path::new(ca).parent().unwrap();
     assert!(!dir.exists(), "the demo's throwaway files are removed");
 }
+
+/// Reads lines from a child's pipe on a thread; `lines_until` takes them with a time bound.
+fn line_reader(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    received
+}
+
+/// Lines up to and including the first that contains `last`, waiting at most 30 s in all.
+fn lines_until(received: &std::sync::mpsc::Receiver<String>, last: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut printed = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Ok(line) = received.recv_timeout(left) else {
+            break;
+        };
+        let done = line.contains(last);
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    printed.join("\n")
+}
+
+#[tokio::test]
+async fn demo_prints_the_name_nodes_use_with_the_real_port_and_keeps_its_key_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut demo = Command::new(BINARY)
+        .args(["demo", "--listen", "127.0.0.1:0", "--name", "kms.test"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let received = line_reader(demo.stdout.take().unwrap());
+    let printed = lines_until(&received, "slot: 0");
+    let endpoint_line = printed
+        .lines()
+        .find(|line| line.trim_start().starts_with("endpoint:"))
+        .unwrap_or_else(|| panic!("no endpoint in the patch: {printed}"));
+    let port: u16 = endpoint_line
+        .trim()
+        .strip_prefix("endpoint: https://kms.test:")
+        .unwrap_or_else(|| panic!("the patch does not use --name: {endpoint_line}"))
+        .parse()
+        .unwrap();
+    assert_ne!(port, 0);
+    let ca = printed
+        .split_whitespace()
+        .find(|word| word.ends_with("/ca.pem"))
+        .expect("CA path printed")
+        .to_string();
+
+    // The printed port is the one served: a node's call on it works.
+    let output = tokio::task::spawn_blocking({
+        let (endpoint, ca) = (format!("https://127.0.0.1:{port}"), ca.clone());
+        move || run_binary(&["client", "--endpoint", &endpoint, "--ca", &ca, "roundtrip"])
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    let dir = std::path::Path::new(&ca).parent().unwrap();
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join("server.key")), 0o600, "the private key");
+    assert_eq!(mode(dir), 0o700, "the directory of the private key");
+
+    let pid = demo.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        for _ in 0..300 {
+            if let Some(status) = demo.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = demo.kill();
+        panic!("demo did not stop within 30 s of SIGTERM");
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+}
+
+/// Runs the binary off the async runtime, so that an in-process server keeps serving.
+async fn run_async(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_binary(&args)
+    })
+    .await
+    .unwrap()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_plaintext_endpoint_against_a_tls_server_says_to_use_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
+    let port = server.port();
+    for endpoint in [
+        format!("grpc://127.0.0.1:{port}"),
+        format!("127.0.0.1:{port}"),
+    ] {
+        let output = run_async(args(&["client", "--endpoint", &endpoint, "roundtrip"])).await;
+        assert!(!output.status.success());
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("speaks TLS") && stderr.contains(&format!("https://127.0.0.1:{port}")),
+            "{endpoint}: {stderr}"
+        );
+    }
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn seal_output_raw_feeds_unseal_and_json_has_the_three_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
+    let endpoint = format!("https://127.0.0.1:{}", server.port());
+    let ca = server.pki.ca.to_str().unwrap().to_string();
+    let passphrase = "c2VjcmV0IHBhc3NwaHJhc2UgZm9yIHRoZSB0ZXN0IQ==";
+    let target = ["client", "--endpoint", &endpoint, "--ca", &ca];
+
+    let seal = [
+        &target[..],
+        &[
+            "seal",
+            "--node-uuid",
+            NODE,
+            "--passphrase",
+            passphrase,
+            "--output",
+            "raw",
+        ],
+    ]
+    .concat();
+    let output = run_async(args(&seal)).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let sealed = text(&output.stdout).trim().to_string();
+    assert!(
+        !sealed.contains(' ') && !sealed.contains('\n'),
+        "raw is the blob alone: {sealed}"
+    );
+
+    let unseal = [
+        &target[..],
+        &["unseal", "--node-uuid", NODE, "--sealed", &sealed],
+    ]
+    .concat();
+    let output = run_async(args(&unseal)).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).trim(), passphrase);
+
+    let seal = [
+        &target[..],
+        &[
+            "seal",
+            "--node-uuid",
+            NODE,
+            "--passphrase",
+            passphrase,
+            "--output",
+            "json",
+        ],
+    ]
+    .concat();
+    let output = run_async(args(&seal)).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["node_uuid"], NODE);
+    assert_eq!(json["passphrase"], passphrase);
+    let sealed = json["sealed"].as_str().unwrap();
+    let unseal = [
+        &target[..],
+        &["unseal", "--node-uuid", NODE, "--sealed", sealed],
+    ]
+    .concat();
+    let output = run_async(args(&unseal)).await;
+    assert_eq!(text(&output.stdout).trim(), passphrase);
+    server.running.shutdown().await.unwrap();
+}
+
+/// Options in clap's help that have no description, in its short (`-h`) and long (`--help`)
+/// layouts: text after the option on its line, or on the next, more indented line.
+fn options_without_help(help: &str) -> Vec<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut bare = Vec::new();
+    let mut in_options = false;
+    for (i, line) in lines.iter().enumerate() {
+        // Sections start at a line without indentation, such as "Options:".
+        if !line.starts_with(' ') && !line.is_empty() {
+            in_options = line.trim_end() == "Options:";
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        if !in_options || !line.trim_start().starts_with('-') || indent > 6 {
+            continue;
+        }
+        // The option and its value name end where two spaces begin the description.
+        let same_line = line
+            .trim()
+            .split_once("  ")
+            .is_some_and(|(_, rest)| !rest.trim().is_empty());
+        let next_line = lines.get(i + 1).is_some_and(|next| {
+            let next_indent = next.len() - next.trim_start().len();
+            next_indent > indent && !next.trim().is_empty() && !next.trim_start().starts_with('-')
+        });
+        if !same_line && !next_line {
+            bare.push(line.trim().to_string());
+        }
+    }
+    bare
+}
+
+#[test]
+fn every_option_of_client_and_bench_has_a_help_line() {
+    for command in [
+        &["client", "--help"][..],
+        &["client", "-h"],
+        &["client", "seal", "--help"],
+        &["client", "unseal", "--help"],
+        &["client", "roundtrip", "--help"],
+        &["bench", "--help"],
+        &["bench", "-h"],
+        &["fill", "--help"],
+    ] {
+        let output = run_binary(command);
+        assert!(output.status.success(), "{command:?}");
+        let help = text(&output.stdout);
+        assert!(help.contains("--"), "{command:?}: {help}");
+        let bare = options_without_help(&help);
+        assert!(
+            bare.is_empty(),
+            "{command:?}: options without help: {bare:?}\n{help}"
+        );
+    }
+    let help = text(&run_binary(&["bench", "--help"]).stdout);
+    assert!(
+        help.contains("adds a record") && help.contains("--volumes-from"),
+        "{help}"
+    );
+}
+
+/// Rust Debug output of library errors, which an operator cannot act on.
+fn assert_no_debug_text(message: &str) {
+    for debug in [
+        "Other(",
+        "OtherError",
+        "DnsName(",
+        "InvalidCertificate(",
+        "IpAddress(",
+        "Custom {",
+        "kind:",
+    ] {
+        assert!(
+            !message.contains(debug),
+            "Debug text {debug:?} in: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tls_failures_say_what_is_wrong_and_the_fix_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.2:0").await;
+    let port = server.port();
+    let ca = server.pki.ca.to_str().unwrap().to_string();
+
+    // No --ca: the public roots do not know the throwaway CA.
+    let endpoint = format!("https://127.0.0.2:{port}");
+    let output = run_async(args(&["client", "--endpoint", &endpoint, "roundtrip"])).await;
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert_no_debug_text(&stderr);
+    assert!(
+        stderr.contains("not trusted") && stderr.contains("--ca FILE"),
+        "{stderr}"
+    );
+
+    // The CA is given, but the certificate does not name the host.
+    let output = run_async(args(&[
+        "client",
+        "--endpoint",
+        &endpoint,
+        "--ca",
+        &ca,
+        "roundtrip",
+    ]))
+    .await;
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert_no_debug_text(&stderr);
+    assert!(
+        stderr.contains("not valid for 127.0.0.2")
+            && stderr.contains("localhost, 127.0.0.1, ::1")
+            && stderr.contains("add 127.0.0.2 to the certificate"),
+        "{stderr}"
+    );
+    server.running.shutdown().await.unwrap();
+}

@@ -173,9 +173,108 @@ fn corrupt_legacy_file_stops_start_up_naming_the_file() {
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert!(
-        stderr.contains("record #0") && stderr.contains("nonceB64"),
+        stderr.contains(&format!("record #1 (nodeUuid {NODE}): field `nonceB64`")),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_record_without_a_required_field_is_named_with_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let legacy_file = dir.path().join("nodeDbFile.json");
+    let good = legacy_seal(NODE, "127.0.0.1");
+    let other = "33333333-17a0-43d7-a88b-0afd96094178";
+    let third = legacy_seal(other, "127.0.0.1");
+    let nonce_line = third
+        .json
+        .lines()
+        .find(|line| line.contains("nonceB64"))
+        .unwrap()
+        .to_string();
+    let without_nonce = third.json.replace(&format!("{nonce_line}\n"), "");
+    let second = legacy_seal("22222222-17a0-43d7-a88b-0afd96094178", "127.0.0.1");
+    std::fs::write(
+        &legacy_file,
+        format!("[ {}, {}, {without_nonce} ]", good.json, second.json),
+    )
+    .unwrap();
+    let config = write_config(
+        dir.path(),
+        &pki,
+        "127.0.0.1",
+        &format!("nodeDbFile: {}\n", legacy_file.display()),
+    );
+    let output = run_binary(&["--config", config.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(&legacy_file.display().to_string())
+            && stderr.contains(&format!(
+                "record #3 (nodeUuid {other}): field `nonceB64` is missing"
+            )),
+        "{stderr}"
+    );
+}
+
+/// Starts the server and returns its log up to the line saying it serves (at most 30 s).
+fn start_and_read_log(config: &Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(BINARY)
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut log = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Ok(line) = received.recv_timeout(left) else {
+            break;
+        };
+        let serving = line.contains("serving");
+        log.push(line);
+        if serving {
+            break;
+        }
+    }
+    (child, log.join("\n"))
+}
+
+#[test]
+fn an_empty_legacy_file_is_accepted_and_reported_as_empty() {
+    for content in ["", " \n\t\n"] {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = write_pki(dir.path());
+        let legacy_file = dir.path().join("nodeDbFile.json");
+        std::fs::write(&legacy_file, content).unwrap();
+        let config = write_config(
+            dir.path(),
+            &pki,
+            "127.0.0.1",
+            &format!("nodeDbFile: {}\n", legacy_file.display()),
+        );
+        let (mut child, log) = start_and_read_log(&config);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(log.contains("serving"), "{content:?}: {log}");
+        assert!(
+            log.contains("legacy database is empty: nothing to take over")
+                && log.contains(&legacy_file.display().to_string()),
+            "{content:?}: {log}"
+        );
+        assert_eq!(std::fs::read(&legacy_file).unwrap(), content.as_bytes());
+    }
 }
 
 #[tokio::test]

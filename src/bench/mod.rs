@@ -6,6 +6,7 @@ mod cpu;
 pub mod fill;
 mod report;
 mod storm;
+pub mod volumes;
 
 pub use cpu::CpuMeter;
 pub use report::{Latency, Report, StormReport};
@@ -19,17 +20,22 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
+/// What to measure. Every seal adds a record to the target's database for good: seal and
+/// mixed add one per seal, unseal and storm add the volumes they seal before measuring,
+/// unless they take them from `--volumes-from`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// Seal a fresh random passphrase per call.
+    /// Seal a fresh random passphrase per call; adds a record per call.
     Seal,
-    /// Unseal passphrases sealed before the measured phase, checking every answer.
+    /// Unseal volumes, checking every answer: --nodes volumes sealed first (adds --nodes
+    /// records), or those of --volumes-from (adds none).
     Unseal,
-    /// Alternate seals and checked unseals.
+    /// Alternate seals and checked unseals; adds a record per seal, and --nodes first.
     Mixed,
-    /// TLS 1.3 handshake with ALPN h2, then close: the floor every call pays.
+    /// TLS 1.3 handshake with ALPN h2, then close: the floor every call pays; adds nothing.
     Handshake,
-    /// N nodes booting at once, each unsealing V volumes, with retries.
+    /// --nodes nodes booting at once, each unsealing --volumes volumes, with retries; adds
+    /// nodes x volumes records first, none with --volumes-from.
     Storm,
 }
 
@@ -53,13 +59,15 @@ pub struct BenchOptions {
     /// Distinct node UUIDs (pre-sealed for unseal and mixed).
     pub nodes: usize,
     pub server_pid: Option<u32>,
+    /// Volumes to unseal instead of sealing some first (unseal mode only).
+    pub volumes: Option<Vec<Volume>>,
 }
 
 /// Something sealed before the measured phase, to unseal during it.
 #[derive(Clone)]
 pub struct Volume {
     pub node_uuid: String,
-    pub passphrase: [u8; 32],
+    pub passphrase: Vec<u8>,
     pub sealed: Vec<u8>,
 }
 
@@ -72,7 +80,7 @@ pub enum BenchError {
 }
 
 enum Failure {
-    Error(String),
+    Error(ClientError),
     Mismatch,
 }
 
@@ -81,6 +89,8 @@ struct Tally {
     latencies_us: Vec<u64>,
     ok: u64,
     errors: BTreeMap<String, u64>,
+    /// The text of the first error and when it came, for the operator to act on.
+    first_error: Option<(Instant, String)>,
     mismatches: u64,
 }
 
@@ -92,7 +102,16 @@ impl Tally {
                 self.latencies_us.push(latency.as_micros() as u64);
             }
             Err(Failure::Mismatch) => self.mismatches += 1,
-            Err(Failure::Error(kind)) => *self.errors.entry(kind).or_default() += 1,
+            Err(Failure::Error(error)) => {
+                let kind = match &error {
+                    ClientError::Status(status) => format!("status_{:?}", status.code()),
+                    other => other.kind().to_string(),
+                };
+                *self.errors.entry(kind).or_default() += 1;
+                if self.first_error.is_none() {
+                    self.first_error = Some((Instant::now(), error.to_string()));
+                }
+            }
         }
     }
 
@@ -102,6 +121,14 @@ impl Tally {
         self.mismatches += other.mismatches;
         for (kind, count) in other.errors {
             *self.errors.entry(kind).or_default() += count;
+        }
+        if let Some(theirs) = other.first_error
+            && self
+                .first_error
+                .as_ref()
+                .is_none_or(|ours| theirs.0 < ours.0)
+        {
+            self.first_error = Some(theirs);
         }
     }
 }
@@ -117,7 +144,7 @@ struct Workload {
 impl Workload {
     async fn call(&self, index: u64) -> Result<(), Failure> {
         let seal = match self.mode {
-            Mode::Handshake => return self.client.handshake().await.map_err(failure),
+            Mode::Handshake => return self.client.handshake().await.map_err(Failure::Error),
             Mode::Seal => true,
             Mode::Mixed => index.is_multiple_of(2),
             Mode::Unseal | Mode::Storm => false,
@@ -129,7 +156,7 @@ impl Workload {
                 Some(connection) => connection.clone().seal(node, &passphrase).await,
                 None => self.client.seal(node, &passphrase).await,
             }
-            .map_err(failure)?;
+            .map_err(Failure::Error)?;
             return if sealed.len() == crate::sealing::SEALED_LEN {
                 Ok(())
             } else {
@@ -146,7 +173,7 @@ impl Workload {
             }
             None => self.client.unseal(&volume.node_uuid, &volume.sealed).await,
         }
-        .map_err(failure)?;
+        .map_err(Failure::Error)?;
         if unsealed == volume.passphrase {
             Ok(())
         } else {
@@ -155,20 +182,17 @@ impl Workload {
     }
 }
 
-fn failure(error: ClientError) -> Failure {
-    Failure::Error(match &error {
-        ClientError::Status(status) => format!("status_{:?}", status.code()),
-        other => other.kind().to_string(),
-    })
-}
-
 /// Seals one volume per (node, volume) pair on one shared connection; not measured.
 pub async fn preseal(
     client: &KmsClient,
     nodes: usize,
     volumes_per_node: usize,
 ) -> Result<Vec<Volume>, BenchError> {
-    let connection = client.connect().await?;
+    let connection = client.connect().await.map_err(|e| {
+        BenchError::Setup(format!(
+            "sealing volumes to unseal, before measuring, failed: {e}"
+        ))
+    })?;
     let uuids: Vec<String> = (0..nodes).map(|_| random_uuid()).collect();
     let next = Arc::new(AtomicU64::new(0));
     let total = (nodes * volumes_per_node) as u64;
@@ -189,7 +213,7 @@ pub async fn preseal(
                     return Ok::<(), ClientError>(());
                 }
                 let node_uuid = uuids[index as usize / volumes_per_node].clone();
-                let passphrase = random_passphrase();
+                let passphrase = random_passphrase().to_vec();
                 let blob = connection.seal(&node_uuid, &passphrase).await?;
                 sealed.lock().await.push((
                     index,
@@ -203,7 +227,12 @@ pub async fn preseal(
         });
     }
     while let Some(done) = workers.join_next().await {
-        done.map_err(|e| BenchError::Setup(e.to_string()))??;
+        done.map_err(|e| BenchError::Setup(e.to_string()))?
+            .map_err(|e| {
+                BenchError::Setup(format!(
+                    "sealing the {total} volumes to unseal, before measuring, failed: {e}"
+                ))
+            })?;
     }
     let mut sealed = std::mem::take(&mut *sealed.lock().await);
     sealed.sort_by_key(|(index, _)| *index);
@@ -220,8 +249,16 @@ pub async fn run(client: KmsClient, options: &BenchOptions) -> Result<Report, Be
         ));
     }
     let client = Arc::new(client);
-    let volumes = match options.mode {
-        Mode::Unseal | Mode::Mixed => preseal(&client, options.nodes, 1).await?,
+    let volumes = match (options.mode, &options.volumes) {
+        (Mode::Unseal, Some(volumes)) => volumes.clone(),
+        (_, Some(_)) => {
+            return Err(BenchError::Setup(
+                "--volumes-from is for --mode unseal or storm; seal and mixed add records \
+                 whatever the volumes"
+                    .into(),
+            ));
+        }
+        (Mode::Unseal | Mode::Mixed, None) => preseal(&client, options.nodes, 1).await?,
         _ => Vec::new(),
     };
     let node_uuids = (0..options.nodes).map(|_| random_uuid()).collect();
@@ -257,6 +294,7 @@ pub async fn run(client: KmsClient, options: &BenchOptions) -> Result<Report, Be
         duration_s: elapsed.as_secs_f64(),
         calls_ok: tally.ok,
         errors: std::mem::take(&mut tally.errors),
+        first_error: tally.first_error.take().map(|(_, text)| text),
         mismatches: tally.mismatches,
         not_started,
         calls_per_s: tally.ok as f64 / elapsed.as_secs_f64(),

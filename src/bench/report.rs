@@ -40,6 +40,8 @@ pub struct Report {
     pub duration_s: f64,
     pub calls_ok: u64,
     pub errors: BTreeMap<String, u64>,
+    /// What the first failed call said.
+    pub first_error: Option<String>,
     /// Unseals that answered other bytes than were sealed.
     pub mismatches: u64,
     /// Open loop: calls due while `concurrency` calls were already in flight.
@@ -67,6 +69,9 @@ impl fmt::Display for Report {
             write!(f, "  {kind}: {count}")?;
         }
         writeln!(f)?;
+        if let Some(error) = &self.first_error {
+            writeln!(f, "  first error     {error}")?;
+        }
         writeln!(f, "  mismatches      {}", self.mismatches)?;
         if self.offered_rate.is_some() {
             writeln!(f, "  not started     {}", self.not_started)?;
@@ -105,14 +110,19 @@ fn ms(us: u64) -> f64 {
 pub struct StormReport {
     pub mode: &'static str,
     pub nodes: usize,
+    /// Volumes per node (the most of any node, with --volumes-from).
     pub volumes: usize,
     /// From the moment every node starts until the last volume is unsealed.
     pub time_to_all_unsealed_s: f64,
     pub calls: u64,
     pub timeouts: u64,
     pub other_errors: u64,
+    /// What the first failed call said.
+    pub first_error: Option<String>,
     pub retries: u64,
     pub mismatches: u64,
+    /// Volumes that opened.
+    pub volumes_unsealed: u64,
     /// Volumes still locked when the storm's time limit ran out.
     pub volumes_left_locked: u64,
     pub latency: Latency,
@@ -138,6 +148,9 @@ impl fmt::Display for StormReport {
         )?;
         writeln!(f, "  timed out         {}", self.timeouts)?;
         writeln!(f, "  other errors      {}", self.other_errors)?;
+        if let Some(error) = &self.first_error {
+            writeln!(f, "  first error       {error}")?;
+        }
         writeln!(f, "  mismatches        {}", self.mismatches)?;
         writeln!(f, "  left locked       {}", self.volumes_left_locked)?;
         let l = &self.latency;

@@ -22,12 +22,39 @@ struct Counters {
     retries: AtomicU64,
     mismatches: AtomicU64,
     left_locked: AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
 }
 
+impl Counters {
+    fn error(&self, error: &ClientError) {
+        let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(error.to_string());
+        }
+    }
+}
+
+/// Volumes grouped by node UUID, nodes in the order they first appear.
+fn by_node(volumes: Vec<Volume>) -> Vec<Vec<Volume>> {
+    let mut index = std::collections::HashMap::new();
+    let mut nodes: Vec<Vec<Volume>> = Vec::new();
+    for volume in volumes {
+        let at = *index.entry(volume.node_uuid.clone()).or_insert_with(|| {
+            nodes.push(Vec::new());
+            nodes.len() - 1
+        });
+        nodes[at].push(volume);
+    }
+    nodes
+}
+
+/// Runs a storm of `nodes` x `volumes` volumes sealed first, or of `given` volumes (grouped
+/// by node UUID), which adds no record to the server.
 pub async fn storm(
     client: KmsClient,
     nodes: usize,
     volumes: usize,
+    given: Option<Vec<Volume>>,
     server_pid: Option<u32>,
 ) -> Result<StormReport, BenchError> {
     if nodes == 0 || volumes == 0 {
@@ -36,20 +63,29 @@ pub async fn storm(
         ));
     }
     let client = Arc::new(client);
-    let sealed = preseal(&client, nodes, volumes).await?;
+    let boots_of: Vec<Vec<Volume>> = match given {
+        Some(given) => by_node(given),
+        None => preseal(&client, nodes, volumes)
+            .await?
+            .chunks(volumes)
+            .map(<[Volume]>::to_vec)
+            .collect(),
+    };
+    let nodes = boots_of.len();
+    let volumes = boots_of.iter().map(Vec::len).max().unwrap_or(0);
+    let total: usize = boots_of.iter().map(Vec::len).sum();
     let counters = Arc::new(Counters::default());
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(nodes * volumes)));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total)));
     let server_cpu = server_meter(server_pid)?;
 
     let start = Instant::now();
     let mut boots = JoinSet::new();
-    for node in sealed.chunks(volumes) {
+    for node in boots_of {
         let (client, counters, latencies) = (
             Arc::clone(&client),
             Arc::clone(&counters),
             Arc::clone(&latencies),
         );
-        let node: Vec<Volume> = node.to_vec();
         boots.spawn(async move {
             for volume in node {
                 unlock(&client, &volume, &counters, &latencies, start).await;
@@ -70,8 +106,14 @@ pub async fn storm(
         calls,
         timeouts: counters.timeouts.load(Ordering::Relaxed),
         other_errors: counters.other_errors.load(Ordering::Relaxed),
+        first_error: counters
+            .first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(),
         retries: counters.retries.load(Ordering::Relaxed),
         mismatches: counters.mismatches.load(Ordering::Relaxed),
+        volumes_unsealed: latencies.len() as u64,
         volumes_left_locked: counters.left_locked.load(Ordering::Relaxed),
         latency: Latency::of(&mut latencies),
         server_cpu_us_per_call,
@@ -104,9 +146,15 @@ async fn unlock(
                 counters.left_locked.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Err(ClientError::Timeout(_)) => counters.timeouts.fetch_add(1, Ordering::Relaxed),
-            Err(_) => counters.other_errors.fetch_add(1, Ordering::Relaxed),
-        };
+            Err(error) => {
+                counters.error(&error);
+                match error {
+                    ClientError::Timeout(_) => &counters.timeouts,
+                    _ => &counters.other_errors,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if storm_start.elapsed() + RETRY_PAUSE > STORM_LIMIT {
             counters.left_locked.fetch_add(1, Ordering::Relaxed);
             return;

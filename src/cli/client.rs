@@ -22,7 +22,7 @@ pub struct Args {
 #[derive(clap::Args)]
 pub struct Target {
     /// KMS endpoint as in the Talos machine config: https://host:port, or grpc://host:port.
-    #[arg(long)]
+    #[arg(long, value_name = "URL")]
     endpoint: Endpoint,
     /// PEM CA certificate(s) to trust instead of the public roots Talos ships.
     #[arg(long, value_name = "FILE")]
@@ -30,8 +30,8 @@ pub struct Target {
     /// Source address to connect from, to act as the node with that address.
     #[arg(long, value_name = "IP")]
     source_ip: Option<IpAddr>,
-    /// TLS key-exchange groups to offer.
-    #[arg(long, value_enum, default_value_t = KeyExchange::Go124)]
+    /// TLS key-exchange groups to offer, as a Talos release does.
+    #[arg(long, value_name = "GROUPS", value_enum, default_value_t = KeyExchange::Go124)]
     kx: KeyExchange,
 }
 
@@ -49,15 +49,21 @@ impl Target {
 enum Action {
     /// Seal a passphrase (random 32 bytes unless given) and print the sealed blob.
     Seal {
-        #[arg(long)]
+        /// Node UUID to seal for, as a Talos node sends its SMBIOS UUID.
+        #[arg(long, value_name = "UUID")]
         node_uuid: String,
         /// Passphrase to seal, base64.
         #[arg(long, value_name = "BASE64")]
         passphrase: Option<String>,
+        /// What to print: both values labelled, only the sealed blob (base64, for `unseal
+        /// --sealed`), or one JSON object {"node_uuid","sealed","passphrase"} (base64).
+        #[arg(long, value_enum, default_value_t = SealOutput::Text)]
+        output: SealOutput,
     },
     /// Unseal a blob and print the LUKS2 passphrase (base64 of the unsealed bytes).
     Unseal {
-        #[arg(long)]
+        /// Node UUID the blob was sealed for.
+        #[arg(long, value_name = "UUID")]
         node_uuid: String,
         /// Sealed blob, base64 (the `sealedData` of the node's sideroKMS LUKS2 token).
         #[arg(long, value_name = "BASE64")]
@@ -66,9 +72,19 @@ enum Action {
     /// Seal a random passphrase, unseal it, and check that it comes back.
     Roundtrip {
         /// Node UUID to use; a random one by default.
-        #[arg(long)]
+        #[arg(long, value_name = "UUID")]
         node_uuid: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SealOutput {
+    /// `sealed:` and `passphrase:` lines.
+    Text,
+    /// The sealed blob alone, base64.
+    Raw,
+    /// {"node_uuid","sealed","passphrase"}, base64: a line of a `bench --volumes-from` file.
+    Json,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -77,6 +93,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Action::Seal {
             node_uuid,
             passphrase,
+            output,
         } => {
             let passphrase = match passphrase {
                 Some(text) => BASE64
@@ -85,8 +102,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 None => random_passphrase().to_vec(),
             };
             let sealed = client.seal(&node_uuid, &passphrase).await?;
-            println!("sealed:     {}", BASE64.encode(&sealed));
-            println!("passphrase: {}", BASE64.encode(&passphrase));
+            let (sealed, passphrase) = (BASE64.encode(&sealed), BASE64.encode(&passphrase));
+            match output {
+                SealOutput::Text => {
+                    println!("sealed:     {sealed}");
+                    println!("passphrase: {passphrase}");
+                }
+                SealOutput::Raw => println!("{sealed}"),
+                SealOutput::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "node_uuid": node_uuid,
+                        "sealed": sealed,
+                        "passphrase": passphrase,
+                    })
+                ),
+            }
         }
         Action::Unseal { node_uuid, sealed } => {
             let sealed = BASE64

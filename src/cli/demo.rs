@@ -4,7 +4,9 @@
 use super::serve::{OnHangup, serve_until_signal};
 use anyhow::Context;
 use std::fmt::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use talos_kms_server::logging::{self, LogLevel};
@@ -18,15 +20,18 @@ pub struct Args {
     /// Address to serve on. Port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Extra names (DNS or IP) for the throwaway certificate, e.g. the address nodes use.
+    /// Names (DNS or IP) for the throwaway certificate, e.g. the address nodes use. The
+    /// first is the host of the printed endpoint.
     #[arg(long = "name", value_name = "NAME")]
     names: Vec<String>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     logging::init(LogLevel::Info, LogLevel::Warn);
+    // tempfile creates directories with the umask's mode; the key inside must stay private.
     let dir = tempfile::Builder::new()
         .prefix("talos-kms-demo-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir()
         .context("cannot create a temporary directory")?;
     let mut names = vec![
@@ -38,6 +43,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !listen_ip.is_unspecified() && !names.contains(&listen_ip.to_string()) {
         names.push(listen_ip.to_string());
     }
+    // Nodes use the name; the command to try it runs here and uses the address.
+    let host = endpoint_host(args.names.first().map(String::as_str), listen_ip);
+    let local_host = endpoint_host(None, listen_ip);
     names.extend(args.names);
     let pki = throwaway::generate(&names)?;
     let (ca_file, cert_file, key_file) = (
@@ -47,11 +55,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     std::fs::write(&ca_file, &pki.ca_pem)?;
     std::fs::write(&cert_file, &pki.chain_pem)?;
-    std::fs::write(&key_file, &pki.key_pem)?;
+    write_private(&key_file, pki.key_pem.as_bytes())
+        .with_context(|| format!("cannot write {}", key_file.display()))?;
     let identity = tls::load_identity(&cert_file, &key_file, None)?;
-    let store = Arc::new(SqliteStore::open(&dir.path().join("demo.db"))?);
-
     let port = server::bind(args.listen)?;
+    let store = Arc::new(SqliteStore::open(&dir.path().join("demo.db"))?);
     let options = ServerOptions {
         tls: tls::server_config(identity)?,
         store,
@@ -61,9 +69,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The full path, so that the printed command works from `cargo run` too.
     let program = std::env::current_exe().unwrap_or_else(|_| "talos-kms-server".into());
     serve_until_signal(port, options, OnHangup::Stop, |addr| {
-        let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
         let endpoint = format!("https://{host}:{}", addr.port());
+        let local_endpoint = format!("https://{local_host}:{}", addr.port());
         let patch = talos_patch(&endpoint, &pki.ca_pem);
         let _ = std::fs::write(dir_path.join("talos-patch.yaml"), &patch);
         println!(
@@ -71,7 +78,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
              # Throwaway CA, certificate and database in {dir}; all deleted when this stops (Ctrl-C).\n\
              #\n\
              # Try it as a Talos node would:\n\
-             #   {program} client --endpoint {endpoint} --ca {ca} roundtrip\n\
+             #   {program} client --endpoint {local_endpoint} --ca {ca} roundtrip\n\
              #\n\
              # Talos machine-config patch (also in {dir}/talos-patch.yaml). The CA is trusted\n\
              # through TrustedRootsConfig, which lives in STATE: it serves EPHEMERAL and user\n\
@@ -85,6 +92,32 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     .await?;
     drop(dir);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The host to reach the demo at: `name`, else the listen address if it is one address,
+/// else loopback. IPv6 literals get brackets.
+fn endpoint_host(name: Option<&str>, listen_ip: IpAddr) -> String {
+    let host = match name {
+        Some(name) => name.to_string(),
+        None if listen_ip.is_unspecified() => "127.0.0.1".to_string(),
+        None => listen_ip.to_string(),
+    };
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host
+    }
+}
+
+/// Writes a file only its owner can read, from its creation on.
+fn write_private(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(content)
 }
 
 fn talos_patch(endpoint: &str, ca_pem: &str) -> String {

@@ -1,9 +1,13 @@
 //! `fill`: makes a database or a legacy JSON file of N valid records, for benchmarks.
 
+use anyhow::Context;
+use std::io::BufWriter;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
-use talos_kms_server::bench::fill;
+use talos_kms_server::bench::{self, fill, fill::FillOptions};
+use talos_kms_server::sealing::ip_text;
 use talos_kms_server::store::SqliteStore;
 
 #[derive(clap::Args)]
@@ -22,22 +26,39 @@ pub struct Args {
     /// How many records.
     #[arg(long)]
     records: u64,
+    /// Bind every record to this client address (as the server sees it), so that `bench`
+    /// calling from it can unseal them. Default: a 10.x.y.z address per record.
+    #[arg(long, value_name = "IP")]
+    ip: Option<IpAddr>,
+    /// Write each record's node UUID, sealed blob and passphrase to this new file (mode 0600:
+    /// it unlocks the records), for `bench --volumes-from FILE`.
+    #[arg(long, value_name = "FILE", requires = "ip")]
+    volumes: Option<PathBuf>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
+    let mut volumes = match &args.volumes {
+        Some(path) => Some(BufWriter::new(bench::volumes::create(path).with_context(
+            || format!("cannot create the volumes file {}", path.display()),
+        )?)),
+        None => None,
+    };
+    let options = FillOptions {
+        ip: args.ip.map(|ip| ip_text(ip, 0)),
+        volumes: volumes.as_mut().map(|out| out as &mut dyn std::io::Write),
+    };
     if let Some(database) = &args.database {
         let store = SqliteStore::open(database)?;
-        let report = fill::fill_store(&store, args.records).await?;
+        let report = fill::fill_store_with(&store, args.records, options).await?;
         println!(
             "added {} records to {} in {:.1} s",
             report.imported,
             database.display(),
             start.elapsed().as_secs_f64()
         );
-    }
-    if let Some(file) = &args.legacy_json {
-        fill::write_legacy_json(file, args.records)?;
+    } else if let Some(file) = &args.legacy_json {
+        fill::write_legacy_json(file, args.records, options)?;
         println!(
             "wrote {} legacy records to {} in {:.1} s",
             args.records,

@@ -7,7 +7,7 @@ use super::{ImportBatch, ImportReport, NewRecord, Store, StoreError, UnixTime};
 use crate::sealing::{NONCE_LEN, TAG_LEN};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use serde::Deserialize;
+use serde_json::Value;
 use std::path::Path;
 use time::PrimitiveDateTime;
 use time::macros::format_description;
@@ -23,8 +23,7 @@ pub struct LegacyError {
     pub problem: String,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// A record as read, before its fields are decoded.
 struct LegacyRecord {
     node_uuid: String,
     ip_address: String,
@@ -49,6 +48,7 @@ struct LegacyRecordOut<'a> {
 /// What a take-over did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TakeOver {
+    /// No file, or one without records (logged here): nothing to take over.
     NoFile,
     /// This exact content was imported before; it was not parsed again.
     Unchanged,
@@ -70,14 +70,22 @@ pub fn read(path: &Path) -> Result<Option<ImportBatch>, LegacyError> {
     }))
 }
 
-/// Imports the legacy file at `path` unless this exact content was imported before.
-/// The file is never modified.
+/// Imports the legacy file at `path` unless this exact content was imported before or it
+/// holds no records. The file is never modified.
 pub async fn take_over(store: &dyn Store, path: &Path) -> Result<TakeOver, TakeOverError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TakeOver::NoFile),
         Err(e) => return Err(error(path, format!("cannot read it: {e}")).into()),
     };
+    if is_empty(&bytes) {
+        // The legacy server starts with an empty file; say so rather than stay silent.
+        tracing::info!(
+            file = %path.display(),
+            "legacy database is empty: nothing to take over"
+        );
+        return Ok(TakeOver::NoFile);
+    }
     let fingerprint = fingerprint(&bytes);
     if store.has_imported(&fingerprint).await? {
         return Ok(TakeOver::Unchanged);
@@ -100,43 +108,97 @@ pub enum TakeOverError {
     Store(#[from] StoreError),
 }
 
-/// Parses the content of a legacy file. Errors name the record and field at fault.
+/// Parses the content of a legacy file. Errors name the record (numbered from 1, with its
+/// node UUID when it has one) and the field at fault.
 pub fn parse(bytes: &[u8]) -> Result<Vec<NewRecord>, String> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    if is_empty(bytes) {
         return Ok(Vec::new());
     }
-    let legacy: Vec<LegacyRecord> = serde_json::from_slice(bytes).map_err(|e| {
+    // A generic value first, so that a bad record is named rather than the whole array.
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         format!(
             "not a valid legacy database ({e}); restore it from a backup, or remove \
              `nodeDbFile` from the config if there is nothing to take over"
         )
     })?;
-    legacy
-        .into_iter()
+    let Value::Array(elements) = value else {
+        return Err(
+            "not a valid legacy database (expected a JSON array of records); restore \
+                    it from a backup, or remove `nodeDbFile` from the config if there is \
+                    nothing to take over"
+                .into(),
+        );
+    };
+    elements
+        .iter()
         .enumerate()
-        .map(|(index, record)| {
-            convert(record).map_err(|problem| format!("record #{index}: {problem}"))
+        .map(|(index, element)| {
+            let number = index + 1;
+            let name = match element.get("nodeUuid").and_then(Value::as_str) {
+                Some(uuid) => format!("record #{number} (nodeUuid {uuid})"),
+                None => format!("record #{number}"),
+            };
+            fields(element)
+                .and_then(convert)
+                .map_err(|problem| format!("{name}: {problem}"))
         })
         .collect()
+}
+
+/// Whether a file holds no records at all: 0 bytes, whitespace, or an empty array.
+fn is_empty(bytes: &[u8]) -> bool {
+    let text = bytes.trim_ascii();
+    text.is_empty()
+        || (text.first() == Some(&b'[')
+            && text.last() == Some(&b']')
+            && text[1..text.len() - 1].trim_ascii().is_empty())
+}
+
+fn fields(element: &Value) -> Result<LegacyRecord, String> {
+    let Value::Object(object) = element else {
+        return Err("not a JSON object; each record must be {\"nodeUuid\": ..., ...}".into());
+    };
+    let required = |name: &str| match object.get(name) {
+        Some(Value::String(text)) => Ok(text.clone()),
+        None | Some(Value::Null) => Err(format!("field `{name}` is missing")),
+        Some(_) => Err(format!("field `{name}` is not a string")),
+    };
+    let optional = |name: &str| match object.get(name) {
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => Err(format!("field `{name}` is not a string")),
+    };
+    Ok(LegacyRecord {
+        node_uuid: required("nodeUuid")?,
+        ip_address: required("ipAddress")?,
+        cipher_text_b64: required("cipherTextB64")?,
+        nonce_b64: required("nonceB64")?,
+        last_access: optional("lastAccess")?,
+        created_at: optional("createdAt")?,
+    })
 }
 
 fn convert(record: LegacyRecord) -> Result<NewRecord, String> {
     let nonce = BASE64
         .decode(&record.nonce_b64)
-        .map_err(|e| format!("nonceB64 is not base64 ({e})"))?;
-    let nonce = <[u8; NONCE_LEN]>::try_from(nonce.as_slice())
-        .map_err(|_| format!("nonceB64 holds {} bytes, expected {NONCE_LEN}", nonce.len()))?;
+        .map_err(|e| format!("field `nonceB64` is not base64 ({e})"))?;
+    let nonce = <[u8; NONCE_LEN]>::try_from(nonce.as_slice()).map_err(|_| {
+        format!(
+            "field `nonceB64` holds {} bytes, expected {NONCE_LEN}",
+            nonce.len()
+        )
+    })?;
     let ciphertext = BASE64
         .decode(&record.cipher_text_b64)
-        .map_err(|e| format!("cipherTextB64 is not base64 ({e})"))?;
+        .map_err(|e| format!("field `cipherTextB64` is not base64 ({e})"))?;
     if ciphertext.len() < TAG_LEN {
         return Err(format!(
-            "cipherTextB64 holds {} bytes, shorter than the {TAG_LEN}-byte GCM tag",
+            "field `cipherTextB64` holds {} bytes, shorter than the {TAG_LEN}-byte GCM tag",
             ciphertext.len()
         ));
     }
     let created_at = match &record.created_at {
-        Some(text) => parse_timestamp(text).map_err(|e| format!("createdAt: {e}"))?,
+        Some(text) => parse_timestamp(text).map_err(|e| format!("field `createdAt`: {e}"))?,
         None => super::now(),
     };
     let last_access = record
@@ -144,7 +206,7 @@ fn convert(record: LegacyRecord) -> Result<NewRecord, String> {
         .as_deref()
         .map(parse_timestamp)
         .transpose()
-        .map_err(|e| format!("lastAccess: {e}"))?;
+        .map_err(|e| format!("field `lastAccess`: {e}"))?;
     Ok(NewRecord {
         nonce,
         node_uuid: record.node_uuid,
@@ -249,6 +311,7 @@ mod tests {
         assert!(parse(b"").unwrap().is_empty());
         assert!(parse(b" \n").unwrap().is_empty());
         assert!(parse(b"[]").unwrap().is_empty());
+        assert!(parse(b" [ \n ] ").unwrap().is_empty());
     }
 
     #[test]
@@ -256,7 +319,8 @@ mod tests {
         let bad = RECORD.replace("Lh1oTReoyx4mI3Y8", "AAAA");
         let problem = parse(bad.as_bytes()).err().unwrap();
         assert!(
-            problem.contains("record #0") && problem.contains("nonceB64"),
+            problem.contains("record #1 (nodeUuid 213faf71-17a0-43d7-a88b-0afd96094178)")
+                && problem.contains("field `nonceB64`"),
             "{problem}"
         );
         let bad = RECORD.replace("2025-10-11 20:22:17", "yesterday");
@@ -264,5 +328,29 @@ mod tests {
         assert!(problem.contains("createdAt"), "{problem}");
         let problem = parse(b"[{").err().unwrap();
         assert!(problem.contains("not a valid legacy database"), "{problem}");
+        let problem = parse(b"{}").err().unwrap();
+        assert!(problem.contains("expected a JSON array"), "{problem}");
+    }
+
+    #[test]
+    fn a_missing_or_mistyped_field_names_its_record() {
+        let two = format!(
+            "[ {}, {} ]",
+            &RECORD[1..RECORD.len() - 1],
+            r#"{ "nodeUuid": 7 }"#
+        );
+        let problem = parse(two.as_bytes()).err().unwrap();
+        assert_eq!(problem, "record #2: field `nodeUuid` is not a string");
+        let missing = RECORD.replace(r#""nonceB64" : "Lh1oTReoyx4mI3Y8","#, "");
+        let problem = parse(missing.as_bytes()).err().unwrap();
+        assert_eq!(
+            problem,
+            "record #1 (nodeUuid 213faf71-17a0-43d7-a88b-0afd96094178): field `nonceB64` is missing"
+        );
+        let problem = parse(b"[ 3 ]").err().unwrap();
+        assert!(
+            problem.starts_with("record #1: not a JSON object"),
+            "{problem}"
+        );
     }
 }
