@@ -112,22 +112,8 @@ async fn demo_serves_and_prints_a_talos_patch_that_works() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = demo.stdout.take().unwrap();
-    let (lines, received) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let mut printed = Vec::new();
-    while let Ok(line) = received.recv_timeout(Duration::from_secs(30)) {
-        let done = line.contains("slot: 0");
-        printed.push(line);
-        if done {
-            break;
-        }
-    }
-    let printed = printed.join("\n");
+    let received = line_reader(demo.stdout.take().unwrap());
+    let printed = lines_until(&received, "slot: 0");
     assert!(printed.contains("kind: TrustedRootsConfig"), "{printed}");
     assert!(
         printed.contains("kind: VolumeConfig") && printed.contains("kms:"),
@@ -239,8 +225,9 @@ async fn demo_prints_the_name_nodes_use_with_the_real_port_and_keeps_its_key_pri
     assert_eq!(mode(&dir.join("server.key")), 0o600, "the private key");
     assert_eq!(mode(dir), 0o700, "the directory of the private key");
 
+    // SIGHUP (a closed terminal) stops the demo and removes its files, as Ctrl-C does.
     let pid = demo.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
     let status = tokio::task::spawn_blocking(move || {
         for _ in 0..300 {
             if let Some(status) = demo.try_wait().unwrap() {
@@ -249,11 +236,12 @@ async fn demo_prints_the_name_nodes_use_with_the_real_port_and_keeps_its_key_pri
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = demo.kill();
-        panic!("demo did not stop within 30 s of SIGTERM");
+        panic!("demo did not stop within 30 s of SIGHUP");
     })
     .await
     .unwrap();
     assert!(status.success());
+    assert!(!dir.exists(), "the throwaway key and database are removed");
 }
 
 /// Runs the binary off the async runtime, so that an in-process server keeps serving.
@@ -288,6 +276,25 @@ async fn a_plaintext_endpoint_against_a_tls_server_says_to_use_https() {
         );
     }
     server.running.shutdown().await.unwrap();
+}
+
+#[test]
+fn a_refused_connection_is_said_once_with_its_cause() {
+    let (taken, port) = taken_port();
+    drop(taken);
+    let output = run_binary(&[
+        "client",
+        "--endpoint",
+        &format!("https://127.0.0.1:{port}"),
+        "roundtrip",
+    ]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(
+        stderr.to_lowercase().matches("connection refused").count(),
+        1,
+        "each cause once: {stderr}"
+    );
 }
 
 #[tokio::test]
