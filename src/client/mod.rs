@@ -2,8 +2,15 @@
 //! every call, TLS 1.3 with ALPN `h2` and no resumption, one call with a 10 s deadline, then
 //! close. Tests, `bench` and the operator's `client` command all use it.
 
+mod endpoint;
+mod errors;
+
+pub use endpoint::Endpoint;
+pub use errors::ClientError;
+
 use crate::proto::{self, KMSServiceClient};
 use crate::tls::ALPN_H2;
+use errors::{describe_connect, describe_hyper, describe_tls, rustls_error};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -15,7 +22,6 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,69 +31,6 @@ use tokio_rustls::TlsConnector;
 
 /// The deadline Talos gives each call.
 pub const TALOS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A KMS endpoint as written in a Talos machine config.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
-
-impl FromStr for Endpoint {
-    type Err = String;
-
-    /// `https://host[:port]` is TLS (port 443 by default); `grpc://host:port` or a bare
-    /// `host:port` is plaintext gRPC, as in Talos.
-    fn from_str(text: &str) -> Result<Self, String> {
-        let (tls, rest) = if let Some(rest) = text.strip_prefix("https://") {
-            (true, rest)
-        } else if let Some(rest) = text.strip_prefix("grpc://") {
-            (false, rest)
-        } else if text.contains("://") {
-            return Err(format!("{text:?}: the scheme must be https:// or grpc://"));
-        } else {
-            (false, text)
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port))
-                if !port.contains(']') && (!host.contains(':') || host.ends_with(']')) =>
-            {
-                let port = port
-                    .parse()
-                    .map_err(|_| format!("{text:?}: {port:?} is not a port number"))?;
-                (host, Some(port))
-            }
-            _ => (rest, None),
-        };
-        let port = match (port, tls) {
-            (Some(port), _) => port,
-            (None, true) => 443,
-            (None, false) => return Err(format!("{text:?}: a grpc:// endpoint needs a port")),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(format!("{text:?}: no host"));
-        }
-        Ok(Self {
-            host: host.to_string(),
-            port,
-            tls,
-        })
-    }
-}
-
-impl std::fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.tls { "https" } else { "grpc" };
-        if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
-        }
-    }
-}
 
 /// Key-exchange groups the client offers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -123,51 +66,6 @@ impl ClientOptions {
             key_exchange: KeyExchange::default(),
             timeout: TALOS_CALL_TIMEOUT,
         }
-    }
-}
-
-/// What went wrong, as a sentence an operator can act on. No variant keeps a library error
-/// as its source: those print Debug text, so each is turned into words where it is caught.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("{0}")]
-    Setup(String),
-    #[error("cannot connect to {endpoint}: {problem}")]
-    Connect { endpoint: String, problem: String },
-    #[error("TLS handshake with {endpoint} failed: {problem}")]
-    Tls { endpoint: String, problem: String },
-    #[error(
-        "{endpoint} speaks TLS, but the endpoint asks for plaintext gRPC: use {https} as the endpoint"
-    )]
-    SpeaksTls { endpoint: String, https: String },
-    #[error("HTTP/2 with {endpoint} failed: {problem}")]
-    Http2 { endpoint: String, problem: String },
-    #[error("the server refused the call with {}: {}", code_name(.0.code()), .0.message())]
-    Status(tonic::Status),
-    #[error(
-        "no answer within {} s: the server is overloaded, or a firewall drops the packets",
-        .0.as_secs_f64()
-    )]
-    Timeout(Duration),
-}
-
-impl ClientError {
-    /// A short name for counting errors by kind.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ClientError::Setup(_) => "setup",
-            ClientError::Connect { .. } => "connect",
-            ClientError::Tls { .. } => "tls",
-            ClientError::SpeaksTls { .. } => "plaintext_to_tls",
-            ClientError::Http2 { .. } => "http2",
-            ClientError::Status(_) => "status",
-            ClientError::Timeout(_) => "timeout",
-        }
-    }
-
-    /// Whether a plaintext call could have failed because the server expects TLS.
-    fn may_be_plaintext_to_tls(&self) -> bool {
-        matches!(self, ClientError::Http2 { .. } | ClientError::Timeout(_))
     }
 }
 
@@ -555,228 +453,6 @@ fn client_config(
     Ok(Arc::new(config))
 }
 
-/// The TLS error inside an I/O error from tokio-rustls, if that is what it is.
-fn rustls_error(error: &std::io::Error) -> Option<&rustls::Error> {
-    error.get_ref()?.downcast_ref::<rustls::Error>()
-}
-
-/// A failed handshake in words, with what to do about it. rustls's own messages print its
-/// enums with Debug, which an operator cannot act on.
-fn describe_tls(error: &std::io::Error, name: &ServerName<'_>, ca_file: Option<&Path>) -> String {
-    use rustls::CertificateError as Cert;
-    let Some(tls) = rustls_error(error) else {
-        return match error.kind() {
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-                "the server closed the connection during the handshake: check that the port \
-                 serves TLS, and the server's log for why it refused this client"
-                    .into()
-            }
-            _ => error.to_string(),
-        };
-    };
-    let untrusted = match ca_file {
-        Some(ca) => format!(
-            "the server's certificate is not issued by a CA in {} (unknown issuer): pass the \
-             CA that issued it with --ca",
-            ca.display()
-        ),
-        None => "the server's certificate is not trusted (issued by an unknown CA): pass --ca \
-                 FILE with the CA that issued it, or use a certificate from a public CA"
-            .into(),
-    };
-    match tls {
-        rustls::Error::InvalidCertificate(cert) => match cert {
-            Cert::UnknownIssuer => untrusted,
-            Cert::NotValidForNameContext { presented, .. } => {
-                let names: Vec<String> = presented.iter().filter_map(|n| host_name(n)).collect();
-                if names.is_empty() {
-                    format!(
-                        "the server's certificate is not valid for {}: it names no host (no DNS \
-                         or IP subjectAltName); issue one that names the endpoint's host",
-                        name.to_str()
-                    )
-                } else {
-                    format!(
-                        "the server's certificate is not valid for {}: its names are {}; use \
-                         one of them in the endpoint, or add {} to the certificate",
-                        name.to_str(),
-                        names.join(", "),
-                        name.to_str()
-                    )
-                }
-            }
-            Cert::NotValidForName => format!(
-                "the server's certificate is not valid for {}: use a name it holds in the \
-                 endpoint, or add this one to the certificate",
-                name.to_str()
-            ),
-            Cert::ExpiredContext { not_after, .. } => format!(
-                "the server's certificate expired on {}: renew it",
-                utc(not_after.as_secs())
-            ),
-            Cert::Expired => "the server's certificate has expired: renew it".into(),
-            Cert::NotValidYetContext { not_before, .. } => format!(
-                "the server's certificate is not valid before {}: check the clocks of this \
-                 machine and of the issuer",
-                utc(not_before.as_secs())
-            ),
-            Cert::NotValidYet => "the server's certificate is not valid yet: check the clocks \
-                                  of this machine and of the issuer"
-                .into(),
-            Cert::Revoked => {
-                "the server's certificate is revoked: give the server a new one".into()
-            }
-            Cert::BadSignature => "a signature in the server's certificate chain does not \
-                                   verify: the server sends a broken chain, or someone is in \
-                                   the middle"
-                .into(),
-            Cert::InvalidPurpose | Cert::InvalidPurposeContext { .. } => {
-                "the server's certificate is not for TLS servers (its extended key usage lacks \
-                 serverAuth): issue one for server authentication"
-                    .into()
-            }
-            Cert::UnsupportedSignatureAlgorithmContext { .. }
-            | Cert::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
-                "the server's certificate chain uses a signature algorithm this client does not \
-                 accept: use ECDSA (P-256, P-384), RSA (2048+) or Ed25519"
-                    .into()
-            }
-            _ => format!(
-                "the server's certificate chain does not verify against the trusted CAs: check \
-                 that the server sends its full chain; {}",
-                if ca_file.is_some() {
-                    "and that --ca holds the CA that issued it"
-                } else {
-                    "pass --ca FILE with the CA that issued it if it is private"
-                }
-            ),
-        },
-        rustls::Error::AlertReceived(alert) => {
-            use rustls::AlertDescription as Alert;
-            let hint = match alert {
-                Alert::HandshakeFailure | Alert::ProtocolVersion | Alert::InsufficientSecurity => {
-                    ": it may not support TLS 1.3 or the key exchange chosen with --kx (try --kx x25519)"
-                }
-                Alert::NoApplicationProtocol => {
-                    ": it does not offer HTTP/2 (ALPN h2), which gRPC needs; is this a KMS port?"
-                }
-                Alert::UnrecognisedName => {
-                    ": it does not serve this host name; check the endpoint's host"
-                }
-                _ => "; its log may say why",
-            };
-            format!(
-                "the server refused the handshake ({} alert){hint}",
-                words(&format!("{alert:?}"))
-            )
-        }
-        rustls::Error::PeerIncompatible(_) => {
-            "the server and this client have no TLS 1.3 parameters in common: the server may not \
-             support TLS 1.3 or the key exchange chosen with --kx (try --kx x25519)"
-                .into()
-        }
-        rustls::Error::InvalidMessage(_)
-        | rustls::Error::InappropriateMessage { .. }
-        | rustls::Error::InappropriateHandshakeMessage { .. } => {
-            "the server did not answer with TLS: if it serves plaintext gRPC, use grpc:// in the \
-             endpoint"
-                .into()
-        }
-        rustls::Error::NoCertificatesPresented => {
-            "the server sent no certificate: configure one on the server".into()
-        }
-        other => format!(
-            "{}: check the server's TLS setup and its log",
-            words(&format!("{other:?}"))
-        ),
-    }
-}
-
-/// A host name from webpki's Debug text of a subjectAltName entry (`DnsName("a.example")`,
-/// `IpAddress(10.0.0.1)`), which is all rustls gives; `None` for entries that name no host.
-fn host_name(presented: &str) -> Option<String> {
-    if let Some(dns) = presented
-        .strip_prefix("DnsName(\"")
-        .and_then(|rest| rest.strip_suffix("\")"))
-    {
-        return Some(dns.to_string());
-    }
-    let ip = presented
-        .strip_prefix("IpAddress(")
-        .and_then(|rest| rest.strip_suffix(')'))?;
-    // Reparsed so that IPv6 reads as usual (webpki writes `0::1`).
-    Some(
-        ip.parse::<IpAddr>()
-            .map_or_else(|_| ip.to_string(), |ip| ip.to_string()),
-    )
-}
-
-/// A gRPC status code as the gRPC specification writes it, e.g. `INVALID_ARGUMENT`.
-fn code_name(code: tonic::Code) -> String {
-    words(&format!("{code:?}")).to_uppercase().replace(' ', "_")
-}
-
-/// `PeerMisbehaved(IllegalMiddleboxChangeCipherSpec)` as "peer misbehaved: illegal middlebox
-/// change cipher spec", for errors with no better sentence.
-fn words(debug: &str) -> String {
-    let mut parts = Vec::new();
-    for token in debug.split(|c: char| !c.is_ascii_alphanumeric()) {
-        if !token.starts_with(|c: char| c.is_ascii_uppercase()) {
-            continue;
-        }
-        let mut part = String::new();
-        for c in token.chars() {
-            if c.is_ascii_uppercase() && !part.is_empty() {
-                part.push(' ');
-            }
-            part.push(c.to_ascii_lowercase());
-        }
-        parts.push(part);
-    }
-    if parts.is_empty() {
-        "TLS error".into()
-    } else {
-        parts.join(": ")
-    }
-}
-
-fn utc(seconds: u64) -> String {
-    i64::try_from(seconds)
-        .ok()
-        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-        .and_then(|t| {
-            t.format(time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
-            ))
-            .ok()
-        })
-        .unwrap_or_else(|| format!("{seconds} s after 1970"))
-}
-
-/// A failed connect in words, with the likely fix.
-fn describe_connect(error: &std::io::Error, source_ip: Option<IpAddr>) -> String {
-    match error.kind() {
-        std::io::ErrorKind::ConnectionRefused => {
-            "connection refused: check that the server runs and that the endpoint's port is the \
-             one it listens on"
-                .into()
-        }
-        std::io::ErrorKind::AddrNotAvailable if source_ip.is_some() => {
-            format!("{error}: --source-ip must be an address of this machine")
-        }
-        _ => error.to_string(),
-    }
-}
-
-/// hyper's message and the HTTP/2 reason under it (hyper alone says only "http2 error").
-fn describe_hyper(error: &hyper::Error) -> String {
-    use std::error::Error;
-    match error.source() {
-        Some(cause) => format!("{error}: {cause}"),
-        None => error.to_string(),
-    }
-}
-
 /// An HTTP/2 connection as the transport of the generated gRPC client: one connection, no
 /// pooling, no reconnects, exactly like a Talos call.
 #[derive(Clone)]
@@ -793,48 +469,5 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for H2 {
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         Box::pin(self.0.send_request(request))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Endpoint {
-        text.parse().unwrap()
-    }
-
-    #[test]
-    fn endpoints_parse_like_talos() {
-        assert_eq!(
-            parse("https://kms.example.com:50051"),
-            Endpoint {
-                host: "kms.example.com".into(),
-                port: 50051,
-                tls: true
-            }
-        );
-        assert_eq!(parse("https://kms.example.com").port, 443);
-        assert_eq!(
-            parse("grpc://10.0.0.1:4050"),
-            Endpoint {
-                host: "10.0.0.1".into(),
-                port: 4050,
-                tls: false
-            }
-        );
-        assert!(!parse("10.0.0.1:4050").tls);
-        assert_eq!(
-            parse("https://[::1]:50051"),
-            Endpoint {
-                host: "::1".into(),
-                port: 50051,
-                tls: true
-            }
-        );
-        assert_eq!(parse("https://[::1]").port, 443);
-        assert!("ftp://x:1".parse::<Endpoint>().is_err());
-        assert!("grpc://host".parse::<Endpoint>().is_err());
-        assert!("https://host:port".parse::<Endpoint>().is_err());
     }
 }
