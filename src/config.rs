@@ -1,6 +1,7 @@
 //! The config file: YAML with the legacy server's camelCase keys, all honoured, plus
 //! `database`. Relative paths are taken relative to the config file's directory.
 
+use crate::audit::Rotation;
 use crate::logging::LogLevel;
 use serde::Deserialize;
 use std::fmt;
@@ -11,6 +12,8 @@ pub const DEFAULT_PORT: u16 = 50051;
 /// The embedded database's file name when `database` is not set: beside `nodeDbFile`, where
 /// the legacy package already lets the service write.
 pub const DEFAULT_DATABASE_NAME: &str = "talos-kms-server.db";
+/// The audit trail's file name when `auditLog` is not set: beside the database.
+pub const DEFAULT_AUDIT_LOG_NAME: &str = "talos-kms-server-audit.jsonl";
 
 /// Written where `--config` points when no file is there, as the legacy server did.
 pub const DEFAULT_CONFIG: &str = r#"# talos-kms-server configuration. Edit it, then start the server again.
@@ -24,6 +27,12 @@ nodeDbFile: "/etc/talos-kms-server/nodeDbFile.json"
 # losing every disk that only has a KMS key. Without this key it is talos-kms-server.db
 # beside nodeDbFile, as a legacy config (which has no `database`) expects.
 database: "/var/lib/talos-kms-server/talos-kms-server.db"
+
+# The audit trail: one JSON line per seal, unseal and admin action (`talos-kms-server audit`
+# reads it). Calls are refused while it cannot be written. Default: beside the database.
+# auditLog: "/var/lib/talos-kms-server/talos-kms-server-audit.jsonl"
+# auditLogMaxMiB: 100   # past this size it is renamed to .1 (.1 to .2...) and a new one begun
+# auditLogKeep: 10      # rotated files kept
 
 # PEM certificate, followed by its chain. Talos nodes must trust it with their built-in
 # public CA bundle to unlock STATE (a TrustedRootsConfig lives inside STATE itself).
@@ -54,6 +63,10 @@ struct RawConfig {
     bind_address: Option<String>,
     kms_log_level: Option<String>,
     root_log_level: Option<String>,
+    audit_log: Option<PathBuf>,
+    #[serde(rename = "auditLogMaxMiB")]
+    audit_log_max_mib: Option<u64>,
+    audit_log_keep: Option<u32>,
 }
 
 /// A validated configuration.
@@ -67,6 +80,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub kms_log_level: LogLevel,
     pub root_log_level: LogLevel,
+    /// The audit trail: beside the database unless `auditLog` says otherwise.
+    pub audit_log: PathBuf,
+    pub audit_rotation: Rotation,
 }
 
 impl fmt::Debug for Config {
@@ -82,6 +98,7 @@ impl fmt::Debug for Config {
                 &self.server_key_password.as_ref().map(|_| "<redacted>"),
             )
             .field("listen", &self.listen)
+            .field("audit_log", &self.audit_log)
             .finish()
     }
 }
@@ -186,8 +203,26 @@ impl Config {
             None => Ok(default),
             Some(text) => text.parse().map_err(|e| format!("{key}: {e}")),
         };
+        let audit_log = match raw.audit_log {
+            Some(audit_log) => resolve(audit_log),
+            None => database
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(DEFAULT_AUDIT_LOG_NAME),
+        };
+        let defaults = Rotation::default();
+        let audit_rotation = Rotation {
+            max_bytes: match raw.audit_log_max_mib {
+                Some(0) => return Err("auditLogMaxMiB must be at least 1".into()),
+                Some(mib) => mib.saturating_mul(1 << 20),
+                None => defaults.max_bytes,
+            },
+            keep: raw.audit_log_keep.unwrap_or(defaults.keep),
+        };
         Ok(Config {
             path: path.to_path_buf(),
+            audit_log,
+            audit_rotation,
             server_cert_file: required(raw.server_cert_file, "serverCertFile")?,
             server_key_file: required(raw.server_key_file, "serverKeyFile")?,
             server_key_password: raw.server_key_password.filter(|p| !p.is_empty()),

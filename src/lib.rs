@@ -7,6 +7,7 @@
 //! [`client`] behaves exactly like a Talos node and is shared by the tests, `bench` and the
 //! operator's `client` command.
 
+pub mod audit;
 pub mod bench;
 pub mod check;
 pub mod client;

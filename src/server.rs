@@ -1,5 +1,6 @@
 //! Wires a listener, the service and a store into a running server, and stops it cleanly.
 
+use crate::audit::{AuditError, AuditLog};
 use crate::listener::{Listener, MAX_CONNECTIONS};
 use crate::policy::Policy;
 use crate::service::KmsService;
@@ -14,12 +15,15 @@ use tokio::task::JoinHandle;
 
 /// How long shutdown waits for calls in flight: a Talos call's whole deadline.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an unseal's audit line may stay in the page cache only.
+const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Deep accept queue: a reboot storm arrives all at once.
 const ACCEPT_BACKLOG: i32 = 4096;
 
 pub struct ServerOptions {
     pub tls: Arc<rustls::ServerConfig>,
     pub store: Arc<dyn Store>,
+    pub audit: Arc<AuditLog>,
     pub policy: Policy,
 }
 
@@ -29,6 +33,7 @@ pub struct RunningServer {
     listener: JoinHandle<()>,
     finished: mpsc::Receiver<()>,
     store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,19 +78,28 @@ impl Port {
         let listener = Listener {
             tcp: self.tcp,
             tls: tokio_rustls::TlsAcceptor::from(options.tls),
-            service: Arc::new(KmsService::new(Arc::clone(&options.store), options.policy)),
+            service: Arc::new(KmsService::new(
+                Arc::clone(&options.store),
+                Arc::clone(&options.audit),
+                options.policy,
+            )),
             limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             handshakes: Arc::new(Semaphore::new(handshakes_at_once())),
             handshake_failures: Arc::default(),
             shutdown,
             finished: finished_sender,
         };
+        tokio::spawn(sync_audit_trail(
+            Arc::clone(&options.audit),
+            stop.subscribe(),
+        ));
         RunningServer {
             local_addr: self.local_addr,
             stop,
             listener: tokio::spawn(listener.run()),
             finished,
             store: options.store,
+            audit: options.audit,
         }
     }
 }
@@ -125,8 +139,8 @@ impl RunningServer {
     }
 
     /// Stops accepting, lets calls in flight finish (bounded by a Talos call's deadline),
-    /// then flushes the store.
-    pub async fn shutdown(mut self) -> Result<(), StoreError> {
+    /// then flushes the store and the audit trail.
+    pub async fn shutdown(mut self) -> Result<(), ShutdownError> {
         let _ = self.stop.send(true);
         let _ = self.listener.await;
         if tokio::time::timeout(DRAIN_TIMEOUT, self.finished.recv())
@@ -135,8 +149,35 @@ impl RunningServer {
         {
             tracing::warn!("calls still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
         }
-        self.store.flush().await
+        self.store.flush().await?;
+        self.audit.sync().await?;
+        Ok(())
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShutdownError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+/// Unseals only write their audit lines; this makes them durable within a second.
+async fn sync_audit_trail(audit: Arc<AuditLog>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(AUDIT_SYNC_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                let _ = audit.sync().await;
+            }
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 /// Enough first flights computed at once to keep every core busy, and no more: beyond that,

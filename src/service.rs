@@ -1,6 +1,8 @@
 //! The `sidero.kms.KMSService` implementation: turns checked requests into sealing and store
-//! operations, and answers every unseal failure the same way.
+//! operations, answers every unseal failure the same way, and writes each call's audit line
+//! before its answer leaves.
 
+use crate::audit::{Action, AuditLog, Event, Reason};
 use crate::policy::Policy;
 use crate::proto::{self, KMSService};
 use crate::sealing::{self, SealedBlob, peer_ip_text};
@@ -18,12 +20,28 @@ const SEAL_ATTEMPTS: usize = 3;
 
 pub struct KmsService {
     store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
     policy: Policy,
 }
 
 impl KmsService {
-    pub fn new(store: Arc<dyn Store>, policy: Policy) -> Self {
-        Self { store, policy }
+    pub fn new(store: Arc<dyn Store>, audit: Arc<AuditLog>, policy: Policy) -> Self {
+        Self {
+            store,
+            audit,
+            policy,
+        }
+    }
+
+    /// Writes a refusal's line; the refusal stands whether or not the line could be written.
+    fn refused(&self, event: Event, reason: Reason, status: Status) -> Status {
+        let _ = self.audit.write(&event.refused(reason));
+        status
+    }
+
+    /// Writes the line of a call about to be answered with data: no line, no answer.
+    fn audited(&self, event: &Event) -> Result<(), Status> {
+        self.audit.write(event).map_err(|_| audit_unavailable())
     }
 }
 
@@ -35,9 +53,13 @@ fn peer_of<T>(request: &Request<T>) -> Result<SocketAddr, Status> {
         .ok_or_else(|| Status::internal("the connection's peer address is unknown"))
 }
 
-fn store_unavailable(error: store::StoreError) -> Status {
+fn store_unavailable(error: &store::StoreError) -> Status {
     tracing::error!(%error, "key store failure");
     Status::unavailable("the key store is unavailable; nothing was changed, retry later")
+}
+
+fn audit_unavailable() -> Status {
+    Status::unavailable("the audit trail cannot be written; nothing was changed, retry later")
 }
 
 fn answer(data: Vec<u8>) -> Response<proto::Response> {
@@ -52,12 +74,19 @@ impl KMSService for KmsService {
     ) -> Result<Response<proto::Response>, Status> {
         let peer = peer_of(&request)?;
         let request = request.into_inner();
-        self.policy.check_seal(&request)?;
         let ip = peer_ip_text(&peer);
+        let event = Event::call(Action::Seal, &ip, &request.node_uuid);
+        if let Err(status) = self.policy.check_seal(&request) {
+            return Err(self.refused(event, Reason::Invalid, status));
+        }
         for _ in 0..SEAL_ATTEMPTS {
             let sealed = sealing::seal(&request.node_uuid, &ip, &request.data).map_err(|e| {
                 tracing::error!(error = %e, "sealing failed");
-                Status::internal("sealing failed")
+                self.refused(
+                    event.clone(),
+                    Reason::Failed,
+                    Status::internal("sealing failed"),
+                )
             })?;
             let record = NewRecord {
                 nonce: sealed.nonce,
@@ -67,8 +96,15 @@ impl KMSService for KmsService {
                 created_at: store::now(),
                 last_access: None,
             };
-            match self.store.insert(record).await.map_err(store_unavailable)? {
+            let inserted = self.store.insert(record).await.map_err(|e| {
+                let status = store_unavailable(&e);
+                self.refused(event.clone(), Reason::StoreUnavailable, status)
+            })?;
+            match inserted {
                 Inserted::Stored(id) => {
+                    // The line is durable before the seal is acknowledged, as the record is.
+                    self.audited(&event.clone().record(id))?;
+                    self.audit.sync().await.map_err(|_| audit_unavailable())?;
                     tracing::info!(record = id, node = ?request.node_uuid, %ip, "sealed");
                     return Ok(answer(sealed.blob.to_vec()));
                 }
@@ -76,7 +112,11 @@ impl KMSService for KmsService {
             }
         }
         tracing::error!("{SEAL_ATTEMPTS} random nonces in a row were taken; is the RNG broken?");
-        Err(Status::internal("could not allocate a nonce"))
+        Err(self.refused(
+            event,
+            Reason::Failed,
+            Status::internal("could not allocate a nonce"),
+        ))
     }
 
     async fn unseal(
@@ -85,27 +125,40 @@ impl KMSService for KmsService {
     ) -> Result<Response<proto::Response>, Status> {
         let peer = peer_of(&request)?;
         let request = request.into_inner();
-        self.policy.check_unseal(&request)?;
-        let blob = SealedBlob::parse(&request.data)
-            .ok_or_else(|| Status::invalid_argument("malformed sealed blob"))?;
         let node = &request.node_uuid;
         let ip = peer_ip_text(&peer);
-        let found = self
-            .store
-            .find_by_nonce(&blob.nonce)
-            .await
-            .map_err(store_unavailable)?;
+        let event = Event::call(Action::Unseal, &ip, node);
+        if let Err(status) = self.policy.check_unseal(&request) {
+            return Err(self.refused(event, Reason::Invalid, status));
+        }
+        let Some(blob) = SealedBlob::parse(&request.data) else {
+            let status = Status::invalid_argument("malformed sealed blob");
+            return Err(self.refused(event, Reason::Invalid, status));
+        };
+        let found = self.store.find_by_nonce(&blob.nonce).await.map_err(|e| {
+            let status = store_unavailable(&e);
+            self.refused(event.clone(), Reason::StoreUnavailable, status)
+        })?;
 
         // Every failure below answers OK with random bytes in the time of a real attempt;
-        // only the log tells why.
+        // only the log and the audit trail tell why.
         let Some(record) = found else {
             sealing::unseal_nothing(&blob, node, &ip);
+            self.audited(&event.refused(Reason::UnknownNonce))?;
             tracing::warn!(node = ?node, %ip, "unseal refused: no record has this nonce");
             return Ok(answer(sealing::decoy_passphrase().to_vec()));
         };
         self.store.record_access(record.id, store::now());
-        match sealing::unseal(&blob, &record.ciphertext, node, &ip) {
+        let event = event.record(record.id);
+        let unsealed = sealing::unseal(&blob, &record.ciphertext, node, &ip);
+        if record.revoked_at.is_some() {
+            self.audited(&event.refused(Reason::Revoked))?;
+            tracing::warn!(record = record.id, node = ?node, %ip, "unseal refused: revoked");
+            return Ok(answer(sealing::decoy_passphrase().to_vec()));
+        }
+        match unsealed {
             Ok(passphrase) => {
+                self.audited(&event)?;
                 tracing::info!(record = record.id, node = ?node, %ip, "unsealed");
                 Ok(answer(passphrase))
             }
@@ -123,6 +176,7 @@ impl KMSService for KmsService {
                 } else {
                     "wrong key for this record".to_string()
                 };
+                self.audited(&event.refused(Reason::WrongKeyOrBinding))?;
                 tracing::warn!(record = record.id, node = ?node, %ip, %reason, "unseal refused");
                 Ok(answer(sealing::decoy_passphrase().to_vec()))
             }

@@ -246,6 +246,10 @@ async fn key_formats_and_types_load_and_serve() {
             talos_kms_server::server::ServerOptions {
                 tls: tls_config,
                 store,
+                audit: Arc::new(
+                    talos_kms_server::audit::AuditLog::open(&dir.path().join("audit.jsonl"), None)
+                        .unwrap(),
+                ),
                 policy: Default::default(),
             },
         )

@@ -439,6 +439,9 @@ mod tests {
             ServerOptions {
                 tls: tls::server_config(tls::load_identity(&cert, &key, None).unwrap()).unwrap(),
                 store: Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap()),
+                audit: Arc::new(
+                    crate::audit::AuditLog::open(&dir.path().join("audit"), None).unwrap(),
+                ),
                 policy: Default::default(),
             },
         )

@@ -9,6 +9,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use talos_kms_server::audit::AuditLog;
 use talos_kms_server::logging::{self, LogLevel};
 use talos_kms_server::policy::Policy;
 use talos_kms_server::server::{self, ServerOptions};
@@ -60,9 +61,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let identity = tls::load_identity(&cert_file, &key_file, None)?;
     let port = server::bind(args.listen)?;
     let store = Arc::new(SqliteStore::open(&dir.path().join("demo.db"))?);
+    let audit = Arc::new(AuditLog::open(&dir.path().join("audit.jsonl"), None)?);
     let options = ServerOptions {
         tls: tls::server_config(identity)?,
         store,
+        audit,
         policy: Policy::default(),
     };
     let dir_path = dir.path().to_path_buf();

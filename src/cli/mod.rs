@@ -1,12 +1,15 @@
 //! Command-line interface. `talos-kms-server --config FILE` serves, exactly like the legacy
 //! server; everything else is a subcommand.
 
+mod admin;
 mod bench;
 mod check;
 mod client;
 mod demo;
 mod fill;
 mod import_json;
+mod keys;
+mod progress;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +44,13 @@ enum Command {
     Bench(bench::Args),
     /// Fill a database or a legacy JSON file with N valid records, for benchmarks.
     Fill(fill::Args),
+    /// List, show, revoke, restore and purge records, while the server runs.
+    Keys(keys::Args),
+}
+
+/// The command and its arguments as typed, for the audit trail (they hold no secrets).
+fn command_line() -> Vec<String> {
+    std::env::args().skip(1).collect()
 }
 
 #[derive(clap::Args)]
@@ -60,6 +70,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(Command::Client(args)), _) => client::run(args).await,
         (Some(Command::Bench(args)), _) => bench::run(args).await,
         (Some(Command::Fill(args)), _) => fill::run(args).await,
+        (Some(Command::Keys(args)), config) => keys::run(args, config, &command_line()).await,
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \

@@ -4,6 +4,7 @@ use anyhow::Context;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use talos_kms_server::audit::AuditLog;
 use talos_kms_server::config::Config;
 use talos_kms_server::logging;
 use talos_kms_server::policy::Policy;
@@ -38,12 +39,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
              restore the database from a backup before nodes seal new keys"
         );
     }
+    let audit = Arc::new(AuditLog::open(
+        &config.audit_log,
+        Some(config.audit_rotation),
+    )?);
     if let Some(legacy) = &config.node_db_file {
         take_over_legacy(store.as_ref(), legacy).await?;
     }
     let options = ServerOptions {
         tls: tls::server_config(identity)?,
         store,
+        audit,
         policy: Policy::default(),
     };
     serve_until_signal(port, options, OnHangup::KeepServing, |_| ()).await?;

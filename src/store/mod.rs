@@ -4,7 +4,7 @@
 pub mod legacy_json;
 mod sqlite;
 
-pub use sqlite::{Inspection, SqliteStore};
+pub use sqlite::{ExclusiveUse, Inspection, SqliteStore};
 
 use crate::sealing::SealNonce;
 use async_trait::async_trait;
@@ -38,6 +38,60 @@ pub struct Record {
     pub ciphertext: Vec<u8>,
     pub created_at: UnixTime,
     pub last_access: Option<UnixTime>,
+    /// Set while the record is revoked: its unseals are answered like a wrong key's.
+    pub revoked_at: Option<UnixTime>,
+}
+
+/// What an operator sees of a record: everything but its ciphertext and nonce.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RecordInfo {
+    pub id: RecordId,
+    pub node_uuid: String,
+    pub ip: String,
+    pub created_at: UnixTime,
+    pub last_access: Option<UnixTime>,
+    pub revoked_at: Option<UnixTime>,
+}
+
+impl RecordInfo {
+    pub fn state(&self) -> RecordState {
+        if self.revoked_at.is_some() {
+            RecordState::Revoked
+        } else {
+            RecordState::Active
+        }
+    }
+
+    /// When it was last unsealed, or created if never.
+    pub fn last_used(&self) -> UnixTime {
+        self.last_access.unwrap_or(self.created_at)
+    }
+}
+
+/// A whole record, nonce included, for moving records elsewhere (export, migration).
+pub struct StoredRecord {
+    pub info: RecordInfo,
+    pub nonce: SealNonce,
+    pub ciphertext: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordState {
+    Active,
+    Revoked,
+}
+
+/// Which records an admin command means; every condition set must hold.
+#[derive(Clone, Debug, Default)]
+pub struct RecordFilter {
+    pub ids: Option<Vec<RecordId>>,
+    pub node_uuid: Option<String>,
+    pub ip: Option<String>,
+    pub state: Option<RecordState>,
+    /// Neither unsealed nor created since then.
+    pub not_used_since: Option<UnixTime>,
+    pub created_before: Option<UnixTime>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -99,6 +153,35 @@ pub trait Store: Send + Sync + 'static {
     async fn has_imported(&self, fingerprint: &str) -> Result<bool, StoreError>;
 
     async fn count(&self) -> Result<u64, StoreError>;
+
+    /// Up to `limit` records matching `filter` with ids above `after`, in id order: a page
+    /// of a listing that may hold millions.
+    async fn list(
+        &self,
+        filter: &RecordFilter,
+        after: RecordId,
+        limit: usize,
+    ) -> Result<Vec<RecordInfo>, StoreError>;
+
+    /// Like [`Store::list`], with nonces and ciphertexts.
+    async fn export(
+        &self,
+        filter: &RecordFilter,
+        after: RecordId,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError>;
+
+    /// Revokes (`Some(time)`) or restores (`None`) the records with these ids, durably;
+    /// returns how many changed state.
+    async fn set_revoked(
+        &self,
+        ids: &[RecordId],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError>;
+
+    /// Deletes the records with these ids that still match `filter` when the deletion runs
+    /// (a record restored meanwhile is kept), durably; returns how many were deleted.
+    async fn delete(&self, ids: &[RecordId], filter: &RecordFilter) -> Result<u64, StoreError>;
 
     /// Writes everything buffered (access times).
     async fn flush(&self) -> Result<(), StoreError>;

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
+use talos_kms_server::audit::AuditLog;
 #[allow(unused_imports)] // not every test binary seals
 pub use talos_kms_server::client::random_passphrase;
 use talos_kms_server::client::{ClientOptions, KmsClient};
@@ -80,6 +81,7 @@ impl TestServer {
             ServerOptions {
                 tls: tls::server_config(identity).unwrap(),
                 store,
+                audit: Arc::new(AuditLog::open(&dir.join("audit.jsonl"), None).unwrap()),
                 policy: Policy::default(),
             },
         )

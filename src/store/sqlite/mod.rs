@@ -12,7 +12,8 @@
 //! store refuses everything until a restart.
 
 use super::{
-    ImportBatch, ImportReport, Inserted, NewRecord, Record, RecordId, Store, StoreError, UnixTime,
+    ImportBatch, ImportReport, Inserted, NewRecord, Record, RecordFilter, RecordId, RecordInfo,
+    RecordState, Store, StoreError, StoredRecord, UnixTime,
 };
 use crate::sealing::SealNonce;
 use async_trait::async_trait;
@@ -31,7 +32,8 @@ use tokio::sync::oneshot;
 const APPLICATION_ID: i64 = 0x544B_4D53;
 
 /// Schema migrations; `PRAGMA user_version` is the number applied. Append, never edit.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE records (
         id          INTEGER PRIMARY KEY,
         nonce       BLOB    NOT NULL UNIQUE CHECK (length(nonce) = 12),
@@ -46,7 +48,13 @@ const MIGRATIONS: &[&str] = &["
         imported_at INTEGER NOT NULL,
         records     INTEGER NOT NULL
     );
-"];
+",
+    // Revocation, and the index `keys revoke --node` and `keys list --node` use.
+    "
+    ALTER TABLE records ADD COLUMN revoked_at INTEGER;
+    CREATE INDEX records_by_node ON records (node_uuid);
+",
+];
 
 const READERS: usize = 4;
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
@@ -73,7 +81,11 @@ enum Job {
         oneshot::Sender<Result<ImportReport, StoreError>>,
     ),
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// An admin change; answers how many records it changed.
+    Write(WriteFn, oneshot::Sender<Result<u64, StoreError>>),
 }
+
+type WriteFn = Box<dyn FnOnce(&Connection) -> rusqlite::Result<u64> + Send>;
 
 impl SqliteStore {
     /// Opens the database at `path`, creating it (mode 0600, parent directory 0700) when it
@@ -168,6 +180,31 @@ impl SqliteStore {
             }
         }
         Ok(query(&lock(&self.readers[start % count]))?)
+    }
+}
+
+/// Proof that nothing else has the database open: no server, no admin command.
+pub struct ExclusiveUse {
+    _handle: fs::File,
+}
+
+impl SqliteStore {
+    /// Takes the database at `path` for a change no one may see half done (a restore);
+    /// refused while a server or another command uses it.
+    pub fn exclusive_use(path: &Path) -> Result<ExclusiveUse, StoreError> {
+        let open_error = |problem: String| StoreError::Open {
+            path: path.display().to_string(),
+            problem,
+        };
+        let handle = fs::File::open(path).map_err(|e| open_error(e.to_string()))?;
+        rustix::fs::flock(&handle, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| {
+                open_error(
+                    "is in use by a running server or another command; stop the server first"
+                        .into(),
+                )
+            })?;
+        Ok(ExclusiveUse { _handle: handle })
     }
 }
 
@@ -279,7 +316,7 @@ impl Store for SqliteStore {
     async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
         let found = self.read(|conn| {
             conn.prepare_cached(
-                "SELECT id, node_uuid, ip, ciphertext, created_at, last_access
+                "SELECT id, node_uuid, ip, ciphertext, created_at, last_access, revoked_at
                  FROM records WHERE nonce = ?1",
             )?
             .query_row([&nonce[..]], |row| {
@@ -290,6 +327,7 @@ impl Store for SqliteStore {
                     ciphertext: row.get(3)?,
                     created_at: row.get(4)?,
                     last_access: row.get(5)?,
+                    revoked_at: row.get(6)?,
                 })
             })
             .optional()
@@ -327,6 +365,148 @@ impl Store for SqliteStore {
         self.submit(Job::Flush(reply))?;
         answer.await.map_err(|_| StoreError::WriterStopped)?
     }
+
+    async fn list(
+        &self,
+        filter: &RecordFilter,
+        after: RecordId,
+        limit: usize,
+    ) -> Result<Vec<RecordInfo>, StoreError> {
+        let (conditions, values) = conditions(filter, after);
+        self.read(|conn| {
+            let mut statement = conn.prepare(&format!(
+                "SELECT {INFO_COLUMNS} FROM records WHERE {conditions} ORDER BY id LIMIT {limit}"
+            ))?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values), info_of)?;
+            rows.collect()
+        })
+    }
+
+    async fn export(
+        &self,
+        filter: &RecordFilter,
+        after: RecordId,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let (conditions, values) = conditions(filter, after);
+        self.read(|conn| {
+            let mut statement = conn.prepare(&format!(
+                "SELECT {INFO_COLUMNS}, nonce, ciphertext FROM records WHERE {conditions} \
+                 ORDER BY id LIMIT {limit}"
+            ))?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values), |row| {
+                let nonce: Vec<u8> = row.get(6)?;
+                Ok(StoredRecord {
+                    info: info_of(row)?,
+                    // The schema's CHECK holds every nonce at 12 bytes.
+                    nonce: SealNonce::try_from(nonce.as_slice()).unwrap_or_default(),
+                    ciphertext: row.get(7)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    async fn set_revoked(
+        &self,
+        ids: &[RecordId],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        self.write(move |conn| {
+            let change = if revoked_at.is_some() {
+                "revoked_at IS NULL"
+            } else {
+                "revoked_at IS NOT NULL"
+            };
+            let mut statement = conn.prepare_cached(&format!(
+                "UPDATE records SET revoked_at = ?2 WHERE id = ?1 AND {change}"
+            ))?;
+            let mut changed = 0;
+            for id in ids {
+                changed += statement.execute(params![id, revoked_at])? as u64;
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    async fn delete(&self, ids: &[RecordId], filter: &RecordFilter) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        let (conditions, values) = conditions(filter, 0);
+        self.write(move |conn| {
+            let mut statement = conn.prepare(&format!(
+                "DELETE FROM records WHERE id = ?{} AND {conditions}",
+                values.len() + 1
+            ))?;
+            let mut deleted = 0;
+            for id in ids {
+                let mut bound = values.clone();
+                bound.push(id.into());
+                deleted += statement.execute(rusqlite::params_from_iter(bound))? as u64;
+            }
+            Ok(deleted)
+        })
+        .await
+    }
+}
+
+impl SqliteStore {
+    async fn write(
+        &self,
+        change: impl FnOnce(&Connection) -> rusqlite::Result<u64> + Send + 'static,
+    ) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Write(Box::new(change), reply))?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+}
+
+const INFO_COLUMNS: &str = "id, node_uuid, ip, created_at, last_access, revoked_at";
+
+fn info_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordInfo> {
+    Ok(RecordInfo {
+        id: row.get(0)?,
+        node_uuid: row.get(1)?,
+        ip: row.get(2)?,
+        created_at: row.get(3)?,
+        last_access: row.get(4)?,
+        revoked_at: row.get(5)?,
+    })
+}
+
+/// The filter as an SQL condition over `records`, with its values in order.
+fn conditions(filter: &RecordFilter, after: RecordId) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut sql = vec!["id > ?1".to_string()];
+    let mut values = vec![Value::from(after)];
+    let mut bind = |condition: &str, value: Value| {
+        values.push(value);
+        sql.push(condition.replace('?', &format!("?{}", values.len())));
+    };
+    if let Some(node) = &filter.node_uuid {
+        bind("node_uuid = ?", node.clone().into());
+    }
+    if let Some(ip) = &filter.ip {
+        bind("ip = ?", ip.clone().into());
+    }
+    if let Some(before) = filter.not_used_since {
+        bind("coalesce(last_access, created_at) < ?", before.into());
+    }
+    if let Some(before) = filter.created_before {
+        bind("created_at < ?", before.into());
+    }
+    match filter.state {
+        Some(RecordState::Active) => sql.push("revoked_at IS NULL".into()),
+        Some(RecordState::Revoked) => sql.push("revoked_at IS NOT NULL".into()),
+        None => {}
+    }
+    if let Some(ids) = &filter.ids {
+        // Ids are integers: written out, they need no binding and no limit on variables.
+        let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        sql.push(format!("id IN ({})", list.join(",")));
+    }
+    (sql.join(" AND "), values)
 }
 
 /// Creates the file with mode 0600 before SQLite sees it; SQLite gives its -wal and -shm
@@ -441,6 +621,7 @@ fn commit_batch(
                 Job::Insert(_, reply) => drop(reply.send(Err(file.lost_error()))),
                 Job::Import(_, reply) => drop(reply.send(Err(file.lost_error()))),
                 Job::Flush(reply) => drop(reply.send(Err(file.lost_error()))),
+                Job::Write(_, reply) => drop(reply.send(Err(file.lost_error()))),
             }
         }
         return;
@@ -459,8 +640,11 @@ fn commit_batch(
         for job in batch {
             done.push(match job {
                 Job::Insert(record, reply) => Done::Insert(insert(&tx, &record), reply),
-                Job::Import(batch, reply) => Done::Import(import(&tx, &batch), reply),
+                Job::Import(batch, reply) => {
+                    Done::Import(all_or_nothing(&tx, |tx| import(tx, &batch)), reply)
+                }
                 Job::Flush(reply) => Done::Flush(reply),
+                Job::Write(change, reply) => Done::Write(all_or_nothing(&tx, change), reply),
             });
         }
         let mut touch = tx.prepare_cached(
@@ -503,6 +687,28 @@ fn commit_batch(
             Done::Flush(reply) => {
                 let _ = reply.send(settle(&failure, Ok(()), file));
             }
+            Done::Write(result, reply) => {
+                let _ = reply.send(settle(&failure, result, file));
+            }
+        }
+    }
+}
+
+/// Runs a job of several statements inside the group's transaction so that a failure
+/// undoes all of the job and none of its neighbours.
+fn all_or_nothing<T>(
+    tx: &Connection,
+    job: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    tx.execute_batch("SAVEPOINT job")?;
+    match job(tx) {
+        Ok(value) => {
+            tx.execute_batch("RELEASE job")?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = tx.execute_batch("ROLLBACK TO job; RELEASE job");
+            Err(e)
         }
     }
 }
@@ -541,6 +747,14 @@ struct OpenedFile {
 impl OpenedFile {
     fn open(path: &Path) -> std::io::Result<Self> {
         let handle = fs::File::open(path)?;
+        // Shared by every user of the database; `db restore` needs it exclusively.
+        rustix::fs::flock(&handle, rustix::fs::FlockOperation::NonBlockingLockShared).map_err(
+            |_| {
+                std::io::Error::other(
+                    "is being restored (`db restore` holds it); wait for it to finish",
+                )
+            },
+        )?;
         let metadata = handle.metadata()?;
         Ok(Self {
             path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
@@ -608,6 +822,10 @@ enum Done {
         oneshot::Sender<Result<ImportReport, StoreError>>,
     ),
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    Write(
+        rusqlite::Result<u64>,
+        oneshot::Sender<Result<u64, StoreError>>,
+    ),
 }
 
 /// Binds a record to the six columns of an `INSERT ... VALUES (?1, ..., ?6)` and runs it.

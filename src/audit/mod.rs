@@ -1,0 +1,362 @@
+//! The audit trail: one JSON line per seal, unseal and admin action, apart from the debug
+//! log, for an operator to answer "who unsealed what, and when" years later.
+//!
+//! A call's line is written (one `write`, into the page cache) before its answer leaves, so
+//! it survives `kill -9`. Lines reach the disk with a group `fdatasync`: a seal waits for
+//! it (an acknowledged seal and its line are durable together), unseals are flushed within
+//! a second. When a line cannot be written, the call is refused: nothing is served
+//! unaudited. Lines never hold key material, passphrases or sealed blobs.
+
+mod read;
+
+pub use read::{AuditQuery, ReadReport, read_trail};
+
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Node UUIDs in lines are cut to this: an invalid request may carry kilobytes.
+const MAX_TEXT: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Seal,
+    Unseal,
+    Admin,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Ok,
+    Refused,
+}
+
+/// Why a call was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    UnknownNonce,
+    WrongKeyOrBinding,
+    Revoked,
+    Invalid,
+    StoreUnavailable,
+    Failed,
+}
+
+/// One line of the trail.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    pub action: Option<Action>,
+    pub outcome: Option<Outcome>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<i64>,
+    /// Admin actions: the command, its arguments and who ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// What an admin action did, e.g. "revoked 3 records".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Event {
+    /// A seal or unseal call from `peer` (the address text bound into seals) for `node`.
+    pub fn call(action: Action, peer: &str, node: &str) -> Event {
+        Event {
+            time: now(),
+            action: Some(action),
+            outcome: Some(Outcome::Ok),
+            peer: Some(peer.to_string()),
+            node: Some(cut(node)),
+            ..Event::default()
+        }
+    }
+
+    /// An admin command, with its arguments (which never hold secrets).
+    pub fn admin(command: &str, args: &[String]) -> Event {
+        Event {
+            time: now(),
+            action: Some(Action::Admin),
+            outcome: Some(Outcome::Ok),
+            command: Some(command.to_string()),
+            args: Some(args.to_vec()),
+            user: std::env::var("SUDO_USER")
+                .or_else(|_| std::env::var("USER"))
+                .ok()
+                .map(|user| cut(&user)),
+            ..Event::default()
+        }
+    }
+
+    pub fn refused(mut self, reason: Reason) -> Event {
+        self.outcome = Some(Outcome::Refused);
+        self.reason = Some(reason);
+        self
+    }
+
+    pub fn record(mut self, id: i64) -> Event {
+        self.record = Some(id);
+        self
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Event {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        ))
+        .unwrap_or_default()
+}
+
+fn cut(text: &str) -> String {
+    let mut end = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the audit trail {path} cannot be written ({problem}); calls are refused until it can")]
+pub struct AuditError {
+    pub path: String,
+    pub problem: String,
+}
+
+/// When the file is rotated.
+#[derive(Clone, Copy, Debug)]
+pub struct Rotation {
+    /// Past this size the file is renamed to `.1` (and `.1` to `.2`…) and a new one begun.
+    pub max_bytes: u64,
+    /// How many rotated files are kept.
+    pub keep: u32,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation {
+            max_bytes: 100 << 20,
+            keep: 10,
+        }
+    }
+}
+
+/// An append-only audit file shared by every call.
+pub struct AuditLog {
+    path: PathBuf,
+    rotation: Option<Rotation>,
+    current: Mutex<Current>,
+    /// Lines written, and lines known to be on disk: a sync covers every line before it.
+    written: AtomicU64,
+    synced: AtomicU64,
+    syncing: tokio::sync::Mutex<()>,
+    /// Whether the last write failed, to log the change of state once.
+    failing: AtomicBool,
+}
+
+struct Current {
+    file: Arc<File>,
+    size: u64,
+}
+
+impl AuditLog {
+    /// Opens (creating it, mode 0600) the trail at `path`. `rotation` is for the server;
+    /// admin commands only append.
+    pub fn open(path: &Path, rotation: Option<Rotation>) -> Result<AuditLog, AuditError> {
+        let file = open_append(path).map_err(|e| error(path, &e))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            rotation,
+            current: Mutex::new(Current {
+                file: Arc::new(file),
+                size,
+            }),
+            written: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            syncing: tokio::sync::Mutex::new(()),
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes one line (into the page cache: it survives the process, not a power cut,
+    /// until [`AuditLog::sync`]).
+    pub fn write(&self, event: &Event) -> Result<(), AuditError> {
+        let mut line = serde_json::to_vec(event).map_err(|e| error(&self.path, &e))?;
+        line.push(b'\n');
+        let mut current = lock(&self.current);
+        let added = line.len() as u64;
+        let result = self.make_room(&mut current, added).and_then(|()| {
+            (&*current.file).write_all(&line)?;
+            current.size += added;
+            Ok(())
+        });
+        drop(current);
+        match result {
+            Ok(()) => {
+                self.written.fetch_add(1, Ordering::Release);
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(path = %self.path.display(), "the audit trail is writable again");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let failure = error(&self.path, &e);
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!("{failure}");
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// Makes every line written so far durable. Concurrent callers share one `fdatasync`.
+    pub async fn sync(&self) -> Result<(), AuditError> {
+        let needed = self.written.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) >= needed {
+            return Ok(());
+        }
+        let _turn = self.syncing.lock().await;
+        if self.synced.load(Ordering::Acquire) >= needed {
+            return Ok(());
+        }
+        let covered = self.written.load(Ordering::Acquire);
+        let file = Arc::clone(&lock(&self.current).file);
+        let synced = tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        synced.map_err(|e| error(&self.path, &e))?;
+        self.synced.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// [`AuditLog::sync`] for threads outside the runtime (shutdown, admin commands).
+    pub fn sync_blocking(&self) -> Result<(), AuditError> {
+        let covered = self.written.load(Ordering::Acquire);
+        let file = Arc::clone(&lock(&self.current).file);
+        file.sync_data().map_err(|e| error(&self.path, &e))?;
+        self.synced.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Rotates the file first when `added` bytes would take it past its size limit.
+    fn make_room(&self, current: &mut Current, added: u64) -> std::io::Result<()> {
+        let Some(rotation) = self.rotation else {
+            return Ok(());
+        };
+        if current.size == 0 || current.size + added <= rotation.max_bytes {
+            return Ok(());
+        }
+        // Lines in the old file must be durable before it stops being the one synced.
+        current.file.sync_data()?;
+        for n in (1..rotation.keep).rev() {
+            let _ = std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1));
+        }
+        if rotation.keep > 0 {
+            std::fs::rename(&self.path, rotated(&self.path, 1))?;
+        } else {
+            std::fs::remove_file(&self.path)?;
+        }
+        *current = Current {
+            file: Arc::new(open_append(&self.path)?),
+            size: 0,
+        };
+        sync_directory(&self.path)
+    }
+}
+
+/// The name of the `n`th rotated file: `audit.jsonl.1` is the newest.
+pub fn rotated(path: &Path, n: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)?;
+    Ok(file)
+}
+
+fn sync_directory(path: &Path) -> std::io::Result<()> {
+    let directory = path.parent().filter(|p| !p.as_os_str().is_empty());
+    File::open(directory.unwrap_or(Path::new(".")))?.sync_all()
+}
+
+fn error(path: &Path, problem: &dyn std::fmt::Display) -> AuditError {
+    AuditError {
+        path: path.display().to_string(),
+        problem: problem.to_string(),
+    }
+}
+
+/// Plain data behind the lock: a panicking writer cannot leave it inconsistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_rotate_past_the_size_limit_and_old_files_are_kept_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let rotation = Rotation {
+            max_bytes: 400,
+            keep: 2,
+        };
+        let log = AuditLog::open(&path, Some(rotation)).unwrap();
+        for n in 0..40 {
+            log.write(&Event::admin("test", &[n.to_string()])).unwrap();
+        }
+        assert!(std::fs::metadata(&path).unwrap().len() <= 400);
+        assert!(rotated(&path, 1).exists() && rotated(&path, 2).exists());
+        assert!(!rotated(&path, 3).exists(), "only `keep` rotated files");
+        let newest: Vec<Event> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(newest.last().unwrap().args.as_ref().unwrap()[0], "39");
+    }
+
+    #[test]
+    fn a_write_that_fails_is_an_error_naming_the_trail() {
+        let log = AuditLog::open(Path::new("/dev/full"), None).unwrap();
+        let error = log.write(&Event::admin("test", &[])).unwrap_err();
+        assert!(error.to_string().contains("/dev/full"), "{error}");
+    }
+}

@@ -1,0 +1,92 @@
+//! Reading the trail back: the rotated files oldest first, then the current one, filtered.
+
+use super::{Action, Event, Outcome, rotated};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+/// Which lines to keep; every condition set must hold.
+#[derive(Debug, Default)]
+pub struct AuditQuery {
+    pub node: Option<String>,
+    pub peer: Option<String>,
+    pub record: Option<i64>,
+    pub action: Option<Action>,
+    pub outcome: Option<Outcome>,
+    /// RFC 3339 UTC prefixes compare in time order: `2026-12-01` or `2026-12-01T10:00`.
+    pub since: Option<String>,
+    pub until: Option<String>,
+}
+
+impl AuditQuery {
+    fn matches(&self, event: &Event) -> bool {
+        let same = |wanted: &Option<String>, have: &Option<String>| {
+            wanted.is_none() || wanted.as_deref() == have.as_deref()
+        };
+        same(&self.node, &event.node)
+            && same(&self.peer, &event.peer)
+            && (self.record.is_none() || self.record == event.record)
+            && (self.action.is_none() || self.action == event.action)
+            && (self.outcome.is_none() || self.outcome == event.outcome)
+            && self
+                .since
+                .as_deref()
+                .is_none_or(|since| event.time.as_str() >= since)
+            && self
+                .until
+                .as_deref()
+                .is_none_or(|until| event.time.as_str() < until)
+    }
+}
+
+/// Calls `each` with every matching line of the trail at `path`, oldest first. A line that
+/// is not an event (a torn last line after a crash) is reported, not fatal.
+pub fn read_trail(
+    path: &Path,
+    query: &AuditQuery,
+    mut each: impl FnMut(&Event),
+) -> Result<ReadReport, String> {
+    let mut files: Vec<_> = (1..)
+        .map(|n| rotated(path, n))
+        .take_while(|file| file.exists())
+        .collect();
+    files.reverse();
+    files.push(path.to_path_buf());
+    let mut report = ReadReport::default();
+    for file in files {
+        let opened = match std::fs::File::open(&file) {
+            Ok(opened) => opened,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(format!(
+                    "cannot read the audit trail {}: {e}",
+                    file.display()
+                ));
+            }
+        };
+        for (number, line) in BufReader::new(opened).lines().enumerate() {
+            let line =
+                line.map_err(|e| format!("cannot read the audit trail {}: {e}", file.display()))?;
+            match serde_json::from_str::<Event>(&line) {
+                Ok(event) => {
+                    report.lines += 1;
+                    if query.matches(&event) {
+                        report.matched += 1;
+                        each(&event);
+                    }
+                }
+                Err(_) => report
+                    .unreadable
+                    .push(format!("{} line {}", file.display(), number + 1)),
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Default)]
+pub struct ReadReport {
+    pub lines: u64,
+    pub matched: u64,
+    /// Where lines could not be read as events.
+    pub unreadable: Vec<String>,
+}

@@ -1,0 +1,38 @@
+//! What every admin command opens: the config (never written), the database it names
+//! (never created), and the audit trail its actions go to.
+
+use anyhow::Context;
+use std::path::Path;
+use talos_kms_server::audit::{AuditLog, Event};
+use talos_kms_server::config::Config;
+use talos_kms_server::store::SqliteStore;
+
+pub struct Admin {
+    pub config: Config,
+    pub store: SqliteStore,
+    audit: AuditLog,
+}
+
+impl Admin {
+    /// Opens the database beside a running server (SQLite allows it: its changes are seen
+    /// by the server's next request).
+    pub fn open(config_path: &Path) -> anyhow::Result<Admin> {
+        let config = Config::read(config_path)?;
+        let store = SqliteStore::open_existing(&config.database)?;
+        let audit = AuditLog::open(&config.audit_log, None)?;
+        Ok(Admin {
+            config,
+            store,
+            audit,
+        })
+    }
+
+    /// Writes the action's audit line and makes it durable: an admin change that cannot be
+    /// audited is reported as a failure, though it took effect.
+    pub fn audit(&self, event: Event) -> anyhow::Result<()> {
+        self.audit
+            .write(&event)
+            .and_then(|()| self.audit.sync_blocking())
+            .context("the change took effect, but its audit line could not be written")
+    }
+}

@@ -1,0 +1,437 @@
+//! `keys`: list, show, revoke, restore and purge records, while the server runs; every
+//! change takes effect on the server's next request and goes to the audit trail.
+
+use super::admin::Admin;
+use super::progress::Progress;
+use anyhow::{Context, bail};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use talos_kms_server::audit::Event;
+use talos_kms_server::store::{
+    self, RecordFilter, RecordId, RecordInfo, RecordState, Store, UnixTime,
+};
+
+/// Records read per query: bounds memory for listings of millions.
+const PAGE: usize = 10_000;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Config file of the server (YAML, legacy keys); the database is found there.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(clap::Subcommand)]
+enum Action {
+    /// One row per record: id, node UUID, address, created, last access, state.
+    List {
+        #[command(flatten)]
+        filter: Filter,
+        /// `table` for people; `json` prints one object per record and line, for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Everything known of one record (never its key or ciphertext).
+    Show {
+        id: RecordId,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Revoke records: their unseals get random bytes, like a wrong key. Reversible.
+    Revoke {
+        /// Record ids, as `keys list` shows them.
+        #[arg(required_unless_present = "node", conflicts_with = "node")]
+        ids: Vec<RecordId>,
+        /// Every record of this node UUID instead.
+        #[arg(long, value_name = "UUID")]
+        node: Option<String>,
+    },
+    /// Undo a revocation: the records unseal again.
+    Restore {
+        /// Record ids, as `keys list --state revoked` shows them.
+        #[arg(required = true)]
+        ids: Vec<RecordId>,
+    },
+    /// Delete records for good: revoked ones, or those not used for a time. Shows them and
+    /// asks first.
+    Purge {
+        /// Revoked records.
+        #[arg(long, required_unless_present = "not_accessed_for")]
+        revoked: bool,
+        /// Records neither unsealed nor created within this time (e.g. 90d, 12w, 36h).
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        not_accessed_for: Option<i64>,
+        /// Delete without asking (for scripts).
+        #[arg(long)]
+        yes: bool,
+        /// Show what would be deleted, delete nothing.
+        #[arg(long, conflicts_with = "yes")]
+        dry_run: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct Filter {
+    /// Only records of this node UUID.
+    #[arg(long, value_name = "UUID")]
+    node: Option<String>,
+    /// Only records sealed from this address (as listed, e.g. 10.0.0.201).
+    #[arg(long, value_name = "IP")]
+    ip: Option<String>,
+    /// Only active or only revoked records.
+    #[arg(long, value_enum)]
+    state: Option<State>,
+    /// Only records neither unsealed nor created within this time (e.g. 90d, 12w, 36h).
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    not_accessed_for: Option<i64>,
+    /// Only records created before this day (YYYY-MM-DD, UTC) or time (RFC 3339).
+    #[arg(long, value_name = "DATE", value_parser = parse_date)]
+    created_before: Option<UnixTime>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum State {
+    Active,
+    Revoked,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+pub async fn run(
+    args: Args,
+    config: Option<PathBuf>,
+    command_line: &[String],
+) -> anyhow::Result<ExitCode> {
+    let config = args
+        .config
+        .or(config)
+        .context("--config FILE is required: the server's config names the database")?;
+    let admin = Admin::open(&config)?;
+    match args.action {
+        Action::List { filter, output } => list(&admin, filter.into(), output).await,
+        Action::Show { id, output } => show(&admin, id, output).await,
+        Action::Revoke { ids, node } => {
+            let ids = match node {
+                Some(node) => {
+                    let filter = RecordFilter {
+                        node_uuid: Some(node.clone()),
+                        ..RecordFilter::default()
+                    };
+                    let ids = ids_of(&admin, &filter).await?;
+                    if ids.is_empty() {
+                        bail!("no record has node UUID {node:?}; `keys list` shows the records");
+                    }
+                    ids
+                }
+                None => ids,
+            };
+            change(&admin, &ids, Some(store::now()), command_line).await
+        }
+        Action::Restore { ids } => change(&admin, &ids, None, command_line).await,
+        Action::Purge {
+            revoked,
+            not_accessed_for,
+            yes,
+            dry_run,
+        } => {
+            let filter = RecordFilter {
+                state: revoked.then_some(RecordState::Revoked),
+                not_used_since: not_accessed_for.map(|age| store::now() - age),
+                ..RecordFilter::default()
+            };
+            purge(&admin, filter, yes, dry_run, command_line).await
+        }
+    }
+}
+
+impl From<Filter> for RecordFilter {
+    fn from(filter: Filter) -> Self {
+        RecordFilter {
+            node_uuid: filter.node,
+            ip: filter.ip,
+            state: filter.state.map(|state| match state {
+                State::Active => RecordState::Active,
+                State::Revoked => RecordState::Revoked,
+            }),
+            not_used_since: filter.not_accessed_for.map(|age| store::now() - age),
+            created_before: filter.created_before,
+            ids: None,
+        }
+    }
+}
+
+/// Calls `each` with every record matching `filter`, a page at a time.
+async fn for_each(
+    admin: &Admin,
+    filter: &RecordFilter,
+    mut each: impl FnMut(&RecordInfo),
+) -> anyhow::Result<u64> {
+    let (mut after, mut count) = (0, 0);
+    loop {
+        let page = admin.store.list(filter, after, PAGE).await?;
+        for record in &page {
+            each(record);
+        }
+        count += page.len() as u64;
+        match page.last() {
+            Some(last) if page.len() == PAGE => after = last.id,
+            _ => return Ok(count),
+        }
+    }
+}
+
+async fn ids_of(admin: &Admin, filter: &RecordFilter) -> anyhow::Result<Vec<RecordId>> {
+    let mut ids = Vec::new();
+    for_each(admin, filter, |record| ids.push(record.id)).await?;
+    Ok(ids)
+}
+
+async fn list(admin: &Admin, filter: RecordFilter, output: Output) -> anyhow::Result<ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    if output == Output::Table {
+        writeln!(stdout, "{}", header())?;
+    }
+    let mut failed = None;
+    let count = for_each(admin, &filter, |record| {
+        let line = match output {
+            Output::Table => row(record),
+            Output::Json => json(record).to_string(),
+        };
+        if let Err(e) = writeln!(stdout, "{line}") {
+            failed.get_or_insert(e);
+        }
+    })
+    .await?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    if output == Output::Table {
+        writeln!(stdout, "{count} records")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn show(admin: &Admin, id: RecordId, output: Output) -> anyhow::Result<ExitCode> {
+    let filter = RecordFilter {
+        ids: Some(vec![id]),
+        ..RecordFilter::default()
+    };
+    let Some(record) = admin.store.list(&filter, 0, 1).await?.pop() else {
+        bail!("no record has id {id}; `keys list` shows the records");
+    };
+    match output {
+        Output::Json => println!("{}", json(&record)),
+        Output::Table => {
+            println!("id           {}", record.id);
+            println!("node UUID    {}", record.node_uuid);
+            println!("address      {}", record.ip);
+            println!("created      {}", date(Some(record.created_at)));
+            println!("last access  {}", date(record.last_access));
+            match record.revoked_at {
+                Some(at) => println!("state        revoked since {}", date(Some(at))),
+                None => println!("state        active"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Revokes (`Some`) or restores (`None`) records by id.
+async fn change(
+    admin: &Admin,
+    ids: &[RecordId],
+    revoked_at: Option<UnixTime>,
+    command_line: &[String],
+) -> anyhow::Result<ExitCode> {
+    let filter = RecordFilter {
+        ids: Some(ids.to_vec()),
+        ..RecordFilter::default()
+    };
+    let known = ids_of(admin, &filter).await?;
+    let unknown: Vec<String> = ids
+        .iter()
+        .filter(|id| !known.contains(id))
+        .map(ToString::to_string)
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "no record has id {}; nothing was changed (`keys list` shows the records)",
+            unknown.join(", ")
+        );
+    }
+    let changed = admin.store.set_revoked(&known, revoked_at).await?;
+    let (verb, already) = match revoked_at {
+        Some(_) => ("revoked", "already revoked"),
+        None => ("restored", "already active"),
+    };
+    let summary = format!(
+        "{verb} {changed} of {} records ({} {already})",
+        known.len(),
+        known.len() as u64 - changed
+    );
+    admin.audit(Event::admin(&command_line[0], &command_line[1..]).detail(&summary))?;
+    println!("{summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn purge(
+    admin: &Admin,
+    filter: RecordFilter,
+    yes: bool,
+    dry_run: bool,
+    command_line: &[String],
+) -> anyhow::Result<ExitCode> {
+    let mut doomed = Vec::new();
+    println!("{}", header());
+    for_each(admin, &filter, |record| {
+        println!("{}", row(record));
+        doomed.push(record.id);
+    })
+    .await?;
+    if doomed.is_empty() {
+        println!("no record to purge");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if dry_run {
+        println!(
+            "would delete {} records (--dry-run: nothing deleted)",
+            doomed.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !yes && !confirmed(doomed.len())? {
+        println!("nothing deleted");
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut progress = Progress::new("deleted", Some(doomed.len() as u64));
+    let mut deleted = 0;
+    for chunk in doomed.chunks(PAGE) {
+        // The filter again: a record restored or unsealed since it was listed is kept.
+        deleted += admin.store.delete(chunk, &filter).await?;
+        progress.update(deleted);
+    }
+    progress.finish();
+    let summary = format!(
+        "deleted {deleted} of {} records listed ({} changed since and were kept)",
+        doomed.len(),
+        doomed.len() as u64 - deleted
+    );
+    admin.audit(Event::admin(&command_line[0], &command_line[1..]).detail(&summary))?;
+    println!("{summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks on the terminal; without one, refuses rather than guess.
+fn confirmed(count: usize) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "not deleting {count} records without confirmation: run it on a terminal, or add \
+             --yes (--dry-run shows what would go)"
+        );
+    }
+    print!(
+        "Delete these {count} records for good? A node whose only key is one of them can no \
+         longer open its disk. [y/N] "
+    );
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES"))
+}
+
+fn header() -> String {
+    format!(
+        "{:>8}  {:<36}  {:<15}  {:<19}  {:<19}  STATE",
+        "ID", "NODE UUID", "ADDRESS", "CREATED", "LAST ACCESS"
+    )
+}
+
+fn row(record: &RecordInfo) -> String {
+    format!(
+        "{:>8}  {:<36}  {:<15}  {:<19}  {:<19}  {}",
+        record.id,
+        record.node_uuid,
+        record.ip,
+        date(Some(record.created_at)),
+        date(record.last_access),
+        state_name(record.state())
+    )
+}
+
+fn json(record: &RecordInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": record.id,
+        "node_uuid": record.node_uuid,
+        "ip": record.ip,
+        "created": date(Some(record.created_at)),
+        "last_access": record.last_access.map(|at| date(Some(at))),
+        "state": state_name(record.state()),
+        "revoked_at": record.revoked_at.map(|at| date(Some(at))),
+    })
+}
+
+fn state_name(state: RecordState) -> &'static str {
+    match state {
+        RecordState::Active => "active",
+        RecordState::Revoked => "revoked",
+    }
+}
+
+/// `yyyy-MM-dd HH:mm:ss` UTC, as the legacy database writes times; `never` for none.
+fn date(at: Option<UnixTime>) -> String {
+    let Some(at) = at else {
+        return "never".into();
+    };
+    time::OffsetDateTime::from_unix_timestamp(at)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second]"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| at.to_string())
+}
+
+/// `90d`, `12w`, `36h`, `30m`, `45s`: seconds.
+fn parse_age(text: &str) -> Result<i64, String> {
+    let split = text.len().saturating_sub(1);
+    let (number, unit) = text.split_at(split);
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?}: give a number and a unit, e.g. 90d, 12w, 36h"
+            ));
+        }
+    };
+    number
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|seconds| *seconds >= 0)
+        .ok_or_else(|| format!("{text:?}: give a number and a unit, e.g. 90d, 12w, 36h"))
+}
+
+/// `2026-01-31` (midnight UTC) or an RFC 3339 time.
+fn parse_date(text: &str) -> Result<UnixTime, String> {
+    let day = time::macros::format_description!("[year]-[month]-[day]");
+    if let Ok(date) = time::Date::parse(text, day) {
+        return Ok(date.midnight().assume_utc().unix_timestamp());
+    }
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|_| format!("{text:?}: give a day (2026-01-31) or an RFC 3339 time"))
+}
