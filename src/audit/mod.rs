@@ -49,6 +49,38 @@ pub enum Reason {
     Failed,
 }
 
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Action::Seal => "seal",
+            Action::Unseal => "unseal",
+            Action::Admin => "admin",
+        })
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Ok => "ok",
+            Outcome::Refused => "refused",
+        })
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reason::UnknownNonce => "unknown nonce",
+            Reason::WrongKeyOrBinding => "wrong key or binding",
+            Reason::Revoked => "revoked",
+            Reason::Invalid => "invalid",
+            Reason::StoreUnavailable => "store unavailable",
+            Reason::Failed => "failed",
+        })
+    }
+}
+
 /// One line of the trail.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Event {

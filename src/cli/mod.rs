@@ -2,6 +2,7 @@
 //! server; everything else is a subcommand.
 
 mod admin;
+mod audit;
 mod bench;
 mod check;
 mod client;
@@ -46,6 +47,8 @@ enum Command {
     Fill(fill::Args),
     /// List, show, revoke, restore and purge records, while the server runs.
     Keys(keys::Args),
+    /// Read and filter the audit trail of seals, unseals and admin actions.
+    Audit(audit::Args),
 }
 
 /// The command and its arguments as typed, for the audit trail (they hold no secrets).
@@ -71,6 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(Command::Bench(args)), _) => bench::run(args).await,
         (Some(Command::Fill(args)), _) => fill::run(args).await,
         (Some(Command::Keys(args)), config) => keys::run(args, config, &command_line()).await,
+        (Some(Command::Audit(args)), config) => audit::run(args, config),
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \

@@ -197,13 +197,15 @@ impl SqliteStore {
             problem,
         };
         let handle = fs::File::open(path).map_err(|e| open_error(e.to_string()))?;
-        rustix::fs::flock(&handle, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-            .map_err(|_| {
-                open_error(
-                    "is in use by a running server or another command; stop the server first"
-                        .into(),
-                )
-            })?;
+        rustix::fs::flock(
+            &handle,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )
+        .map_err(|_| {
+            open_error(
+                "is in use by a running server or another command; stop the server first".into(),
+            )
+        })?;
         Ok(ExclusiveUse { _handle: handle })
     }
 }

@@ -1,0 +1,350 @@
+//! Looking after records while the server runs: revoke, restore, purge, and the audit trail
+//! that says who unsealed what.
+
+mod common;
+
+use base64::Engine;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use talos_kms_server::client::{ClientError, KmsClient};
+
+/// The binary with `args`, off the async runtime; stdin is empty (not a terminal).
+async fn kms(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_binary(&args)
+    })
+    .await
+    .unwrap()
+}
+
+async fn kms_ok(args: &[&str]) -> String {
+    let output = kms(args).await;
+    assert!(
+        output.status.success(),
+        "{args:?}: {}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    text(&output.stdout)
+}
+
+/// Records as `keys list --output json` prints them.
+async fn records(config: &Path) -> Vec<serde_json::Value> {
+    kms_ok(&[
+        "keys",
+        "list",
+        "--config",
+        config.to_str().unwrap(),
+        "--output",
+        "json",
+    ])
+    .await
+    .lines()
+    .map(|line| serde_json::from_str(line).unwrap())
+    .collect()
+}
+
+fn id_of(records: &[serde_json::Value], node: &str) -> String {
+    records
+        .iter()
+        .find(|r| r["node_uuid"] == node)
+        .unwrap_or_else(|| panic!("no record of {node}: {records:?}"))["id"]
+        .to_string()
+}
+
+/// Audit lines as `audit --output json` prints them, with `filters`.
+async fn audit_lines(config: &Path, filters: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec![
+        "audit",
+        "--config",
+        config.to_str().unwrap(),
+        "--output",
+        "json",
+    ];
+    args.extend_from_slice(filters);
+    kms_ok(&args)
+        .await
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+struct Running {
+    _dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    server: ServerProcess,
+    client: KmsClient,
+}
+
+fn start(extra_config: &str) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(dir.path(), &pki, "127.0.0.1", extra_config);
+    let server = ServerProcess::start(&config).unwrap();
+    let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
+    Running {
+        _dir: dir,
+        config,
+        server,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_record_unseals_to_random_bytes_until_restored() {
+    let running = start("");
+    let config = running.config.to_str().unwrap();
+    let (node_a, node_b) = ("node-a", "node-b");
+    let (secret_a, secret_b) = (random_passphrase(), random_passphrase());
+    let sealed_a = running.client.seal(node_a, &secret_a).await.unwrap();
+    let sealed_a2 = running
+        .client
+        .seal(node_a, &random_passphrase())
+        .await
+        .unwrap();
+    let sealed_b = running.client.seal(node_b, &secret_b).await.unwrap();
+    let listed = records(&running.config).await;
+    assert_eq!(listed.len(), 3);
+    let id_b = id_of(&listed, node_b);
+
+    kms_ok(&["keys", "revoke", &id_b, "--config", config]).await;
+    let answer = running.client.unseal(node_b, &sealed_b).await.unwrap();
+    assert_eq!(answer.len(), 32, "answered like a wrong key");
+    assert_ne!(answer, secret_b, "a revoked record does not unseal");
+    assert_eq!(
+        running.client.unseal(node_a, &sealed_a).await.unwrap(),
+        secret_a
+    );
+    let refused = audit_lines(
+        &running.config,
+        &[
+            "--action",
+            "unseal",
+            "--outcome",
+            "refused",
+            "--record",
+            &id_b,
+        ],
+    )
+    .await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["reason"], "revoked");
+
+    kms_ok(&["keys", "restore", &id_b, "--config", config]).await;
+    assert_eq!(
+        running.client.unseal(node_b, &sealed_b).await.unwrap(),
+        secret_b
+    );
+
+    // Every record of a node at once.
+    kms_ok(&["keys", "revoke", "--node", node_a, "--config", config]).await;
+    let revoked = kms_ok(&["keys", "list", "--state", "revoked", "--config", config]).await;
+    assert!(revoked.contains("2 records"), "{revoked}");
+    assert_ne!(
+        running.client.unseal(node_a, &sealed_a).await.unwrap(),
+        secret_a
+    );
+    assert_ne!(
+        running
+            .client
+            .unseal(node_a, &sealed_a2)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+    let admin = audit_lines(&running.config, &["--action", "admin"]).await;
+    assert_eq!(admin.len(), 3, "revoke, restore, revoke --node: {admin:?}");
+    assert_eq!(admin[2]["args"][1], "--node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_deletes_only_when_told_to() {
+    let running = start("");
+    let config = running.config.to_str().unwrap();
+    let secret = random_passphrase();
+    let sealed = running.client.seal("keep", &secret).await.unwrap();
+    let doomed = running
+        .client
+        .seal("doomed", &random_passphrase())
+        .await
+        .unwrap();
+    let id = id_of(&records(&running.config).await, "doomed");
+    kms_ok(&["keys", "revoke", &id, "--config", config]).await;
+
+    // Without a terminal and without --yes: refused, nothing deleted.
+    let refused = kms(&["keys", "purge", "--revoked", "--config", config]).await;
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("--yes"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let dry = kms_ok(&[
+        "keys",
+        "purge",
+        "--revoked",
+        "--dry-run",
+        "--config",
+        config,
+    ])
+    .await;
+    assert!(
+        dry.contains("doomed") && dry.contains("would delete 1"),
+        "{dry}"
+    );
+    assert_eq!(
+        records(&running.config).await.len(),
+        2,
+        "nothing deleted yet"
+    );
+
+    let done = kms_ok(&["keys", "purge", "--revoked", "--yes", "--config", config]).await;
+    assert!(done.contains("deleted 1"), "{done}");
+    let left = records(&running.config).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["node_uuid"], "keep");
+    assert_eq!(
+        running.client.unseal("keep", &sealed).await.unwrap(),
+        secret
+    );
+    running.client.unseal("doomed", &doomed).await.unwrap();
+    let gone = audit_lines(
+        &running.config,
+        &["--action", "unseal", "--outcome", "refused"],
+    )
+    .await;
+    assert_eq!(gone.last().unwrap()["reason"], "unknown_nonce");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_outcome_is_audited_survives_kill_9_and_holds_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let trail = dir.path().join("trail/audit.jsonl");
+    std::fs::create_dir(trail.parent().unwrap()).unwrap();
+    let mut running = start(&format!("auditLog: {}\n", trail.display()));
+    let config = running.config.clone();
+    let client = &running.client;
+
+    let secret = random_passphrase();
+    let sealed = client.seal(NODE, &secret).await.unwrap();
+    client.unseal(NODE, &sealed).await.unwrap();
+    client.unseal("another-node", &sealed).await.unwrap();
+    let mut unknown = sealed.clone();
+    unknown[0] ^= 1;
+    client.unseal(NODE, &unknown).await.unwrap();
+    let invalid = client.unseal(NODE, &sealed[..10]).await.unwrap_err();
+    assert!(matches!(invalid, ClientError::Status(s) if s.code() == tonic::Code::InvalidArgument));
+    let revoked = client
+        .seal("revoked-node", &random_passphrase())
+        .await
+        .unwrap();
+    let id = id_of(&records(&config).await, "revoked-node");
+    kms_ok(&["keys", "revoke", &id, "--config", config.to_str().unwrap()]).await;
+    client.unseal("revoked-node", &revoked).await.unwrap();
+    // The database gone: the store refuses, and says so in the trail.
+    std::fs::remove_file(dir_of(&config).join("kms.db")).unwrap();
+    let unavailable = client.unseal(NODE, &unknown).await.unwrap_err();
+    assert!(matches!(unavailable, ClientError::Status(s) if s.code() == tonic::Code::Unavailable));
+    running.server.kill9();
+
+    let lines = audit_lines(&config, &[]).await;
+    let outcome = |action: &str, reason: Option<&str>| {
+        lines.iter().any(|line| {
+            line["action"] == action
+                && match reason {
+                    None => line["outcome"] == "ok",
+                    Some(reason) => line["outcome"] == "refused" && line["reason"] == reason,
+                }
+        })
+    };
+    for (action, reason) in [
+        ("seal", None),
+        ("unseal", None),
+        ("unseal", Some("wrong_key_or_binding")),
+        ("unseal", Some("unknown_nonce")),
+        ("unseal", Some("invalid")),
+        ("unseal", Some("revoked")),
+        ("unseal", Some("store_unavailable")),
+        ("admin", None),
+    ] {
+        assert!(
+            outcome(action, reason),
+            "no line for {action} {reason:?}: {lines:#?}"
+        );
+    }
+    let ok_unseal = lines
+        .iter()
+        .find(|l| l["action"] == "unseal" && l["outcome"] == "ok")
+        .unwrap();
+    assert_eq!(ok_unseal["peer"], "127.0.0.1");
+    assert_eq!(ok_unseal["node"], NODE);
+    assert!(ok_unseal["record"].is_i64());
+
+    let raw = std::fs::read_to_string(&trail).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    for (what, secret) in [
+        ("passphrase", &secret[..]),
+        ("key", &sealed[12..]),
+        ("blob", &sealed[..]),
+        ("nonce", &sealed[..12]),
+    ] {
+        for form in [b64.encode(secret), hex(secret)] {
+            assert!(
+                !raw.contains(&form),
+                "the {what} is in the audit trail as {form}"
+            );
+        }
+    }
+}
+
+fn dir_of(config: &Path) -> &Path {
+    config.parent().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_refused_while_the_audit_trail_cannot_be_written() {
+    // /dev/full accepts the open and fails every write with "No space left on device".
+    let mut running = start("auditLog: /dev/full\n");
+    let seal = running.client.seal(NODE, &random_passphrase()).await;
+    assert!(
+        matches!(&seal, Err(ClientError::Status(s)) if s.code() == tonic::Code::Unavailable),
+        "{seal:?}"
+    );
+    let unseal = running.client.unseal(NODE, &[7; 44]).await;
+    assert!(
+        matches!(&unseal, Err(ClientError::Status(s)) if s.code() == tonic::Code::Unavailable),
+        "{unseal:?}"
+    );
+    let log = std::mem::replace(&mut running.server.log, std::sync::mpsc::channel().1);
+    running.server.kill9();
+    let log: Vec<String> = log.try_iter().collect();
+    assert!(
+        log.iter()
+            .any(|line| line.contains("ERROR") && line.contains("audit trail /dev/full")),
+        "{log:#?}"
+    );
+}
+
+#[test]
+fn admin_commands_never_create_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let output = Command::new(BINARY)
+        .args(["keys", "list", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("does not exist"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert!(!dir.path().join("kms.db").exists());
+}
