@@ -7,6 +7,7 @@ mod client;
 mod demo;
 mod fill;
 mod import_json;
+mod recover;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,7 @@ enum Command {
     Bench(bench::Args),
     /// Fill a database or a legacy JSON file with N valid records, for benchmarks.
     Fill(fill::Args),
+    Recover(recover::Args),
 }
 
 #[derive(clap::Args)]
@@ -60,6 +62,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(Command::Client(args)), _) => client::run(args).await,
         (Some(Command::Bench(args)), _) => bench::run(args).await,
         (Some(Command::Fill(args)), _) => fill::run(args).await,
+        (Some(Command::Recover(args)), _) => recover::run(args).await,
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \
