@@ -16,6 +16,7 @@ pub mod listener;
 pub mod logging;
 pub mod policy;
 pub mod proto;
+pub mod recover;
 pub mod sealing;
 pub mod server;
 pub mod service;

@@ -11,6 +11,7 @@ mod fill;
 mod import_json;
 mod keys;
 mod progress;
+mod recover;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +50,8 @@ enum Command {
     Keys(keys::Args),
     /// Read and filter the audit trail of seals, unseals and admin actions.
     Audit(audit::Args),
+    /// Unseal a dead node's LUKS2 passphrase from its disk, as the node would.
+    Recover(recover::Args),
 }
 
 /// The command and its arguments as typed, for the audit trail (they hold no secrets).
@@ -75,6 +78,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(Command::Fill(args)), _) => fill::run(args).await,
         (Some(Command::Keys(args)), config) => keys::run(args, config, &command_line()).await,
         (Some(Command::Audit(args)), config) => audit::run(args, config),
+        (Some(Command::Recover(args)), _) => recover::run(args).await,
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \
