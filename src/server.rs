@@ -2,6 +2,7 @@
 
 use crate::audit::{AuditError, AuditLog};
 use crate::listener::{Listener, MAX_CONNECTIONS};
+use crate::os_error;
 use crate::policy::Policy;
 use crate::service::KmsService;
 use crate::store::{Store, StoreError};
@@ -121,16 +122,7 @@ pub fn describe_bind_error(addr: SocketAddr, error: &std::io::Error) -> String {
         }
         _ => "",
     };
-    format!("{}{fix}", plain_os_error(error))
-}
-
-/// `Address already in use`, without Rust's ` (os error 98)`.
-pub fn plain_os_error(error: &std::io::Error) -> String {
-    let text = error.to_string();
-    match text.rfind(" (os error ") {
-        Some(at) => text[..at].to_string(),
-        None => text,
-    }
+    format!("{}{fix}", os_error::plain(error))
 }
 
 impl RunningServer {

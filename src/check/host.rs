@@ -2,7 +2,8 @@
 //! where the config puts it.
 
 use super::{Level, Report};
-use crate::server::{describe_bind_error, plain_os_error};
+use crate::os_error;
+use crate::server::describe_bind_error;
 use std::fs::Metadata;
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -218,7 +219,7 @@ impl ServiceUser {
             // The kernel's own answer, ACLs and supplementary groups included.
             return rustix::fs::access(path, rustix::fs::Access::WRITE_OK)
                 .err()
-                .map(|e| plain_os_error(&e.into()));
+                .map(|e| os_error::plain(&e.into()));
         }
         let metadata = std::fs::metadata(path).ok()?;
         (!mode_allows_writing(&metadata, self.uid, self.gid)).then(|| {

@@ -262,9 +262,12 @@ pub(super) fn describe_connect(error: &std::io::Error, source_ip: Option<IpAddr>
                 .into()
         }
         std::io::ErrorKind::AddrNotAvailable if source_ip.is_some() => {
-            format!("{error}: --source-ip must be an address of this machine")
+            format!(
+                "{}: --source-ip must be an address of this machine",
+                crate::os_error::plain(error)
+            )
         }
-        _ => error.to_string(),
+        _ => crate::os_error::plain(error),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Asking cryptsetup whether a passphrase opens a key slot: the only way to tell a real
 //! unseal from the random bytes a refused one answers.
 
-use crate::server::plain_os_error;
+use crate::os_error;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -51,7 +51,7 @@ pub fn check_passphrase(cryptsetup: &Path, device: &Path, passphrase: &str) -> C
             return Check::Failed(format!(
                 "{} did not start: {}",
                 cryptsetup.display(),
-                plain_os_error(&error)
+                os_error::plain(&error)
             ));
         }
     };
@@ -74,13 +74,13 @@ pub fn check_passphrase(cryptsetup: &Path, device: &Path, passphrase: &str) -> C
                     CHECK_TIMEOUT.as_secs()
                 ));
             }
-            Err(error) => return Check::Failed(plain_os_error(&error)),
+            Err(error) => return Check::Failed(os_error::plain(&error)),
         }
     };
     // Its output is a few lines: the pipes cannot fill before it exits.
     let output = match child.wait_with_output() {
         Ok(output) => output,
-        Err(error) => return Check::Failed(plain_os_error(&error)),
+        Err(error) => return Check::Failed(os_error::plain(&error)),
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
     match status.code() {

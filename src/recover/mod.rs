@@ -7,7 +7,7 @@ pub mod luks2;
 
 pub use cryptsetup::{Check, check_passphrase, find_cryptsetup};
 
-use crate::server::plain_os_error;
+use crate::os_error;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use std::fs::File;
@@ -94,7 +94,7 @@ pub fn open(path: &Path) -> Result<Volume, RecoverError> {
         };
         RecoverError::Read {
             path: path.to_path_buf(),
-            problem: format!("{}{fix}", plain_os_error(&error)),
+            problem: format!("{}{fix}", os_error::plain(&error)),
         }
     };
     let file = File::open(path).map_err(read_error)?;
@@ -274,6 +274,6 @@ pub fn write_key_file(path: &Path, passphrase: &str) -> Result<(), RecoverError>
     };
     write().map_err(|error| RecoverError::KeyFile {
         path: path.to_path_buf(),
-        problem: plain_os_error(&error),
+        problem: os_error::plain(&error),
     })
 }
