@@ -288,6 +288,12 @@ impl AuditLog {
         Ok(())
     }
 
+    /// Writes a line and makes it durable at once: for admin commands, one line each.
+    pub fn write_durably(&self, event: &Event) -> Result<(), AuditError> {
+        self.write(event)?;
+        self.sync_blocking()
+    }
+
     /// [`AuditLog::sync`] for threads outside the runtime (shutdown, admin commands).
     pub fn sync_blocking(&self) -> Result<(), AuditError> {
         let covered = self.written.load(Ordering::Acquire);

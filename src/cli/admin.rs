@@ -31,8 +31,7 @@ impl Admin {
     /// audited is reported as a failure, though it took effect.
     pub fn audit(&self, event: Event) -> anyhow::Result<()> {
         self.audit
-            .write(&event)
-            .and_then(|()| self.audit.sync_blocking())
+            .write_durably(&event)
             .context("the change took effect, but its audit line could not be written")
     }
 }

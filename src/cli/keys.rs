@@ -71,6 +71,10 @@ enum Action {
         /// Show what would be deleted, delete nothing.
         #[arg(long, conflicts_with = "yes")]
         dry_run: bool,
+        /// `table` for people; `json` prints the records as `list` does, then the summary
+        /// as one object.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
 }
 
@@ -141,13 +145,14 @@ pub async fn run(
             not_accessed_for,
             yes,
             dry_run,
+            output,
         } => {
             let filter = RecordFilter {
                 state: revoked.then_some(RecordState::Revoked),
                 not_used_since: not_accessed_for.map(|age| store::now() - age),
                 ..RecordFilter::default()
             };
-            purge(&admin, filter, yes, dry_run, command_line).await
+            purge(&admin, filter, yes, dry_run, output, command_line).await
         }
     }
 }
@@ -287,31 +292,45 @@ async fn purge(
     filter: RecordFilter,
     yes: bool,
     dry_run: bool,
+    output: Output,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
     let mut doomed = Vec::new();
-    println!("{}", header());
+    if output == Output::Table {
+        println!("{}", header());
+    }
     for_each(admin, &filter, |record| {
-        println!("{}", row(record));
+        match output {
+            Output::Table => println!("{}", row(record)),
+            Output::Json => println!("{}", json(record)),
+        }
         doomed.push(record.id);
     })
     .await?;
+    let listed = doomed.len();
+    let say = |deleted: u64, summary: &str| match output {
+        Output::Table => println!("{summary}"),
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"listed": listed, "deleted": deleted, "summary": summary})
+        ),
+    };
     if doomed.is_empty() {
-        println!("no record to purge");
+        say(0, "no record to purge");
         return Ok(ExitCode::SUCCESS);
     }
     if dry_run {
-        println!(
-            "would delete {} records (--dry-run: nothing deleted)",
-            doomed.len()
+        say(
+            0,
+            &format!("would delete {listed} records (--dry-run: nothing deleted)"),
         );
         return Ok(ExitCode::SUCCESS);
     }
-    if !yes && !confirmed(doomed.len())? {
-        println!("nothing deleted");
+    if !yes && !confirmed(listed)? {
+        say(0, "nothing deleted");
         return Ok(ExitCode::FAILURE);
     }
-    let mut progress = Progress::new("deleted", Some(doomed.len() as u64));
+    let mut progress = Progress::new("deleted", Some(listed as u64));
     let mut deleted = 0;
     for chunk in doomed.chunks(PAGE) {
         // The filter again: a record restored or unsealed since it was listed is kept.
@@ -320,12 +339,11 @@ async fn purge(
     }
     progress.finish();
     let summary = format!(
-        "deleted {deleted} of {} records listed ({} changed since and were kept)",
-        doomed.len(),
-        doomed.len() as u64 - deleted
+        "deleted {deleted} of {listed} records listed ({} changed since and were kept)",
+        listed as u64 - deleted
     );
     admin.audit(Event::admin(&command_line[0], &command_line[1..]).detail(&summary))?;
-    println!("{summary}");
+    say(deleted, &summary);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -71,7 +71,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(Command::Serve(args)), _) => serve::run(&args.config).await,
         (None, Some(config)) => serve::run(&config).await,
         (Some(Command::Check(args)), _) => check::run(args).await,
-        (Some(Command::ImportJson(args)), config) => import_json::run(args, config).await,
+        (Some(Command::ImportJson(args)), config) => {
+            import_json::run(args, config, &command_line()).await
+        }
         (Some(Command::Demo(args)), _) => demo::run(args).await,
         (Some(Command::Client(args)), _) => client::run(args).await,
         (Some(Command::Bench(args)), _) => bench::run(args).await,
