@@ -1,7 +1,7 @@
 //! Wires a listener, the service and a store into a running server, and stops it cleanly.
 
 use crate::audit::{AuditError, AuditLog};
-use crate::listener::{Listener, MAX_CONNECTIONS};
+use crate::listener::{Listener, MAX_CONNECTIONS, stopped};
 use crate::os_error;
 use crate::policy::Policy;
 use crate::service::KmsService;
@@ -166,10 +166,6 @@ async fn sync_audit_trail(audit: Arc<AuditLog>, mut stop: watch::Receiver<bool>)
             _ = stopped(&mut stop) => return,
         }
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 /// Enough first flights computed at once to keep every core busy, and no more: beyond that,

@@ -102,9 +102,7 @@ impl KMSService for KmsService {
             })?;
             match inserted {
                 Inserted::Stored(id) => {
-                    // The line is durable before the seal is acknowledged, as the record is.
                     self.audited(&event.clone().record(id))?;
-                    self.audit.sync().await.map_err(|_| audit_unavailable())?;
                     tracing::info!(record = id, node = ?request.node_uuid, %ip, "sealed");
                     return Ok(answer(sealed.blob.to_vec()));
                 }

@@ -376,6 +376,6 @@ where
 }
 
 /// Resolves once shutdown is signalled (at once if it already was).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
