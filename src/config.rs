@@ -34,6 +34,10 @@ database: "/var/lib/talos-kms-server/talos-kms-server.db"
 # auditLogMaxMiB: 100   # past this size it is renamed to .1 (.1 to .2...) and a new one begun
 # auditLogKeep: 10      # rotated files kept
 
+# Prometheus metrics at http://ADDRESS/metrics; off unless set. Keep it off the nodes'
+# network (e.g. loopback, scraped through a local agent).
+# metricsAddress: "127.0.0.1:9650"
+
 # PEM certificate, followed by its chain. Talos nodes must trust it with their built-in
 # public CA bundle to unlock STATE (a TrustedRootsConfig lives inside STATE itself).
 serverCertFile: "/etc/talos-kms-server/server.crt"
@@ -63,6 +67,7 @@ struct RawConfig {
     bind_address: Option<String>,
     kms_log_level: Option<String>,
     root_log_level: Option<String>,
+    metrics_address: Option<String>,
     audit_log: Option<PathBuf>,
     #[serde(rename = "auditLogMaxMiB")]
     audit_log_max_mib: Option<u64>,
@@ -80,6 +85,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub kms_log_level: LogLevel,
     pub root_log_level: LogLevel,
+    /// Where Prometheus metrics are served; none unless `metricsAddress` is set.
+    pub metrics_address: Option<SocketAddr>,
     /// The audit trail: beside the database unless `auditLog` says otherwise.
     pub audit_log: PathBuf,
     pub audit_rotation: Rotation,
@@ -219,8 +226,18 @@ impl Config {
             },
             keep: raw.audit_log_keep.unwrap_or(defaults.keep),
         };
+        let metrics_address = match raw.metrics_address {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                format!(
+                    "metricsAddress {text:?} is not an address and port (e.g. 127.0.0.1:9650, \
+                     [::1]:9650)"
+                )
+            })?),
+        };
         Ok(Config {
             path: path.to_path_buf(),
+            metrics_address,
             audit_log,
             audit_rotation,
             server_cert_file: required(raw.server_cert_file, "serverCertFile")?,

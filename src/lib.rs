@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod os_error;
 pub mod policy;
 pub mod proto;

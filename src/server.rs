@@ -2,8 +2,10 @@
 
 use crate::audit::{AuditError, AuditLog};
 use crate::listener::{Listener, MAX_CONNECTIONS, stopped};
+use crate::metrics::Metrics;
 use crate::os_error;
 use crate::policy::Policy;
+use crate::proto::KMSServiceServer;
 use crate::service::KmsService;
 use crate::store::{Store, StoreError};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -13,9 +15,16 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
 /// How long shutdown waits for calls in flight: a Talos call's whole deadline.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the store's health is asked: a load balancer's check sees a change this soon.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+const RECORD_COUNT_INTERVAL: Duration = Duration::from_secs(30);
 /// How long an unseal's audit line may stay in the page cache only.
 const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Deep accept queue: a reboot storm arrives all at once.
@@ -25,6 +34,9 @@ pub struct ServerOptions {
     pub tls: Arc<rustls::ServerConfig>,
     pub store: Arc<dyn Store>,
     pub audit: Arc<AuditLog>,
+    pub metrics: Arc<Metrics>,
+    /// Where Prometheus scrapes the metrics, when the operator asked for it.
+    pub metrics_port: Option<Port>,
     pub policy: Policy,
 }
 
@@ -75,6 +87,22 @@ impl Port {
     /// Starts serving on the port.
     pub fn serve(self, options: ServerOptions) -> RunningServer {
         let (stop, shutdown) = watch::channel(false);
+        if let Some(port) = options.metrics_port {
+            tracing::info!(address = %port.local_addr, "serving metrics at /metrics");
+            tokio::spawn(crate::listener::metrics::serve(
+                port.tcp,
+                Arc::clone(&options.metrics),
+                stop.subscribe(),
+            ));
+        }
+        let reporter = HealthReporter::new();
+        let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+        tokio::spawn(watch_store(
+            Arc::clone(&options.store),
+            reporter,
+            Arc::clone(&options.metrics),
+            stop.subscribe(),
+        ));
         let (finished_sender, finished) = mpsc::channel(1);
         let listener = Listener {
             tcp: self.tcp,
@@ -82,11 +110,14 @@ impl Port {
             service: Arc::new(KmsService::new(
                 Arc::clone(&options.store),
                 Arc::clone(&options.audit),
+                Arc::clone(&options.metrics),
                 options.policy,
             )),
             limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             handshakes: Arc::new(Semaphore::new(handshakes_at_once())),
             handshake_failures: Arc::default(),
+            health,
+            metrics: Arc::clone(&options.metrics),
             shutdown,
             finished: finished_sender,
         };
@@ -153,6 +184,53 @@ pub enum ShutdownError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+}
+
+/// Reports the store's health through gRPC health checking and the metrics: SERVING while
+/// it answers, NOT_SERVING while calls would get UNAVAILABLE, and NOT_SERVING at shutdown.
+async fn watch_store(
+    store: Arc<dyn Store>,
+    reporter: HealthReporter,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(HEALTH_INTERVAL);
+    let mut last_count = None::<tokio::time::Instant>;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped(&mut stop) => {
+                set_health(&reporter, ServingStatus::NotServing).await;
+                return;
+            }
+        }
+        let up = store.health().await.is_ok();
+        set_health(
+            &reporter,
+            if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            },
+        )
+        .await;
+        // Counting a million records is a scan: not at every tick.
+        let records = if up && last_count.is_none_or(|at| at.elapsed() >= RECORD_COUNT_INTERVAL) {
+            last_count = Some(tokio::time::Instant::now());
+            store.count().await.ok()
+        } else {
+            None
+        };
+        metrics.store(up, records);
+    }
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    // "" is the server as a whole, as health checkers ask by default.
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(<KMSServiceServer<KmsService> as NamedService>::NAME, status)
+        .await;
 }
 
 /// Unseals only write their audit lines; this makes them durable within a second.

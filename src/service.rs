@@ -3,6 +3,7 @@
 //! before its answer leaves.
 
 use crate::audit::{Action, AuditLog, Event, Reason};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::proto::{self, KMSService};
 use crate::sealing::{self, SealedBlob, peer_ip_text};
@@ -21,27 +22,50 @@ const SEAL_ATTEMPTS: usize = 3;
 pub struct KmsService {
     store: Arc<dyn Store>,
     audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
     policy: Policy,
 }
 
 impl KmsService {
-    pub fn new(store: Arc<dyn Store>, audit: Arc<AuditLog>, policy: Policy) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
+        policy: Policy,
+    ) -> Self {
         Self {
             store,
             audit,
+            metrics,
             policy,
         }
     }
 
     /// Writes a refusal's line; the refusal stands whether or not the line could be written.
     fn refused(&self, event: Event, reason: Reason, status: Status) -> Status {
-        let _ = self.audit.write(&event.refused(reason));
+        let event = event.refused(reason);
+        let _ = self.audit.write(&event);
+        self.count(&event);
         status
     }
 
     /// Writes the line of a call about to be answered with data: no line, no answer.
     fn audited(&self, event: &Event) -> Result<(), Status> {
-        self.audit.write(event).map_err(|_| audit_unavailable())
+        self.audit.write(event).map_err(|_| {
+            self.count(&event.clone().refused(Reason::Failed));
+            audit_unavailable()
+        })?;
+        self.count(event);
+        Ok(())
+    }
+
+    fn count(&self, event: &Event) {
+        self.metrics.call(
+            event.action.map_or("", Action::label),
+            event.outcome.map_or("", |outcome| outcome.label()),
+            event.reason.map_or("", Reason::label),
+            event.started.elapsed(),
+        );
     }
 }
 

@@ -250,6 +250,8 @@ async fn key_formats_and_types_load_and_serve() {
                     talos_kms_server::audit::AuditLog::open(&dir.path().join("audit.jsonl"), None)
                         .unwrap(),
                 ),
+                metrics: Default::default(),
+                metrics_port: None,
                 policy: Default::default(),
             },
         )

@@ -18,6 +18,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// Node UUIDs in lines are cut to this: an invalid request may carry kilobytes.
 const MAX_TEXT: usize = 256;
@@ -49,22 +50,48 @@ pub enum Reason {
     Failed,
 }
 
-impl std::fmt::Display for Action {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Action {
+    /// As stored in the trail and used as a metric label.
+    pub fn label(self) -> &'static str {
+        match self {
             Action::Seal => "seal",
             Action::Unseal => "unseal",
             Action::Admin => "admin",
-        })
+        }
+    }
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::UnknownNonce => "unknown_nonce",
+            Reason::WrongKeyOrBinding => "wrong_key_or_binding",
+            Reason::Revoked => "revoked",
+            Reason::Invalid => "invalid",
+            Reason::StoreUnavailable => "store_unavailable",
+            Reason::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
     }
 }
 
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Outcome::Ok => "ok",
-            Outcome::Refused => "refused",
-        })
+        f.write_str(self.label())
     }
 }
 
@@ -82,7 +109,7 @@ impl std::fmt::Display for Reason {
 }
 
 /// One line of the trail.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Event {
     /// RFC 3339, UTC, milliseconds.
     pub time: String,
@@ -106,34 +133,48 @@ pub struct Event {
     /// What an admin action did, e.g. "revoked 3 records".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// When the call arrived, for its latency; not part of the line.
+    #[serde(skip, default = "Instant::now")]
+    pub started: Instant,
 }
 
 impl Event {
     /// A seal or unseal call from `peer` (the address text bound into seals) for `node`.
     pub fn call(action: Action, peer: &str, node: &str) -> Event {
         Event {
+            peer: Some(peer.to_string()),
+            node: Some(cut(node)),
+            ..Event::new(action)
+        }
+    }
+
+    fn new(action: Action) -> Event {
+        Event {
             time: now(),
             action: Some(action),
             outcome: Some(Outcome::Ok),
-            peer: Some(peer.to_string()),
-            node: Some(cut(node)),
-            ..Event::default()
+            reason: None,
+            peer: None,
+            node: None,
+            record: None,
+            command: None,
+            args: None,
+            user: None,
+            detail: None,
+            started: Instant::now(),
         }
     }
 
     /// An admin command, with its arguments (which never hold secrets).
     pub fn admin(command: &str, args: &[String]) -> Event {
         Event {
-            time: now(),
-            action: Some(Action::Admin),
-            outcome: Some(Outcome::Ok),
             command: Some(command.to_string()),
             args: Some(args.to_vec()),
             user: std::env::var("SUDO_USER")
                 .or_else(|_| std::env::var("USER"))
                 .ok()
                 .map(|user| cut(&user)),
-            ..Event::default()
+            ..Event::new(Action::Admin)
         }
     }
 

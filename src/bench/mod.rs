@@ -442,6 +442,8 @@ mod tests {
                 audit: Arc::new(
                     crate::audit::AuditLog::open(&dir.path().join("audit"), None).unwrap(),
                 ),
+                metrics: Default::default(),
+                metrics_port: None,
                 policy: Default::default(),
             },
         )

@@ -66,6 +66,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         tls: tls::server_config(identity)?,
         store,
         audit,
+        metrics: Default::default(),
+        metrics_port: None,
         policy: Policy::default(),
     };
     let dir_path = dir.path().to_path_buf();

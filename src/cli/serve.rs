@@ -7,6 +7,7 @@ use std::sync::Arc;
 use talos_kms_server::audit::AuditLog;
 use talos_kms_server::config::Config;
 use talos_kms_server::logging;
+use talos_kms_server::metrics::Metrics;
 use talos_kms_server::policy::Policy;
 use talos_kms_server::server::{self, Port, ServerOptions};
 use talos_kms_server::store::legacy_json::{self, TakeOver};
@@ -29,6 +30,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     }
     // Bound before the database is touched: a start that fails leaves nothing behind.
     let port = server::bind(config.listen)?;
+    let metrics_port = config.metrics_address.map(server::bind).transpose()?;
     let store = Arc::new(SqliteStore::open(&config.database)?);
     if store.created() {
         tracing::warn!(
@@ -50,6 +52,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         tls: tls::server_config(identity)?,
         store,
         audit,
+        metrics: Arc::new(Metrics::new()),
+        metrics_port,
         policy: Policy::default(),
     };
     serve_until_signal(port, options, OnHangup::KeepServing, |_| ()).await?;

@@ -12,10 +12,12 @@
 //! SETTINGS, its acknowledgement of the client's, and the response leave together.
 
 mod handshake_failures;
+pub mod metrics;
 mod write_batch;
 
 pub use handshake_failures::HandshakeFailures;
 
+use crate::metrics::Metrics;
 use crate::policy::MAX_MESSAGE_LEN;
 use crate::proto::KMSServiceServer;
 use crate::service::{KmsService, Peer};
@@ -53,6 +55,10 @@ const SPEC_WINDOW_SIZE: u32 = 65_535;
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 type Grpc = KMSServiceServer<KmsService>;
+/// Standard gRPC health checking, on the same port.
+pub type Health =
+    tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
+const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
 
 pub struct Listener {
     pub tcp: TcpListener,
@@ -62,17 +68,20 @@ pub struct Listener {
     /// Handshakes computing their first flight at once; see [`handshake`].
     pub handshakes: Arc<Semaphore>,
     pub handshake_failures: Arc<HandshakeFailures>,
+    pub health: Health,
+    pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,
     pub finished: mpsc::Sender<()>,
 }
 
 struct Handler {
-    socket: TcpStream,
     peer: SocketAddr,
     tls: TlsAcceptor,
     handshakes: Arc<Semaphore>,
     handshake_failures: Arc<HandshakeFailures>,
     grpc: Grpc,
+    health: Health,
+    metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     _finished: mpsc::Sender<()>,
 }
@@ -114,17 +123,21 @@ impl Listener {
             };
             let _ = socket.set_nodelay(true);
             let handler = Handler {
-                socket,
                 peer,
                 tls: self.tls.clone(),
                 handshakes: Arc::clone(&self.handshakes),
                 handshake_failures: Arc::clone(&self.handshake_failures),
                 grpc: grpc.clone(),
+                health: self.health.clone(),
+                metrics: Arc::clone(&self.metrics),
                 shutdown: self.shutdown.clone(),
                 _finished: self.finished.clone(),
             };
+            let metrics = Arc::clone(&self.metrics);
+            metrics.connection_opened();
             tokio::spawn(async move {
-                handler.run().await;
+                handler.run(socket).await;
+                metrics.connection_closed();
                 drop(permit);
             });
         }
@@ -132,8 +145,8 @@ impl Listener {
 }
 
 impl Handler {
-    async fn run(mut self) {
-        let handshaking = handshake(self.socket, &self.tls, &self.handshakes);
+    async fn run(mut self, socket: TcpStream) {
+        let handshaking = handshake(socket, &self.tls, &self.handshakes);
         let tls = tokio::select! {
             result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshaking) => match result {
                 Ok(Ok(Some(tls))) => tls,
@@ -142,19 +155,21 @@ impl Handler {
                     return;
                 }
                 Ok(Err(error)) => {
-                    handshake_failed(&self.handshake_failures, self.peer.ip(), Reason::of(&error), &error);
+                    self.handshake_failed(Reason::of(&error), &error);
                     return;
                 }
                 Err(timeout) => {
-                    handshake_failed(&self.handshake_failures, self.peer.ip(), Reason::timed_out(), &timeout);
+                    self.handshake_failed(Reason::timed_out(), &timeout);
                     return;
                 }
             },
             _ = stopped(&mut self.shutdown) => return,
         };
 
+        self.metrics.handshake();
         let service = WithPeer {
             inner: self.grpc,
+            health: self.health,
             peer: Peer(self.peer),
         };
         let mut http2 = hyper::server::conn::http2::Builder::new(InlineFirst);
@@ -187,25 +202,26 @@ impl Handler {
     }
 }
 
-fn handshake_failed(
-    failures: &HandshakeFailures,
-    peer: std::net::IpAddr,
-    reason: Reason,
-    error: &dyn std::fmt::Display,
-) {
-    if reason.is_probe() {
-        tracing::debug!(%peer, %error, "connection closed before its TLS handshake");
-    } else if failures.record(peer, &reason) {
-        tracing::warn!(
+impl Handler {
+    fn handshake_failed(&self, reason: Reason, error: &dyn std::fmt::Display) {
+        let peer = self.peer.ip();
+        if reason.is_probe() {
+            tracing::debug!(%peer, %error, "connection closed before its TLS handshake");
+            return;
+        }
+        self.metrics.handshake_failed(&reason.kind);
+        if self.handshake_failures.record(peer, &reason) {
+            tracing::warn!(
             %peer,
             reason = %reason.kind,
             %error,
             "TLS handshake failed: {}; more failures of this peer and reason are summed up \
              once a minute",
             reason.hint
-        );
-    } else {
-        tracing::debug!(%peer, reason = %reason.kind, %error, "TLS handshake failed");
+            );
+        } else {
+            tracing::debug!(%peer, reason = %reason.kind, %error, "TLS handshake failed");
+        }
     }
 }
 
@@ -314,13 +330,17 @@ where
 #[derive(Clone)]
 struct WithPeer {
     inner: Grpc,
+    health: Health,
     peer: Peer,
 }
 
 impl Service<http::Request<Incoming>> for WithPeer {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
-    type Future = Answer<<Grpc as Service<http::Request<Incoming>>>::Future>;
+    type Future = Answer<
+        <Grpc as Service<http::Request<Incoming>>>::Future,
+        <Health as Service<http::Request<Incoming>>>::Future,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Service::<http::Request<Incoming>>::poll_ready(&mut self.inner, cx)
@@ -333,6 +353,9 @@ impl Service<http::Request<Incoming>> for WithPeer {
             let mut refused = http::Response::new(tonic::body::Body::empty());
             *refused.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
             return Answer::Refused(Some(refused));
+        }
+        if request.uri().path().starts_with(HEALTH_PATH) {
+            return Answer::Health(self.health.call(request));
         }
         request.extensions_mut().insert(self.peer);
         Answer::Grpc(self.inner.call(request))
@@ -352,21 +375,24 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
         || media_type.eq_ignore_ascii_case("application/grpc+proto")
 }
 
-/// A gRPC call's answer, or an HTTP refusal ready at once.
-pub enum Answer<F> {
+/// A call's answer from the KMS or the health service, or an HTTP refusal ready at once.
+pub enum Answer<F, H> {
     Grpc(F),
+    Health(H),
     Refused(Option<http::Response<tonic::body::Body>>),
 }
 
-impl<F> Future for Answer<F>
+impl<F, H> Future for Answer<F, H>
 where
     F: Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Unpin,
+    H: Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Unpin,
 {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
             Answer::Grpc(call) => Pin::new(call).poll(cx),
+            Answer::Health(call) => Pin::new(call).poll(cx),
             Answer::Refused(response) => match response.take() {
                 Some(response) => Poll::Ready(Ok(response)),
                 None => Poll::Pending,

@@ -154,6 +154,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn count(&self) -> Result<u64, StoreError>;
 
+    /// Whether the store answers now: what health checks report.
+    async fn health(&self) -> Result<(), StoreError>;
+
     /// Up to `limit` records matching `filter` with ids above `after`, in id order: a page
     /// of a listing that may hold millions.
     async fn list(

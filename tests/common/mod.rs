@@ -82,6 +82,8 @@ impl TestServer {
                 tls: tls::server_config(identity).unwrap(),
                 store,
                 audit: Arc::new(AuditLog::open(&dir.join("audit.jsonl"), None).unwrap()),
+                metrics: Default::default(),
+                metrics_port: None,
                 policy: Policy::default(),
             },
         )

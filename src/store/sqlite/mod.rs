@@ -358,6 +358,15 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn health(&self) -> Result<(), StoreError> {
+        self.file.verify()?;
+        self.read(|conn| {
+            conn.query_row("SELECT 1 FROM records LIMIT 1", [], |_| Ok(()))
+                .optional()
+        })?;
+        Ok(())
+    }
+
     async fn count(&self) -> Result<u64, StoreError> {
         self.read(|conn| conn.query_row("SELECT count(*) FROM records", [], |row| row.get(0)))
     }

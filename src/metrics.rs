@@ -1,0 +1,213 @@
+//! Prometheus metrics, served on the optional `metricsAddress` listener: what an operator
+//! alerts on (certificate expiry, reload failures, unseal failures, the store) and what
+//! they graph (calls, latency, handshakes, connections).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    action: &'static str,
+    outcome: &'static str,
+    /// Empty when answered.
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    latency: Family<ActionLabel, Histogram>,
+    handshakes: Counter,
+    handshake_failures: Family<ReasonLabel, Counter>,
+    connections_open: Gauge,
+    records: Gauge,
+    store_up: Gauge,
+    certificate_expiry: Gauge<f64, AtomicU64>,
+    reloads: Counter,
+    reload_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("talos_kms");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "calls",
+            "Seal and Unseal calls, by outcome and the reason of a refusal",
+            calls.clone(),
+        );
+        // 0.1 ms to ~3 s: an unseal takes well under a millisecond, a seal a disk flush.
+        let latency = Family::<ActionLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
+        });
+        registry.register(
+            "call_duration_seconds",
+            "Time from a call's arrival to its answer, TLS handshake excluded",
+            latency.clone(),
+        );
+        let handshakes = Counter::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes completed",
+            handshakes.clone(),
+        );
+        let handshake_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason (the client's alert, timeout, not TLS...)",
+            handshake_failures.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Connections accepted and not yet closed",
+            connections_open.clone(),
+        );
+        let records = Gauge::default();
+        registry.register(
+            "records",
+            "Records in the store (revoked included), as last counted",
+            records.clone(),
+        );
+        let store_up = Gauge::default();
+        registry.register(
+            "store_up",
+            "1 while the store answers, 0 while calls are refused with UNAVAILABLE",
+            store_up.clone(),
+        );
+        let certificate_expiry = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the served certificate expires (Unix time)",
+            certificate_expiry.clone(),
+        );
+        let reloads = Counter::default();
+        registry.register(
+            "certificate_reloads",
+            "New certificate and key pairs taken into use",
+            reloads.clone(),
+        );
+        let reload_failures = Counter::default();
+        registry.register(
+            "certificate_reload_failures",
+            "Changed certificate or key files that could not be used (the old pair kept serving)",
+            reload_failures.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "The running version", build);
+        Metrics {
+            registry,
+            calls,
+            latency,
+            handshakes,
+            handshake_failures,
+            connections_open,
+            records,
+            store_up,
+            certificate_expiry,
+            reloads,
+            reload_failures,
+        }
+    }
+
+    pub fn call(
+        &self,
+        action: &'static str,
+        outcome: &'static str,
+        reason: &'static str,
+        took: Duration,
+    ) {
+        self.calls
+            .get_or_create(&CallLabels {
+                action,
+                outcome,
+                reason,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&ActionLabel { action })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn handshake(&self) {
+        self.handshakes.inc();
+    }
+
+    pub fn handshake_failed(&self, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections_open.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections_open.dec();
+    }
+
+    pub fn store(&self, up: bool, records: Option<u64>) {
+        self.store_up.set(i64::from(up));
+        if let Some(records) = records {
+            self.records.set(i64::try_from(records).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn certificate(&self, expires: std::time::SystemTime) {
+        let seconds = expires
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |since| since.as_secs_f64());
+        self.certificate_expiry.set(seconds);
+    }
+
+    pub fn reloaded(&self) {
+        self.reloads.inc();
+    }
+
+    pub fn reload_failed(&self) {
+        self.reload_failures.inc();
+    }
+
+    /// The text exposition format, as Prometheus scrapes it.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
