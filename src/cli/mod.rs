@@ -6,7 +6,9 @@ mod audit;
 mod bench;
 mod check;
 mod client;
+mod db;
 mod demo;
+mod export_json;
 mod fill;
 mod import_json;
 mod keys;
@@ -52,6 +54,10 @@ enum Command {
     Audit(audit::Args),
     /// Unseal a dead node's LUKS2 passphrase from its disk, as the node would.
     Recover(recover::Args),
+    /// Back up the database while the server serves, verify a backup, restore one.
+    Db(db::Args),
+    /// Write the records as a legacy nodeDbFile.json, to undo a migration.
+    ExportJson(export_json::Args),
 }
 
 /// The command and its arguments as typed, for the audit trail (they hold no secrets).
@@ -81,6 +87,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(Command::Keys(args)), config) => keys::run(args, config, &command_line()).await,
         (Some(Command::Audit(args)), config) => audit::run(args, config),
         (Some(Command::Recover(args)), _) => recover::run(args).await,
+        (Some(Command::Db(args)), config) => db::run(args, config, &command_line()).await,
+        (Some(Command::ExportJson(args)), config) => {
+            export_json::run(args, config, &command_line()).await
+        }
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \

@@ -1,14 +1,17 @@
 //! The legacy server's database: one JSON array rewritten on every request (docs/protocol.md §5).
 //!
-//! It is only ever read. Its records are taken over into the store, so that nodes sealed by
-//! the legacy server keep booting.
+//! The configured file is only ever read. Its records are taken over into the store, so that
+//! nodes sealed by the legacy server keep booting; `export-json` writes a new file in the same
+//! format, so that a migration can be undone.
 
-use super::{ImportBatch, ImportReport, NewRecord, Store, StoreError, UnixTime};
+use super::{ImportBatch, ImportReport, NewRecord, Store, StoreError, StoredRecord, UnixTime};
+use crate::os_error::plain;
 use crate::sealing::{NONCE_LEN, TAG_LEN};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
-use std::path::Path;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 use time::PrimitiveDateTime;
 use time::macros::format_description;
 
@@ -219,7 +222,7 @@ fn convert(record: LegacyRecord) -> Result<NewRecord, String> {
 
 /// Writes records in the legacy server's format, so that its JSON can be produced again.
 pub fn write_records<'a>(
-    out: &mut impl std::io::Write,
+    out: &mut impl Write,
     records: impl IntoIterator<Item = &'a NewRecord>,
 ) -> std::io::Result<()> {
     let mut first = true;
@@ -233,11 +236,119 @@ pub fn write_records<'a>(
             last_access: record.last_access.map(format_timestamp),
             created_at: format_timestamp(record.created_at),
         };
-        out.write_all(if first { b" " } else { b", " })?;
-        serde_json::to_writer_pretty(&mut *out, &entry)?;
+        write_entry(out, first, &entry)?;
         first = false;
     }
     out.write_all(b" ]\n")
+}
+
+fn write_entry(out: &mut impl Write, first: bool, entry: &LegacyRecordOut) -> std::io::Result<()> {
+    out.write_all(if first { b" " } else { b", " })?;
+    serde_json::to_writer_pretty(&mut *out, entry)?;
+    Ok(())
+}
+
+/// A legacy file being exported: written under a temporary name beside its path (mode
+/// 0600), and renamed into place by [`LegacyExport::finish`] once complete and on disk, so
+/// that no reader ever sees half a file under its name.
+pub struct LegacyExport {
+    path: PathBuf,
+    replace: bool,
+    out: BufWriter<tempfile::NamedTempFile>,
+    first: bool,
+}
+
+impl LegacyExport {
+    /// Starts the file; an existing one is replaced at the end only with `replace`.
+    pub fn create(path: &Path, replace: bool) -> Result<LegacyExport, LegacyError> {
+        let directory = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{}.", name.unwrap_or_default()))
+            .suffix(".partial")
+            .tempfile_in(directory)
+            .map_err(|e| {
+                error(
+                    path,
+                    format!("cannot create a file beside it: {}", plain(&e)),
+                )
+            })?;
+        let mut out = BufWriter::new(temp);
+        out.write_all(b"[")
+            .map_err(|e| error(path, format!("cannot write it: {}", plain(&e))))?;
+        Ok(LegacyExport {
+            path: path.to_path_buf(),
+            replace,
+            out,
+            first: true,
+        })
+    }
+
+    /// Adds a record as the legacy server wrote it. A record never unsealed gets its
+    /// creation time as `lastAccess`, as the legacy server wrote at seal time.
+    pub fn write(&mut self, record: &StoredRecord) -> Result<(), LegacyError> {
+        let info = &record.info;
+        let entry = LegacyRecordOut {
+            node_uuid: &info.node_uuid,
+            ip_address: &info.ip,
+            cipher_text_b64: BASE64.encode(&record.ciphertext),
+            nonce_b64: BASE64.encode(record.nonce),
+            last_access: Some(format_timestamp(info.last_used())),
+            created_at: format_timestamp(info.created_at),
+        };
+        write_entry(&mut self.out, self.first, &entry)
+            .map_err(|e| error(&self.path, format!("cannot write it: {}", plain(&e))))?;
+        self.first = false;
+        Ok(())
+    }
+
+    /// Ends the array, flushes the file to disk and renames it into place; returns its size.
+    pub fn finish(mut self) -> Result<u64, LegacyError> {
+        let path = self.path;
+        let io_error =
+            |what: &str, e: std::io::Error| error(&path, format!("{what}: {}", plain(&e)));
+        self.out
+            .write_all(if self.first { b"]\n" } else { b" ]\n" })
+            .map_err(|e| io_error("cannot write it", e))?;
+        let temp = self
+            .out
+            .into_inner()
+            .map_err(|e| io_error("cannot write it", e.into_error()))?;
+        temp.as_file()
+            .sync_all()
+            .map_err(|e| io_error("cannot flush it to disk", e))?;
+        let bytes = temp
+            .as_file()
+            .metadata()
+            .map_err(|e| io_error("cannot flush it to disk", e))?
+            .len();
+        let placed = if self.replace {
+            temp.persist(&path)
+        } else {
+            temp.persist_noclobber(&path)
+        };
+        placed.map_err(|e| match e.error.kind() {
+            std::io::ErrorKind::AlreadyExists => error(
+                &path,
+                "appeared while the export was written; nothing was replaced, choose another \
+                 name"
+                    .into(),
+            ),
+            _ => io_error("cannot put it in place", e.error),
+        })?;
+        // The rename must survive a power cut too.
+        let directory = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(directory)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error("cannot flush its directory to disk", e))?;
+        Ok(bytes)
+    }
 }
 
 pub fn parse_timestamp(text: &str) -> Result<UnixTime, String> {
@@ -304,6 +415,46 @@ mod tests {
         assert_eq!(again[0].ciphertext, records[0].ciphertext);
         assert_eq!(again[0].created_at, records[0].created_at);
         assert_eq!(again[0].last_access, records[0].last_access);
+    }
+
+    #[test]
+    fn an_export_parses_back_with_the_seal_time_as_last_access_when_never_unsealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("export.json");
+        let record = |id, last_access| StoredRecord {
+            info: crate::store::RecordInfo {
+                id,
+                node_uuid: format!("node-{id}"),
+                ip: "10.0.0.1".into(),
+                created_at: 1_760_214_137,
+                last_access,
+                revoked_at: None,
+            },
+            nonce: [id as u8; NONCE_LEN],
+            ciphertext: vec![id as u8; 48],
+        };
+        let mut export = LegacyExport::create(&path, false).unwrap();
+        export.write(&record(1, None)).unwrap();
+        export.write(&record(2, Some(1_760_214_144))).unwrap();
+        export.finish().unwrap();
+        let again = parse(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(again.len(), 2);
+        assert_eq!(again[0].last_access, Some(1_760_214_137));
+        assert_eq!(again[1].last_access, Some(1_760_214_144));
+        assert_eq!(again[1].nonce, [2; NONCE_LEN]);
+        assert_eq!(again[1].ciphertext, vec![2; 48]);
+        assert!(
+            LegacyExport::create(&path, false)
+                .unwrap()
+                .finish()
+                .is_err()
+        );
+        let empty = dir.path().join("empty.json");
+        LegacyExport::create(&empty, false)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(parse(&std::fs::read(&empty).unwrap()).unwrap().is_empty());
     }
 
     #[test]

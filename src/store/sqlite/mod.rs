@@ -28,6 +28,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+mod backup;
+
 /// Marks the file as ours ("TKMS"), so that a foreign SQLite file is never migrated.
 const APPLICATION_ID: i64 = 0x544B_4D53;
 
