@@ -1,6 +1,7 @@
 //! `serve`: the server itself.
 
 use anyhow::Context;
+use sd_notify::NotifyState;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,20 +15,25 @@ use talos_kms_server::store::legacy_json::{self, TakeOver};
 use talos_kms_server::store::{SqliteStore, Store};
 use talos_kms_server::tls;
 use talos_kms_server::tls::inspect::{CertificateFacts, RENEWAL_WARNING, Validity};
+use talos_kms_server::tls::reload::{self, IdentityFiles, Reload, ReloadingIdentity};
 use tokio::signal::unix::{SignalKind, signal};
 
 pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     logging::init(config.kms_log_level, config.root_log_level);
 
-    let identity = tls::load_identity(
-        &config.server_cert_file,
-        &config.server_key_file,
-        config.server_key_password.as_deref(),
-    )?;
-    if let Ok(leaf) = CertificateFacts::read(&identity.cert[0]) {
+    let files = IdentityFiles {
+        cert: config.server_cert_file.clone(),
+        key: config.server_key_file.clone(),
+        password: config.server_key_password.clone(),
+    };
+    let pair = tls::load_identity(&files.cert, &files.key, files.password.as_deref())?;
+    let metrics = Arc::new(Metrics::new());
+    if let Ok(leaf) = CertificateFacts::read(&pair.cert[0]) {
         log_certificate_validity(&leaf);
+        metrics.certificate(leaf.not_after);
     }
+    let identity = Arc::new(ReloadingIdentity::new(files, pair));
     // Bound before the database is touched: a start that fails leaves nothing behind.
     let port = server::bind(config.listen)?;
     let metrics_port = config.metrics_address.map(server::bind).transpose()?;
@@ -49,15 +55,45 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         take_over_legacy(store.as_ref(), legacy).await?;
     }
     let options = ServerOptions {
-        tls: tls::server_config(identity)?,
+        tls: tls::server_config_with(identity.clone())?,
         store,
         audit,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         metrics_port,
         policy: Policy::default(),
     };
-    serve_until_signal(port, options, OnHangup::KeepServing, |_| ()).await?;
+    serve_until_signal(port, options, OnHangup::Reload(identity), |_| ()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs what a reload did, once, and counts it.
+fn report_reload(reload: Reload, trigger: &str, metrics: &Metrics) {
+    match reload {
+        Reload::Unchanged => {
+            tracing::info!(
+                trigger,
+                "certificate files unchanged; still serving the same pair"
+            )
+        }
+        Reload::Reloaded(leaf) => {
+            metrics.reloaded();
+            metrics.certificate(leaf.not_after);
+            tracing::info!(
+                trigger,
+                subject = %leaf.subject,
+                not_after = %leaf.not_after_text(),
+                "new certificate in use for new connections"
+            );
+        }
+        Reload::Refused(problem) => {
+            metrics.reload_failed();
+            tracing::error!(
+                trigger,
+                %problem,
+                "the new certificate and key cannot be used; the previous pair keeps serving"
+            );
+        }
+    }
 }
 
 /// A certificate outside its validity period is served anyway, with an error in the log:
@@ -103,17 +139,17 @@ pub async fn take_over_legacy(store: &dyn Store, legacy: &Path) -> anyhow::Resul
     Ok(())
 }
 
-/// What SIGHUP does: the server keeps serving (a reload has nothing to reload yet); the
-/// demo, a foreground toy, stops and cleans up as on Ctrl-C.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// What SIGHUP does: the server reloads its certificate (as it does when the files
+/// change); the demo, a foreground toy, stops and cleans up as on Ctrl-C.
 pub enum OnHangup {
-    KeepServing,
+    Reload(Arc<ReloadingIdentity>),
     Stop,
 }
 
 /// Serves until SIGTERM or SIGINT, then drains calls in flight and flushes the store.
 /// SIGUSR1 and SIGUSR2, which would kill the process by default, are logged and ignored.
-/// `on_ready` sees the bound address once the port accepts connections.
+/// Under systemd (`Type=notify-reload`) it reports READY, RELOADING, STOPPING and watchdog
+/// pings. `on_ready` sees the bound address once the port accepts connections.
 pub async fn serve_until_signal(
     port: Port,
     options: ServerOptions,
@@ -128,26 +164,74 @@ pub async fn serve_until_signal(
     let mut hangup = watch(SignalKind::hangup(), "SIGHUP")?;
     let mut user1 = watch(SignalKind::user_defined1(), "SIGUSR1")?;
     let mut user2 = watch(SignalKind::user_defined2(), "SIGUSR2")?;
+    let metrics = Arc::clone(&options.metrics);
+    // Kept alive while serving: dropping the watcher stops it.
+    let (_watcher, mut changes) = match &on_hangup {
+        OnHangup::Reload(identity) => match reload::watch(identity) {
+            Ok((watcher, changes)) => (Some(watcher), Some(changes)),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "cannot watch the certificate files; SIGHUP still reloads them"
+                );
+                (None, None)
+            }
+        },
+        OnHangup::Stop => (None, None),
+    };
     let running = port.serve(options);
-    tracing::info!(address = %running.local_addr(), "serving sidero.kms.KMSService");
-    on_ready(running.local_addr());
+    let address = running.local_addr();
+    tracing::info!(%address, "serving sidero.kms.KMSService");
+    on_ready(address);
+    let status = format!("serving on {address}");
+    systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    let watchdog = sd_notify::watchdog_enabled().map(|interval| tokio::spawn(watchdog(interval)));
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = hangup.recv() => match on_hangup {
+            Some(()) = async { changes.as_mut()?.recv().await } => {
+                if let OnHangup::Reload(identity) = &on_hangup {
+                    report_reload(identity.reload(false), "files changed", &metrics);
+                }
+            }
+            _ = hangup.recv() => match &on_hangup {
                 OnHangup::Stop => break,
-                OnHangup::KeepServing => tracing::info!(
-                    "SIGHUP: this version reloads nothing; still serving (a new certificate \
-                     takes a restart)"
-                ),
+                OnHangup::Reload(identity) => {
+                    let mut reloading = vec![NotifyState::Reloading];
+                    reloading.extend(NotifyState::monotonic_usec_now().ok());
+                    systemd(&reloading);
+                    report_reload(identity.reload(true), "SIGHUP", &metrics);
+                    systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                }
             },
             _ = user1.recv() => tracing::info!("SIGUSR1 ignored; still serving"),
             _ = user2.recv() => tracing::info!("SIGUSR2 ignored; still serving"),
         }
     }
     tracing::info!("stopping: finishing calls in flight");
+    systemd(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     running.shutdown().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tells systemd, when it started us with a notify socket; nothing otherwise.
+fn systemd(states: &[NotifyState<'_>]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::warn!(%error, "cannot notify systemd");
+    }
+}
+
+/// Pings systemd's watchdog at half its interval, as sd_watchdog_enabled(3) advises: a
+/// server whose runtime stalls stops pinging and is restarted.
+async fn watchdog(interval: std::time::Duration) {
+    let mut ticks = tokio::time::interval(interval / 2);
+    loop {
+        ticks.tick().await;
+        systemd(&[NotifyState::Watchdog]);
+    }
 }

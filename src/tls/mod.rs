@@ -7,12 +7,13 @@
 
 mod identity;
 pub mod inspect;
+pub mod reload;
 pub mod throwaway;
 
 pub use identity::{IdentityError, load_identity};
 
 use rustls::crypto::CryptoProvider;
-use rustls::server::NoServerSessionStorage;
+use rustls::server::{NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use std::sync::Arc;
 
@@ -39,10 +40,17 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn server_config(
     identity: Arc<CertifiedKey>,
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    server_config_with(Arc::new(SingleCertAndKey::from(identity)))
+}
+
+/// [`server_config`] with the pair chosen per handshake, e.g. a [`reload::ReloadingIdentity`].
+pub fn server_config_with(
+    identity: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SingleCertAndKey::from(identity)));
+        .with_cert_resolver(identity);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});
