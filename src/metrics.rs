@@ -203,11 +203,60 @@ impl Metrics {
         self.reload_failures.inc();
     }
 
-    /// The text exposition format, as Prometheus scrapes it.
-    pub fn encode(&self) -> String {
+    /// OpenMetrics text, which Prometheus asks for first.
+    pub fn encode_openmetrics(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+
+    /// The older Prometheus text format (0.0.4), for scrapers and tools that know only it
+    /// (promtool among them): the same samples, counter families named with `_total`.
+    pub fn encode_prometheus_text(&self) -> String {
+        prometheus_text(&self.encode_openmetrics())
+    }
+}
+
+/// OpenMetrics names a counter family without `_total` and its samples with it; the 0.0.4
+/// format names both with it, and has no `# EOF`.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        text.push_str(renamed.as_deref().unwrap_or(line));
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_in_the_older_format() {
+        let metrics = Metrics::new();
+        metrics.handshake();
+        let text = metrics.encode_prometheus_text();
+        assert!(text.contains("# HELP talos_kms_tls_handshakes_total TLS handshakes completed"));
+        assert!(text.contains("# TYPE talos_kms_tls_handshakes_total counter"));
+        assert!(text.contains("talos_kms_tls_handshakes_total 1"));
+        assert!(!text.contains("# EOF"));
+        assert!(metrics.encode_openmetrics().ends_with("# EOF\n"));
     }
 }

@@ -7,8 +7,8 @@ use common::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use talos_kms_server::tls::{self, throwaway};
 
@@ -205,7 +205,7 @@ async fn renamed_files_are_served_without_a_failed_call_and_a_broken_pair_is_ref
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kubernetes_symlink_swap_is_followed_and_sighup_reloads() {
     let setup = setup(2, |dir, pair| install_kubernetes(dir, pair, 0));
-    let mut server = ServerProcess::start(&setup.config).unwrap();
+    let server = ServerProcess::start(&setup.config).unwrap();
     let port = server.addr.port();
     let stop = Arc::new(AtomicBool::new(false));
     let node = keep_unsealing(port, setup.ca_bundle.clone(), stop.clone());
@@ -226,14 +226,13 @@ async fn a_kubernetes_symlink_swap_is_followed_and_sighup_reloads() {
         .status()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    let reloaded = Mutex::new(false);
-    while Instant::now() < deadline && !*reloaded.lock().unwrap() {
+    let mut reloaded = false;
+    while Instant::now() < deadline && !reloaded {
         if let Ok(line) = server.log.recv_timeout(Duration::from_millis(200)) {
-            *reloaded.lock().unwrap() |=
-                line.contains("trigger=\"SIGHUP\"") || line.contains("trigger=SIGHUP");
+            reloaded = line.contains("trigger=\"SIGHUP\"") || line.contains("trigger=SIGHUP");
         }
     }
-    assert!(*reloaded.lock().unwrap(), "SIGHUP reloads the certificate");
+    assert!(reloaded, "SIGHUP reloads the certificate");
     assert_eq!(
         presented(port, &setup.ca_bundle).await,
         leaf_of(&setup.pairs[1]),

@@ -4,55 +4,24 @@
 mod common;
 
 use common::*;
-use rustls::pki_types::ServerName;
-use rustls::pki_types::pem::PemObject;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 use talos_kms_server::client::{ClientOptions, KmsClient};
-use talos_kms_server::tls;
 
 /// Sends one Seal over HTTP/2 with the given content-type; returns the HTTP status.
 async fn seal_with_content_type(server: &TestServer, content_type: &str) -> http::StatusCode {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(&server.pki.ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.port()))
-        .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    // A well-formed gRPC message: Request { node_uuid: "n", data: 32 bytes }.
+    // A well-formed message: Request { node_uuid: "n", data: 32 bytes }.
     let mut message = vec![0x0a, 1, b'n', 0x12, 32];
     message.extend_from_slice(&random_passphrase());
-    let mut frame = vec![0];
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&message);
-    let request = http::Request::post(format!(
-        "https://127.0.0.1:{}/sidero.kms.KMSService/Seal",
-        server.port()
-    ))
-    .header("content-type", content_type)
-    .header("te", "trailers")
-    .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
-    .unwrap();
-    sender.send_request(request).await.unwrap().status()
+    raw_grpc(
+        server.port(),
+        &server.pki.ca,
+        "/sidero.kms.KMSService/Seal",
+        content_type,
+        &message,
+    )
+    .await
+    .status()
 }
 
 fn records(database: &std::path::Path) -> i64 {

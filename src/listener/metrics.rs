@@ -48,10 +48,27 @@ fn answer(metrics: &Metrics, request: &http::Request<Incoming>) -> http::Respons
         *response.status_mut() = http::StatusCode::NOT_FOUND;
         return response;
     }
-    let mut response = http::Response::new(Full::new(Bytes::from(metrics.encode())));
+    let openmetrics = request
+        .headers()
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("application/openmetrics-text"));
+    let (body, content_type) = if openmetrics {
+        (
+            metrics.encode_openmetrics(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            metrics.encode_prometheus_text(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let mut response = http::Response::new(Full::new(Bytes::from(body)));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        http::HeaderValue::from_static(content_type),
     );
     response
 }

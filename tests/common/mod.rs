@@ -132,6 +132,54 @@ pub fn write_config(dir: &Path, pki: &Pki, bind: &str, extra: &str) -> PathBuf {
     path
 }
 
+/// One gRPC call made by hand over TLS and HTTP/2, for what the Talos-like client does not
+/// do (other content-types, other services); the response body is left to read.
+pub async fn raw_grpc(
+    port: u16,
+    ca: &Path,
+    path: &str,
+    content_type: &str,
+    message: &[u8],
+) -> http::Response<hyper::body::Incoming> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut frame = vec![0];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    let request = http::Request::post(format!("https://127.0.0.1:{port}{path}"))
+        .header("content-type", content_type)
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+        .unwrap();
+    sender.send_request(request).await.unwrap()
+}
+
 /// Replaces `from` with `to` in a config file; the file keeps its mode.
 pub fn edit_config(config: &Path, from: &str, to: &str) {
     let text = std::fs::read_to_string(config).unwrap();
@@ -187,7 +235,7 @@ impl ServerProcess {
                         .split("address=")
                         .nth(1)
                         .and_then(|rest| rest.split_whitespace().next())
-                        .filter(|_| line.contains("serving"))
+                        .filter(|_| line.contains("serving sidero.kms.KMSService"))
                     {
                         let addr = addr.parse().expect("address in the serving line");
                         seen.push(line);
