@@ -244,20 +244,6 @@ async fn demo_prints_the_name_nodes_use_with_the_real_port_and_keeps_its_key_pri
     assert!(!dir.exists(), "the throwaway key and database are removed");
 }
 
-/// Runs the binary off the async runtime, so that an in-process server keeps serving.
-async fn run_async(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_binary(&args)
-    })
-    .await
-    .unwrap()
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
 #[tokio::test]
 async fn a_plaintext_endpoint_against_a_tls_server_says_to_use_https() {
     let dir = tempfile::tempdir().unwrap();
@@ -267,7 +253,7 @@ async fn a_plaintext_endpoint_against_a_tls_server_says_to_use_https() {
         format!("grpc://127.0.0.1:{port}"),
         format!("127.0.0.1:{port}"),
     ] {
-        let output = run_async(args(&["client", "--endpoint", &endpoint, "roundtrip"])).await;
+        let output = run_binary_async(&["client", "--endpoint", &endpoint, "roundtrip"]).await;
         assert!(!output.status.success());
         let stderr = text(&output.stderr);
         assert!(
@@ -319,7 +305,7 @@ async fn seal_output_raw_feeds_unseal_and_json_has_the_three_values() {
         ],
     ]
     .concat();
-    let output = run_async(args(&seal)).await;
+    let output = run_binary_async(&seal).await;
     assert!(output.status.success(), "{}", text(&output.stderr));
     let sealed = text(&output.stdout).trim().to_string();
     assert!(
@@ -332,7 +318,7 @@ async fn seal_output_raw_feeds_unseal_and_json_has_the_three_values() {
         &["unseal", "--node-uuid", NODE, "--sealed", &sealed],
     ]
     .concat();
-    let output = run_async(args(&unseal)).await;
+    let output = run_binary_async(&unseal).await;
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert_eq!(text(&output.stdout).trim(), passphrase);
 
@@ -349,7 +335,7 @@ async fn seal_output_raw_feeds_unseal_and_json_has_the_three_values() {
         ],
     ]
     .concat();
-    let output = run_async(args(&seal)).await;
+    let output = run_binary_async(&seal).await;
     assert!(output.status.success(), "{}", text(&output.stderr));
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(json["node_uuid"], NODE);
@@ -360,7 +346,7 @@ async fn seal_output_raw_feeds_unseal_and_json_has_the_three_values() {
         &["unseal", "--node-uuid", NODE, "--sealed", sealed],
     ]
     .concat();
-    let output = run_async(args(&unseal)).await;
+    let output = run_binary_async(&unseal).await;
     assert_eq!(text(&output.stdout).trim(), passphrase);
     server.running.shutdown().await.unwrap();
 }
@@ -453,7 +439,7 @@ async fn tls_failures_say_what_is_wrong_and_the_fix_in_words() {
 
     // No --ca: the public roots do not know the throwaway CA.
     let endpoint = format!("https://127.0.0.2:{port}");
-    let output = run_async(args(&["client", "--endpoint", &endpoint, "roundtrip"])).await;
+    let output = run_binary_async(&["client", "--endpoint", &endpoint, "roundtrip"]).await;
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert_no_debug_text(&stderr);
@@ -463,15 +449,8 @@ async fn tls_failures_say_what_is_wrong_and_the_fix_in_words() {
     );
 
     // The CA is given, but the certificate does not name the host.
-    let output = run_async(args(&[
-        "client",
-        "--endpoint",
-        &endpoint,
-        "--ca",
-        &ca,
-        "roundtrip",
-    ]))
-    .await;
+    let output =
+        run_binary_async(&["client", "--endpoint", &endpoint, "--ca", &ca, "roundtrip"]).await;
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert_no_debug_text(&stderr);

@@ -15,31 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The binary with `args`, off the async runtime so that an in-process client keeps going.
-async fn kms(args: &[&str]) -> std::process::Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_binary(&args)
-    })
-    .await
-    .unwrap()
-}
-
-async fn kms_ok(args: &[&str]) -> String {
-    let output = kms(args).await;
-    assert!(
-        output.status.success(),
-        "{args:?}: {}{}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-    text(&output.stdout)
-}
-
 /// Runs `args`, expects exit 1, returns stdout and stderr together.
 async fn kms_fails(args: &[&str]) -> String {
-    let output = kms(args).await;
+    let output = run_binary_async(args).await;
     assert_eq!(
         output.status.code(),
         Some(1),
@@ -122,7 +100,7 @@ async fn stop(server: ServerProcess) {
 async fn a_backup_taken_under_seal_load_restores_every_seal_acknowledged_before_it() {
     let site = Site::new();
     // Enough records for the copy to take several steps while seals commit between them.
-    kms_ok(&[
+    run_ok(&[
         "fill",
         "--database",
         s(&site.database()),
@@ -154,7 +132,7 @@ async fn a_backup_taken_under_seal_load_restores_every_seal_acknowledged_before_
     }
     let before: Vec<Sealed> = acknowledged.lock().unwrap().clone();
     let backup = site.file("kms-backup.db");
-    let summary = kms_ok(&[
+    let summary = run_ok(&[
         "db",
         "backup",
         s(&backup),
@@ -194,7 +172,7 @@ async fn a_backup_taken_under_seal_load_restores_every_seal_acknowledged_before_
         !site.file("kms-backup.db-wal").exists() && !site.file("kms-backup.db-journal").exists(),
         "a backup is one file"
     );
-    let verified = kms_ok(&["db", "verify", s(&backup)]).await;
+    let verified = run_ok(&["db", "verify", s(&backup)]).await;
     assert!(
         verified.contains(&format!("sound, {records} records")),
         "{verified}"
@@ -207,7 +185,7 @@ async fn a_backup_taken_under_seal_load_restores_every_seal_acknowledged_before_
 
     // Restored into a new server's database, which does not exist yet.
     let other = Site::new();
-    let restored = kms_ok(&["db", "restore", s(&backup), "--config", s(&other.config)]).await;
+    let restored = run_ok(&["db", "restore", s(&backup), "--config", s(&other.config)]).await;
     assert!(
         restored.contains(&format!("restored {records} records")),
         "{restored}"
@@ -229,7 +207,7 @@ async fn a_backup_taken_under_seal_load_restores_every_seal_acknowledged_before_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_names_a_cut_file_a_flipped_bit_and_malformed_records() {
     let site = Site::new();
-    kms_ok(&[
+    run_ok(&[
         "fill",
         "--database",
         s(&site.database()),
@@ -238,8 +216,8 @@ async fn verify_names_a_cut_file_a_flipped_bit_and_malformed_records() {
     ])
     .await;
     let good = site.file("good.db");
-    kms_ok(&["db", "backup", s(&good), "--config", s(&site.config)]).await;
-    let verified = kms_ok(&["db", "verify", s(&good)]).await;
+    run_ok(&["db", "backup", s(&good), "--config", s(&site.config)]).await;
+    let verified = run_ok(&["db", "verify", s(&good)]).await;
     assert!(verified.contains("sound, 2000 records"), "{verified}");
     let bytes = std::fs::read(&good).unwrap();
 
@@ -257,9 +235,11 @@ async fn verify_names_a_cut_file_a_flipped_bit_and_malformed_records() {
             r.get(0)
         })
         .unwrap();
+    // The row itself, not its copy in the nonce index: in the row the node UUID follows.
+    let row: Vec<u8> = [nonce.as_slice(), b"fill-"].concat();
     let at = bytes
-        .windows(nonce.len())
-        .position(|window| window == nonce.as_slice())
+        .windows(row.len())
+        .position(|window| window == row.as_slice())
         .unwrap();
     let mut flipped_bytes = bytes.clone();
     flipped_bytes[at + 5] ^= 0x10;
@@ -311,7 +291,7 @@ async fn restore_waits_for_a_stopped_server_asks_for_force_and_keeps_what_it_rep
     let client1 = client(&server, &site.ca);
     let kept = seal(&client1, "node-kept").await;
     let backup = site.file("backup.db");
-    kms_ok(&["db", "backup", s(&backup), "--config", config]).await;
+    run_ok(&["db", "backup", s(&backup), "--config", config]).await;
     let later = seal(&client1, "node-later").await;
 
     let refused = kms_fails(&["db", "restore", s(&backup), "--config", config, "--force"]).await;
@@ -328,7 +308,7 @@ async fn restore_waits_for_a_stopped_server_asks_for_force_and_keeps_what_it_rep
     );
 
     let inode = std::fs::metadata(site.database()).unwrap().ino();
-    let restored = kms_ok(&["db", "restore", s(&backup), "--config", config, "--force"]).await;
+    let restored = run_ok(&["db", "restore", s(&backup), "--config", config, "--force"]).await;
     assert!(
         restored.contains("restored 1 records") && restored.contains(".replaced-"),
         "{restored}"
@@ -350,7 +330,7 @@ async fn restore_waits_for_a_stopped_server_asks_for_force_and_keeps_what_it_rep
         .collect();
     assert_eq!(replaced.len(), 1, "{replaced:?}");
     assert_eq!(mode(&replaced[0]), 0o600);
-    let verified = kms_ok(&["db", "verify", s(&replaced[0])]).await;
+    let verified = run_ok(&["db", "verify", s(&replaced[0])]).await;
     assert!(verified.contains("sound, 2 records"), "{verified}");
 
     let server = site.serve();
@@ -422,17 +402,17 @@ async fn export_json_is_the_legacy_format_and_imports_back() {
     for node in ["node-a", "node-b", "node-c"] {
         seals.push(seal(&client1, node).await);
     }
-    let listed = kms_ok(&["keys", "list", "--config", config, "--output", "json"]).await;
+    let listed = run_ok(&["keys", "list", "--config", config, "--output", "json"]).await;
     let revoked_id = listed
         .lines()
         .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
         .find(|record| record["node_uuid"] == "node-b")
         .unwrap()["id"]
         .to_string();
-    kms_ok(&["keys", "revoke", &revoked_id, "--config", config]).await;
+    run_ok(&["keys", "revoke", &revoked_id, "--config", config]).await;
 
     let file = site.file("nodeDbFile.json");
-    let said = kms_ok(&["export-json", s(&file), "--config", config]).await;
+    let said = run_ok(&["export-json", s(&file), "--config", config]).await;
     assert!(
         said.contains("exported 2 records (1 revoked left out)"),
         "{said}"
@@ -466,7 +446,7 @@ async fn export_json_is_the_legacy_format_and_imports_back() {
         again.contains("exists") && again.contains("--force"),
         "{again}"
     );
-    let said = kms_ok(&[
+    let said = run_ok(&[
         "export-json",
         s(&file),
         "--config",
@@ -493,7 +473,7 @@ async fn export_json_is_the_legacy_format_and_imports_back() {
 
     // The export taken over by a fresh database: the same blobs unseal through a server.
     let other = Site::new();
-    let imported = kms_ok(&["import-json", s(&file), "--config", s(&other.config)]).await;
+    let imported = run_ok(&["import-json", s(&file), "--config", s(&other.config)]).await;
     assert!(imported.contains("imported 3 records"), "{imported}");
     let server2 = other.serve();
     let client2 = client(&server2, &other.ca);

@@ -9,31 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use talos_kms_server::client::{ClientError, KmsClient};
 
-/// The binary with `args`, off the async runtime; stdin is empty (not a terminal).
-async fn kms(args: &[&str]) -> std::process::Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_binary(&args)
-    })
-    .await
-    .unwrap()
-}
-
-async fn kms_ok(args: &[&str]) -> String {
-    let output = kms(args).await;
-    assert!(
-        output.status.success(),
-        "{args:?}: {}{}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-    text(&output.stdout)
-}
-
 /// Records as `keys list --output json` prints them.
 async fn records(config: &Path) -> Vec<serde_json::Value> {
-    kms_ok(&[
+    run_ok(&[
         "keys",
         "list",
         "--config",
@@ -65,7 +43,7 @@ async fn audit_lines(config: &Path, filters: &[&str]) -> Vec<serde_json::Value> 
         "json",
     ];
     args.extend_from_slice(filters);
-    kms_ok(&args)
+    run_ok(&args)
         .await
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
@@ -110,7 +88,7 @@ async fn a_revoked_record_unseals_to_random_bytes_until_restored() {
     assert_eq!(listed.len(), 3);
     let id_b = id_of(&listed, node_b);
 
-    kms_ok(&["keys", "revoke", &id_b, "--config", config]).await;
+    run_ok(&["keys", "revoke", &id_b, "--config", config]).await;
     let answer = running.client.unseal(node_b, &sealed_b).await.unwrap();
     assert_eq!(answer.len(), 32, "answered like a wrong key");
     assert_ne!(answer, secret_b, "a revoked record does not unseal");
@@ -133,15 +111,15 @@ async fn a_revoked_record_unseals_to_random_bytes_until_restored() {
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["reason"], "revoked");
 
-    kms_ok(&["keys", "restore", &id_b, "--config", config]).await;
+    run_ok(&["keys", "restore", &id_b, "--config", config]).await;
     assert_eq!(
         running.client.unseal(node_b, &sealed_b).await.unwrap(),
         secret_b
     );
 
     // Every record of a node at once.
-    kms_ok(&["keys", "revoke", "--node", node_a, "--config", config]).await;
-    let revoked = kms_ok(&["keys", "list", "--state", "revoked", "--config", config]).await;
+    run_ok(&["keys", "revoke", "--node", node_a, "--config", config]).await;
+    let revoked = run_ok(&["keys", "list", "--state", "revoked", "--config", config]).await;
     assert!(revoked.contains("2 records"), "{revoked}");
     assert_ne!(
         running.client.unseal(node_a, &sealed_a).await.unwrap(),
@@ -173,17 +151,17 @@ async fn purge_deletes_only_when_told_to() {
         .await
         .unwrap();
     let id = id_of(&records(&running.config).await, "doomed");
-    kms_ok(&["keys", "revoke", &id, "--config", config]).await;
+    run_ok(&["keys", "revoke", &id, "--config", config]).await;
 
     // Without a terminal and without --yes: refused, nothing deleted.
-    let refused = kms(&["keys", "purge", "--revoked", "--config", config]).await;
+    let refused = run_binary_async(&["keys", "purge", "--revoked", "--config", config]).await;
     assert!(!refused.status.success());
     assert!(
         text(&refused.stderr).contains("--yes"),
         "{}",
         text(&refused.stderr)
     );
-    let dry = kms_ok(&[
+    let dry = run_ok(&[
         "keys",
         "purge",
         "--revoked",
@@ -202,7 +180,7 @@ async fn purge_deletes_only_when_told_to() {
         "nothing deleted yet"
     );
 
-    let done = kms_ok(&["keys", "purge", "--revoked", "--yes", "--config", config]).await;
+    let done = run_ok(&["keys", "purge", "--revoked", "--yes", "--config", config]).await;
     assert!(done.contains("deleted 1"), "{done}");
     let left = records(&running.config).await;
     assert_eq!(left.len(), 1);
@@ -243,7 +221,7 @@ async fn every_outcome_is_audited_survives_kill_9_and_holds_no_secret() {
         .await
         .unwrap();
     let id = id_of(&records(&config).await, "revoked-node");
-    kms_ok(&["keys", "revoke", &id, "--config", config.to_str().unwrap()]).await;
+    run_ok(&["keys", "revoke", &id, "--config", config.to_str().unwrap()]).await;
     client.unseal("revoked-node", &revoked).await.unwrap();
     // The database gone: the store refuses, and says so in the trail.
     std::fs::remove_file(dir_of(&config).join("kms.db")).unwrap();

@@ -4,13 +4,13 @@
 mod common;
 
 use common::*;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use talos_kms_server::tls::{self, throwaway};
+use talos_kms_server::tls::throwaway;
 
 struct Pair {
     chain: String,
@@ -37,23 +37,7 @@ fn leaf_of(pair: &Pair) -> Vec<u8> {
 
 /// The leaf certificate a new connection is given.
 async fn presented(port: u16, ca_bundle: &Path) -> Vec<u8> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_bundle).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap();
+    let stream = tls_connect(port, ca_bundle).await;
     stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 

@@ -2,7 +2,7 @@
 //! (never created), and the audit trail its actions go to.
 
 use anyhow::Context;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use talos_kms_server::audit::{AuditLog, Event};
 use talos_kms_server::config::Config;
 use talos_kms_server::store::SqliteStore;
@@ -11,6 +11,12 @@ pub struct Admin {
     pub config: Config,
     pub store: SqliteStore,
     audit: AuditLog,
+}
+
+/// The config an admin command was given, as its own `--config` or before the command.
+pub fn config_path(own: Option<PathBuf>, global: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    own.or(global)
+        .context("--config FILE is required: the server's config names the database")
 }
 
 impl Admin {

@@ -1,5 +1,6 @@
 //! `audit`: reads the audit trail (rotated files included, oldest first) and filters it.
 
+use super::Output;
 use anyhow::{Context, bail};
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,12 +40,6 @@ pub struct Args {
     /// `text` for people; `json` prints the matching lines as they are stored.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Output {
-    Text,
-    Json,
 }
 
 pub fn run(args: Args, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {

@@ -1,5 +1,6 @@
 //! `check`: validates everything `serve` would use, without serving or changing anything.
 
+use super::Output;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use talos_kms_server::check::{self, CheckOptions, Level};
@@ -16,12 +17,6 @@ pub struct Args {
     /// `text` for people, `json` (one object with every finding and the result) for scripts.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Output {
-    Text,
-    Json,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {

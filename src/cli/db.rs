@@ -1,7 +1,8 @@
 //! `db`: back up the database while the server serves, verify a backup, and restore one
 //! while the server is stopped. Every copy goes through SQLite's online backup API.
 
-use super::admin::Admin;
+use super::Output;
+use super::admin::{Admin, config_path};
 use super::progress::Progress;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -49,23 +50,13 @@ enum Action {
     },
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(super) enum Output {
-    Text,
-    Json,
-}
-
 pub async fn run(
     args: Args,
     config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
     let config = args.config.or(config);
-    let required = || {
-        config
-            .clone()
-            .context("--config FILE is required: the server's config names the database")
-    };
+    let required = || config_path(config.clone(), None);
     match args.action {
         Action::Backup { file, force } => {
             backup(&required()?, &file, force, args.output, command_line)

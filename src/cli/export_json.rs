@@ -1,10 +1,10 @@
 //! `export-json`: writes the records as the legacy server's nodeDbFile.json, so that a
 //! migration can be undone. Safe while the server runs.
 
-use super::admin::Admin;
-use super::db::{Output, admin_event, print, refuse_existing};
+use super::Output;
+use super::admin::{Admin, config_path};
+use super::db::{admin_event, print, refuse_existing};
 use super::progress::Progress;
-use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use talos_kms_server::store::legacy_json::LegacyExport;
@@ -38,10 +38,7 @@ pub async fn run(
     config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let config = args
-        .config
-        .or(config)
-        .context("--config FILE is required: the server's config names the database")?;
+    let config = config_path(args.config, config)?;
     refuse_existing(&args.file, args.force)?;
     let admin = Admin::open(&config)?;
     if SqliteStore::is_part_of(&admin.config.database, &args.file) {

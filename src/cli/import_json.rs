@@ -1,6 +1,7 @@
 //! `import-json`: takes a legacy nodeDbFile.json into the database, as start-up does, and
 //! says what it did. Safe while the server runs and safe to repeat.
 
+use super::Output;
 use super::progress::Progress;
 use anyhow::Context;
 use std::path::PathBuf;
@@ -27,12 +28,6 @@ pub struct Args {
     /// `text` for people, `json` for scripts: the summary as one object.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Output {
-    Text,
-    Json,
 }
 
 pub async fn run(

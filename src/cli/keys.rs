@@ -1,9 +1,10 @@
 //! `keys`: list, show, revoke, restore and purge records, while the server runs; every
 //! change takes effect on the server's next request and goes to the audit trail.
 
-use super::admin::Admin;
+use super::Output;
+use super::admin::{Admin, config_path};
 use super::progress::Progress;
-use anyhow::{Context, bail};
+use anyhow::bail;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,14 +32,14 @@ enum Action {
         #[command(flatten)]
         filter: Filter,
         /// `table` for people; `json` prints one object per record and line, for scripts.
-        #[arg(long, value_enum, default_value_t = Output::Table)]
+        #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Everything known of one record (never its key or ciphertext).
     Show {
         id: RecordId,
         /// `table` for people, `json` for scripts.
-        #[arg(long, value_enum, default_value_t = Output::Table)]
+        #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Revoke records: their unseals get random bytes, like a wrong key. Reversible.
@@ -73,7 +74,7 @@ enum Action {
         dry_run: bool,
         /// `table` for people; `json` prints the records as `list` does, then the summary
         /// as one object.
-        #[arg(long, value_enum, default_value_t = Output::Table)]
+        #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
 }
@@ -103,21 +104,12 @@ enum State {
     Revoked,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Output {
-    Table,
-    Json,
-}
-
 pub async fn run(
     args: Args,
     config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let config = args
-        .config
-        .or(config)
-        .context("--config FILE is required: the server's config names the database")?;
+    let config = config_path(args.config, config)?;
     let admin = Admin::open(&config)?;
     match args.action {
         Action::List { filter, output } => list(&admin, filter.into(), output).await,
@@ -201,13 +193,13 @@ async fn ids_of(admin: &Admin, filter: &RecordFilter) -> anyhow::Result<Vec<Reco
 
 async fn list(admin: &Admin, filter: RecordFilter, output: Output) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
-    if output == Output::Table {
+    if output == Output::Text {
         writeln!(stdout, "{}", header())?;
     }
     let mut failed = None;
     let count = for_each(admin, &filter, |record| {
         let line = match output {
-            Output::Table => row(record),
+            Output::Text => row(record),
             Output::Json => json(record).to_string(),
         };
         if let Err(e) = writeln!(stdout, "{line}") {
@@ -218,7 +210,7 @@ async fn list(admin: &Admin, filter: RecordFilter, output: Output) -> anyhow::Re
     if let Some(e) = failed {
         return Err(e.into());
     }
-    if output == Output::Table {
+    if output == Output::Text {
         writeln!(stdout, "{count} records")?;
     }
     Ok(ExitCode::SUCCESS)
@@ -234,7 +226,7 @@ async fn show(admin: &Admin, id: RecordId, output: Output) -> anyhow::Result<Exi
     };
     match output {
         Output::Json => println!("{}", json(&record)),
-        Output::Table => {
+        Output::Text => {
             println!("id           {}", record.id);
             println!("node UUID    {}", record.node_uuid);
             println!("address      {}", record.ip);
@@ -296,12 +288,12 @@ async fn purge(
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
     let mut doomed = Vec::new();
-    if output == Output::Table {
+    if output == Output::Text {
         println!("{}", header());
     }
     for_each(admin, &filter, |record| {
         match output {
-            Output::Table => println!("{}", row(record)),
+            Output::Text => println!("{}", row(record)),
             Output::Json => println!("{}", json(record)),
         }
         doomed.push(record.id);
@@ -309,7 +301,7 @@ async fn purge(
     .await?;
     let listed = doomed.len();
     let say = |deleted: u64, summary: &str| match output {
-        Output::Table => println!("{summary}"),
+        Output::Text => println!("{summary}"),
         Output::Json => println!(
             "{}",
             serde_json::json!({"listed": listed, "deleted": deleted, "summary": summary})

@@ -60,6 +60,15 @@ enum Command {
     ExportJson(export_json::Args),
 }
 
+/// How a command prints its results.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// For people.
+    Text,
+    /// For scripts.
+    Json,
+}
+
 /// The command and its arguments as typed, for the audit trail (they hold no secrets).
 fn command_line() -> Vec<String> {
     std::env::args().skip(1).collect()
