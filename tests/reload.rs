@@ -150,7 +150,10 @@ async fn renamed_files_are_served_without_a_failed_call_and_a_broken_pair_is_ref
     let mut server = ServerProcess::start(&setup.config).unwrap();
     let port = server.addr.port();
     let stop = Arc::new(AtomicBool::new(false));
-    let node = keep_unsealing(port, setup.ca_bundle.clone(), stop.clone());
+    // A small storm: several nodes unsealing at once while the pair changes.
+    let nodes: Vec<_> = (0..4)
+        .map(|_| keep_unsealing(port, setup.ca_bundle.clone(), stop.clone()))
+        .collect();
     let certs = setup.config.parent().unwrap().join("certs");
 
     replace(&certs.join("tls.key"), &setup.pairs[1].key);
@@ -168,13 +171,15 @@ async fn renamed_files_are_served_without_a_failed_call_and_a_broken_pair_is_ref
         leaf_of(&setup.pairs[1])
     );
     stop.store(true, Ordering::Relaxed);
-    let (calls, failures) = node.await.unwrap();
-    assert!(calls > 0);
-    assert!(
-        failures.is_empty(),
-        "{} of {calls} failed: {failures:?}",
-        failures.len()
-    );
+    for node in nodes {
+        let (calls, failures) = node.await.unwrap();
+        assert!(calls > 0);
+        assert!(
+            failures.is_empty(),
+            "{} of {calls} failed: {failures:?}",
+            failures.len()
+        );
+    }
 
     let log = std::mem::replace(&mut server.log, std::sync::mpsc::channel().1);
     server.kill9();
