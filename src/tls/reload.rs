@@ -1,6 +1,6 @@
-//! Certificates renewed without a restart: the files are watched (a plain rename, and the
-//! symlink swap of Kubernetes secret volumes and cert-manager, both change the directory
-//! they are in) and re-read on SIGHUP. Each new handshake takes the pair current at that
+//! Certificates renewed without a restart: the files are watched (a plain rename and the
+//! symlink swap of Kubernetes secret volumes and cert-manager both change their content)
+//! and re-read on SIGHUP. Each new handshake takes the pair current at that
 //! moment; connections already open keep theirs. A new pair that cannot be used is refused
 //! and the old one keeps serving.
 
@@ -9,11 +9,14 @@ use super::inspect::{CertificateFacts, Validity};
 use notify::{RecursiveMode, Watcher};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// How often the files are compared: a renewal lands days before expiry, and reading two
+/// small files costs nothing worth saving.
+const POLL: Duration = Duration::from_secs(2);
 /// Writers replace the certificate and the key one after the other: wait for both.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -102,21 +105,6 @@ impl ReloadingIdentity {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = pair;
         Reload::Reloaded(facts)
     }
-
-    /// The directories to watch: a rename or symlink swap of a file changes its directory.
-    pub fn directories(&self) -> Vec<PathBuf> {
-        let mut directories: Vec<PathBuf> = [&self.files.cert, &self.files.key]
-            .iter()
-            .map(|file| {
-                file.parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."))
-                    .to_path_buf()
-            })
-            .collect();
-        directories.dedup();
-        directories
-    }
 }
 
 impl ResolvesServerCert for ReloadingIdentity {
@@ -134,24 +122,34 @@ fn digest_of(files: &IdentityFiles) -> Option<[u8; 32]> {
     context.finish().as_ref().try_into().ok()
 }
 
-/// Watches the files' directories; each burst of changes, once settled, is sent on the
-/// returned channel. The watcher stops when dropped.
+/// Watches the files: their content is compared every [`POLL`], through symlinks, so a
+/// rename into place and a Kubernetes `..data` swap are both seen. Polling, not inotify: the
+/// directory may also hold the database and the audit trail (a legacy layout keeps them
+/// beside `nodeDbFile` in /etc/talos-kms-server), and an inotify event for every call's
+/// audit line cost 16 % of an unseal's CPU (BENCHMARKS.md). Each change, once settled, is
+/// sent on the returned channel; the watcher stops when dropped.
 pub fn watch(
     identity: &ReloadingIdentity,
-) -> notify::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
+) -> notify::Result<(notify::PollWatcher, mpsc::Receiver<()>)> {
     let (changed, changes) = mpsc::channel(1);
     let (events, mut raw) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = events.send(());
-        }
-    })?;
-    for directory in identity.directories() {
-        watcher.watch(&directory, RecursiveMode::NonRecursive)?;
+    let config = notify::Config::default()
+        .with_poll_interval(POLL)
+        .with_compare_contents(true);
+    let mut watcher = notify::PollWatcher::new(
+        move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = events.send(());
+            }
+        },
+        config,
+    )?;
+    for file in [&identity.files.cert, &identity.files.key] {
+        watcher.watch(file, RecursiveMode::NonRecursive)?;
     }
     tokio::spawn(async move {
         while raw.recv().await.is_some() {
-            // Let the rest of the burst arrive, then report it once.
+            // Let the other file's change arrive, then report both once.
             tokio::time::sleep(SETTLE).await;
             while raw.try_recv().is_ok() {}
             if changed.send(()).await.is_err() {
