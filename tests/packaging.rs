@@ -437,6 +437,7 @@ fn check_deb(deb: &Path, arch: &str, machine: u16) {
         ("/etc/talos-kms-server/config.yaml", "-rw-r-----"),
         ("/usr/lib/sysusers.d/talos-kms-server.conf", "-rw-r--r--"),
         ("/usr/lib/tmpfiles.d/talos-kms-server.conf", "-rw-r--r--"),
+        ("/opt/talos-kms-server/lib/acmeReload.sh", "-rwxr-xr-x"),
     ] {
         let line = entry(path);
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -911,4 +912,41 @@ fn the_release_workflow_parses_and_matches_scripts_test() {
     assert!(workflow.contains(install) && script.contains(install));
     assert!(workflow.contains("file: packaging/Containerfile"));
     assert!(packaging("Containerfile").is_file());
+}
+
+/// The legacy acme.sh hook shipped for existing renewals: a renewed plain key becomes the
+/// encrypted PKCS#8 `serverKeyFile` that the config's password opens, and the server is
+/// asked to reload.
+#[test]
+fn the_legacy_acme_hook_encrypts_the_renewed_key_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = talos_kms_server::tls::throwaway::generate(&["localhost".to_string()]).unwrap();
+    std::fs::write(dir.path().join("server.crt"), &pki.chain_pem).unwrap();
+    std::fs::write(dir.path().join("server.key.pem"), &pki.key_pem).unwrap();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "nodeDbFile: x.json\nserverCertFile: server.crt\nserverKeyFile: server.key\n\
+         serverKeyPassword: \"s3cret pass\"   # the legacy default was changeit\n",
+    )
+    .unwrap();
+    let reloaded = dir.path().join("reloaded");
+    let status = Command::new(packaging("lib/acmeReload.sh"))
+        .env("KMS_CONFIG_DIR", dir.path())
+        .env(
+            "KMS_RELOAD_COMMAND",
+            format!("touch {}", reloaded.display()),
+        )
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(reloaded.exists(), "the server is asked to reload");
+    let key = std::fs::read_to_string(dir.path().join("server.key")).unwrap();
+    assert!(key.contains("ENCRYPTED PRIVATE KEY"), "{key}");
+    assert!(!dir.path().join("server.key.new").exists());
+    talos_kms_server::tls::load_identity(
+        &dir.path().join("server.crt"),
+        &dir.path().join("server.key"),
+        Some("s3cret pass"),
+    )
+    .expect("the config's password opens the converted key");
 }
