@@ -86,7 +86,13 @@ metadata = {
 keyring = {"type": "luks2-keyring", "keyslots": ["2"], "key_description": "k"}
 two = dict(metadata, tokens={"0": kms, "1": dict(kms, keyslots=["1"]), "2": keyring})
 broken = dict(metadata, tokens={"3": dict(kms, UserData={"sealedData": "bm90IDQ0IGJ5dGVz"})})
-for name, value in [("one", metadata), ("two", two), ("broken", broken)]:
+# Caught by the luks2_token check: "01" was taken for token 1, whose blob came back though
+# not a KMS token.
+blob = kms["UserData"]
+duplicate = {"tokens": {"1": {"type": "luks2-keyring", "UserData": blob},
+                        "01": {"type": "sideroKMS", "UserData": blob}}}
+named = [("one", metadata), ("two", two), ("broken", broken), ("duplicate-id", duplicate)]
+for name, value in named:
     write("luks2_token", name, json.dumps(value, separators=(",", ":")))
 
 
