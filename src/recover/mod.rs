@@ -145,7 +145,9 @@ impl Volume {
             .flatten()
             .filter_map(|(id, token)| {
                 let kind = token.get("type").and_then(|t| t.as_str()).unwrap_or("?");
-                Some((id.parse().ok()?, kind.to_string()))
+                // Only the canonical text: "01" would be taken for token 1.
+                let number: u32 = id.parse().ok().filter(|n: &u32| n.to_string() == *id)?;
+                Some((number, kind.to_string()))
             })
             .collect();
         tokens.sort();
@@ -276,4 +278,31 @@ pub fn write_key_file(path: &Path, passphrase: &str) -> Result<(), RecoverError>
         path: path.to_path_buf(),
         problem: os_error::plain(&error),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Caught by the luks2_token fuzz target: the blob of token "1" (not a KMS token) was
+    /// returned for the KMS token "01".
+    #[test]
+    fn a_token_id_is_its_canonical_text() {
+        let sealed = BASE64.encode([7u8; SEALED_LEN]);
+        let user_data = serde_json::json!({ "sealedData": sealed });
+        let volume = Volume {
+            path: PathBuf::from("/dev/x"),
+            header: luks2::Header {
+                offset: 0,
+                seqid: 0,
+                json: serde_json::json!({ "tokens": {
+                    "1": { "type": "luks2-keyring", "UserData": user_data },
+                    "01": { "type": TOKEN_TYPE, "UserData": user_data },
+                }}),
+            },
+            primary_flaw: None,
+        };
+        assert_eq!(volume.tokens(), [(1, "luks2-keyring".to_string())]);
+        assert!(volume.kms_token(None).is_err());
+    }
 }
