@@ -2,11 +2,14 @@
 //! `database`. Relative paths are taken relative to the config file's directory.
 
 use crate::audit::Rotation;
+use crate::listener::ListenerLimits;
 use crate::logging::LogLevel;
+use crate::policy::{Mode, Networks, RateLimit, Rules};
 use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub const DEFAULT_PORT: u16 = 50051;
 /// The embedded database's file name when `database` is not set: beside `nodeDbFile`, where
@@ -72,6 +75,34 @@ struct RawConfig {
     #[serde(rename = "auditLogMaxMiB")]
     audit_log_max_mib: Option<u64>,
     audit_log_keep: Option<u32>,
+    // Policy: who may seal and unseal.
+    seal_allowed_networks: Option<Vec<String>>,
+    unseal_allowed_networks: Option<Vec<String>>,
+    rate_limit_per_address: Option<RawRateLimit>,
+    rate_limit_global: Option<RawRateLimit>,
+    max_records_per_node: Option<u64>,
+    max_new_records_per_hour: Option<u64>,
+    seal_policy: Option<String>,
+    unseal_policy: Option<String>,
+    pin_node_ip: Option<bool>,
+    max_pending_approvals: Option<u64>,
+    // The listener's limits.
+    max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
+    max_handshakes_at_once: Option<usize>,
+    handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connection_age: Option<String>,
+    max_streams_per_connection: Option<u32>,
+    max_header_list_size: Option<u32>,
+    max_message_size: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawRateLimit {
+    per_second: u32,
+    burst: Option<u32>,
 }
 
 /// A validated configuration.
@@ -90,6 +121,9 @@ pub struct Config {
     /// The audit trail: beside the database unless `auditLog` says otherwise.
     pub audit_log: PathBuf,
     pub audit_rotation: Rotation,
+    /// Who may seal and unseal.
+    pub policy: Rules,
+    pub limits: ListenerLimits,
 }
 
 impl fmt::Debug for Config {
@@ -164,8 +198,11 @@ impl Config {
             return Err("is empty; see the commented default in the README".into());
         } else {
             // Without the source snippet: it would quote neighbouring lines, such as the password.
-            serde_saphyr::from_str(text).map_err(|e| e.without_snippet().to_string())?
+            serde_saphyr::from_str(text)
+                .map_err(|e| redact_password(&e.without_snippet().to_string(), text))?
         };
+        let policy = policy_rules(&raw)?;
+        let limits = listener_limits(&raw)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let node_db_file = raw.node_db_file.map(resolve);
@@ -237,6 +274,8 @@ impl Config {
         };
         Ok(Config {
             path: path.to_path_buf(),
+            policy,
+            limits,
             metrics_address,
             audit_log,
             audit_rotation,
@@ -250,6 +289,158 @@ impl Config {
             root_log_level: level(raw.root_log_level, "rootLogLevel", LogLevel::Warn)?,
         })
     }
+}
+
+/// An error may quote any value, and a broken quote can make the password part of another
+/// value: every word of the `serverKeyPassword` line is taken out.
+fn redact_password(error: &str, text: &str) -> String {
+    let mut lines = text.lines();
+    let mut redacted = error.to_string();
+    while let Some(line) = lines.next() {
+        let Some((_, value)) = line.trim_start().split_once("serverKeyPassword") else {
+            continue;
+        };
+        let value = value.trim_start_matches([':', ' ', '\t']);
+        let value = if value.trim().is_empty() {
+            lines.next().unwrap_or_default()
+        } else {
+            value
+        };
+        for word in value
+            .split(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .filter(|word| word.len() >= 3)
+        {
+            redacted = redacted.replace(word, "<redacted>");
+        }
+    }
+    redacted
+}
+
+fn policy_rules(raw: &RawConfig) -> Result<Rules, String> {
+    let defaults = Rules::default();
+    let networks = |list: &Option<Vec<String>>, key: &str| match list {
+        None => Ok(None),
+        Some(list) if list.is_empty() => Err(format!(
+            "{key} is empty, which would refuse everyone; remove the key to allow any address"
+        )),
+        Some(list) => Networks::parse(list)
+            .map(Some)
+            .map_err(|e| format!("{key}: {e}")),
+    };
+    let rate = |raw: &Option<RawRateLimit>, default: RateLimit, key: &str| match raw {
+        None => Ok(default),
+        Some(RawRateLimit { per_second, burst }) => {
+            let burst = burst.unwrap_or(*per_second);
+            if *per_second > 0 && burst < *per_second {
+                return Err(format!(
+                    "{key}: burst {burst} is below perSecond {per_second}; a burst holds at                      least one second of calls"
+                ));
+            }
+            Ok(RateLimit {
+                per_second: *per_second,
+                burst,
+            })
+        }
+    };
+    let mode = |raw: &Option<String>, key: &str| match raw {
+        None => Ok(Mode::Open),
+        Some(text) => Mode::parse(text)
+            .ok_or_else(|| format!("{key} {text:?} is not a policy: use open, window or approve")),
+    };
+    Ok(Rules {
+        seal_networks: networks(&raw.seal_allowed_networks, "sealAllowedNetworks")?,
+        unseal_networks: networks(&raw.unseal_allowed_networks, "unsealAllowedNetworks")?,
+        per_address: rate(
+            &raw.rate_limit_per_address,
+            defaults.per_address,
+            "rateLimitPerAddress",
+        )?,
+        global: rate(&raw.rate_limit_global, defaults.global, "rateLimitGlobal")?,
+        max_records_per_node: raw
+            .max_records_per_node
+            .unwrap_or(defaults.max_records_per_node),
+        max_new_records_per_hour: raw
+            .max_new_records_per_hour
+            .unwrap_or(defaults.max_new_records_per_hour),
+        seal: mode(&raw.seal_policy, "sealPolicy")?,
+        unseal: mode(&raw.unseal_policy, "unsealPolicy")?,
+        pin_node_ip: raw.pin_node_ip.unwrap_or(defaults.pin_node_ip),
+        max_pending: match raw.max_pending_approvals {
+            Some(0) => return Err("maxPendingApprovals must be at least 1".into()),
+            Some(max) => max,
+            None => defaults.max_pending,
+        },
+    })
+}
+
+fn listener_limits(raw: &RawConfig) -> Result<ListenerLimits, String> {
+    let defaults = ListenerLimits::default();
+    let duration = |text: &Option<String>, key: &str, default: Duration| match text {
+        None => Ok(default),
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(duration) if !duration.is_zero() => Ok(duration),
+            _ => Err(format!(
+                "{key} {text:?} is not a duration above zero (e.g. 500ms, 10s, 5m)"
+            )),
+        },
+    };
+    let at_least_one = |value: Option<usize>, key: &str, default: usize| match value {
+        Some(0) => Err(format!("{key} must be at least 1")),
+        Some(value) => Ok(value),
+        None => Ok(default),
+    };
+    let max_message_size = at_least_one(
+        raw.max_message_size,
+        "maxMessageSize",
+        defaults.max_message_size,
+    )?;
+    if max_message_size < 1024 {
+        return Err(format!(
+            "maxMessageSize {max_message_size} is too small for a Seal of a 256-byte              passphrase; use at least 1024"
+        ));
+    }
+    Ok(ListenerLimits {
+        max_connections: at_least_one(
+            raw.max_connections,
+            "maxConnections",
+            defaults.max_connections,
+        )?,
+        max_connections_per_address: at_least_one(
+            raw.max_connections_per_address,
+            "maxConnectionsPerAddress",
+            defaults.max_connections_per_address,
+        )?,
+        max_handshakes_at_once: match raw.max_handshakes_at_once {
+            Some(0) => return Err("maxHandshakesAtOnce must be at least 1".into()),
+            other => other,
+        },
+        handshake_timeout: duration(
+            &raw.handshake_timeout,
+            "handshakeTimeout",
+            defaults.handshake_timeout,
+        )?,
+        idle_timeout: duration(&raw.idle_timeout, "idleTimeout", defaults.idle_timeout)?,
+        max_connection_age: duration(
+            &raw.max_connection_age,
+            "maxConnectionAge",
+            defaults.max_connection_age,
+        )?,
+        max_streams_per_connection: match raw.max_streams_per_connection {
+            Some(0) => return Err("maxStreamsPerConnection must be at least 1".into()),
+            Some(streams) => streams,
+            None => defaults.max_streams_per_connection,
+        },
+        max_header_list_size: match raw.max_header_list_size {
+            Some(size) if size < 1024 => {
+                return Err(format!(
+                    "maxHeaderListSize {size} is too small for a gRPC call's headers; use at                      least 1024"
+                ));
+            }
+            Some(size) => size,
+            None => defaults.max_header_list_size,
+        },
+        max_message_size,
+    })
 }
 
 fn write_default(path: &Path) -> std::io::Result<()> {

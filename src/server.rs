@@ -1,10 +1,10 @@
 //! Wires a listener, the service and a store into a running server, and stops it cleanly.
 
 use crate::audit::{AuditError, AuditLog};
-use crate::listener::{Listener, MAX_CONNECTIONS, stopped};
+use crate::listener::{Listener, ListenerLimits, stopped};
 use crate::metrics::Metrics;
 use crate::os_error;
-use crate::policy::Policy;
+use crate::policy::{Policy, Rules};
 use crate::proto::KMSServiceServer;
 use crate::service::KmsService;
 use crate::store::{Store, StoreError};
@@ -27,6 +27,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 const RECORD_COUNT_INTERVAL: Duration = Duration::from_secs(30);
 /// How long an unseal's audit line may stay in the page cache only.
 const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+const POLICY_TIDY_INTERVAL: Duration = Duration::from_secs(60);
 /// Deep accept queue: a reboot storm arrives all at once.
 const ACCEPT_BACKLOG: i32 = 4096;
 
@@ -37,7 +38,9 @@ pub struct ServerOptions {
     pub metrics: Arc<Metrics>,
     /// Where Prometheus scrapes the metrics, when the operator asked for it.
     pub metrics_port: Option<Port>,
-    pub policy: Policy,
+    /// Who may seal and unseal.
+    pub rules: Rules,
+    pub limits: ListenerLimits,
 }
 
 pub struct RunningServer {
@@ -104,6 +107,9 @@ impl Port {
             stop.subscribe(),
         ));
         let (finished_sender, finished) = mpsc::channel(1);
+        let connection_networks = options.rules.connection_networks();
+        let policy = Arc::new(Policy::new(options.rules, Arc::clone(&options.store)));
+        tokio::spawn(tidy_policy(Arc::clone(&policy), stop.subscribe()));
         let listener = Listener {
             tcp: self.tcp,
             tls: tokio_rustls::TlsAcceptor::from(options.tls),
@@ -111,10 +117,12 @@ impl Port {
                 Arc::clone(&options.store),
                 Arc::clone(&options.audit),
                 Arc::clone(&options.metrics),
-                options.policy,
+                policy,
             )),
-            limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            handshakes: Arc::new(Semaphore::new(handshakes_at_once())),
+            limit: Arc::new(Semaphore::new(options.limits.max_connections)),
+            handshakes: Arc::new(Semaphore::new(options.limits.handshakes_at_once())),
+            limits: options.limits,
+            connection_networks,
             handshake_failures: Arc::default(),
             health,
             metrics: Arc::clone(&options.metrics),
@@ -246,10 +254,15 @@ async fn sync_audit_trail(audit: Arc<AuditLog>, mut stop: watch::Receiver<bool>)
     }
 }
 
-/// Enough first flights computed at once to keep every core busy, and no more: beyond that,
-/// more only slows each other down (see `listener::handshake`).
-fn handshakes_at_once() -> usize {
-    std::thread::available_parallelism().map_or(2, |cores| 2 * cores.get())
+/// Drops the policy's memory of quiet callers once a minute.
+async fn tidy_policy(policy: Arc<Policy>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(POLICY_TIDY_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => policy.tidy(),
+            _ = stopped(&mut stop) => return,
+        }
+    }
 }
 
 /// A listening socket; `[::]` also accepts IPv4 (dual stack) whatever the system default.

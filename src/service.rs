@@ -4,7 +4,7 @@
 
 use crate::audit::{Action, AuditLog, Event, Reason};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{Policy, Refusal};
 use crate::proto::{self, KMSService};
 use crate::sealing::{self, SealedBlob, peer_ip_text};
 use crate::store::{self, Inserted, NewRecord, Store};
@@ -23,7 +23,7 @@ pub struct KmsService {
     store: Arc<dyn Store>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
-    policy: Policy,
+    policy: Arc<Policy>,
 }
 
 impl KmsService {
@@ -31,7 +31,7 @@ impl KmsService {
         store: Arc<dyn Store>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
-        policy: Policy,
+        policy: Arc<Policy>,
     ) -> Self {
         Self {
             store,
@@ -47,6 +47,10 @@ impl KmsService {
         let _ = self.audit.write(&event);
         self.count(&event);
         status
+    }
+
+    fn refused_by_policy(&self, event: Event, refusal: Refusal) -> Status {
+        self.refused(event, refusal.reason, refusal.status)
     }
 
     /// Writes the line of a call about to be answered with data: no line, no answer.
@@ -99,9 +103,10 @@ impl KMSService for KmsService {
         let peer = peer_of(&request)?;
         let request = request.into_inner();
         let ip = peer_ip_text(&peer);
-        let event = Event::call(Action::Seal, &ip, &request.node_uuid);
-        if let Err(status) = self.policy.check_seal(&request) {
-            return Err(self.refused(event, Reason::Invalid, status));
+        let mut event = Event::call(Action::Seal, &ip, &request.node_uuid);
+        match self.policy.admit_seal(&request, peer.ip(), &ip).await {
+            Ok(admitted) => event.detail = admitted.note,
+            Err(refusal) => return Err(self.refused_by_policy(event, refusal)),
         }
         for _ in 0..SEAL_ATTEMPTS {
             let sealed = sealing::seal(&request.node_uuid, &ip, &request.data).map_err(|e| {
@@ -150,8 +155,8 @@ impl KMSService for KmsService {
         let node = &request.node_uuid;
         let ip = peer_ip_text(&peer);
         let event = Event::call(Action::Unseal, &ip, node);
-        if let Err(status) = self.policy.check_unseal(&request) {
-            return Err(self.refused(event, Reason::Invalid, status));
+        if let Err(refusal) = self.policy.admit_unseal(&request, peer.ip(), &ip).await {
+            return Err(self.refused_by_policy(event, refusal));
         }
         let Some(blob) = SealedBlob::parse(&request.data) else {
             let status = Status::invalid_argument("malformed sealed blob");

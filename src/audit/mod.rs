@@ -29,6 +29,8 @@ pub enum Action {
     Seal,
     Unseal,
     Admin,
+    /// A connection closed before its TLS handshake (outside every allow-list).
+    Connect,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -48,6 +50,15 @@ pub enum Reason {
     Invalid,
     StoreUnavailable,
     Failed,
+    /// The address is outside the operation's allow-list.
+    NetworkNotAllowed,
+    RateLimited,
+    OverQuota,
+    WindowClosed,
+    PendingApproval,
+    Denied,
+    /// The node UUID's records are bound to another address and `pinNodeIp` is set.
+    Pinned,
 }
 
 impl Action {
@@ -57,6 +68,7 @@ impl Action {
             Action::Seal => "seal",
             Action::Unseal => "unseal",
             Action::Admin => "admin",
+            Action::Connect => "connect",
         }
     }
 }
@@ -79,6 +91,13 @@ impl Reason {
             Reason::Invalid => "invalid",
             Reason::StoreUnavailable => "store_unavailable",
             Reason::Failed => "failed",
+            Reason::NetworkNotAllowed => "network_not_allowed",
+            Reason::RateLimited => "rate_limited",
+            Reason::OverQuota => "over_quota",
+            Reason::WindowClosed => "window_closed",
+            Reason::PendingApproval => "pending_approval",
+            Reason::Denied => "denied",
+            Reason::Pinned => "pinned",
         }
     }
 }
@@ -104,6 +123,13 @@ impl std::fmt::Display for Reason {
             Reason::Invalid => "invalid",
             Reason::StoreUnavailable => "store unavailable",
             Reason::Failed => "failed",
+            Reason::NetworkNotAllowed => "network not allowed",
+            Reason::RateLimited => "rate limited",
+            Reason::OverQuota => "over quota",
+            Reason::WindowClosed => "window closed",
+            Reason::PendingApproval => "pending approval",
+            Reason::Denied => "denied",
+            Reason::Pinned => "pinned to another address",
         })
     }
 }

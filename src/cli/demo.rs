@@ -11,7 +11,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use talos_kms_server::audit::AuditLog;
 use talos_kms_server::logging::{self, LogLevel};
-use talos_kms_server::policy::Policy;
 use talos_kms_server::server::{self, ServerOptions};
 use talos_kms_server::store::SqliteStore;
 use talos_kms_server::tls::{self, throwaway};
@@ -68,7 +67,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         audit,
         metrics: Default::default(),
         metrics_port: None,
-        policy: Policy::default(),
+        rules: Default::default(),
+        limits: Default::default(),
     };
     let dir_path = dir.path().to_path_buf();
     // The full path, so that the printed command works from `cargo run` too.

@@ -9,7 +9,6 @@ use talos_kms_server::audit::AuditLog;
 use talos_kms_server::config::Config;
 use talos_kms_server::logging;
 use talos_kms_server::metrics::Metrics;
-use talos_kms_server::policy::Policy;
 use talos_kms_server::server::{self, Port, ServerOptions};
 use talos_kms_server::store::legacy_json::{self, TakeOver};
 use talos_kms_server::store::{SqliteStore, Store};
@@ -60,7 +59,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         audit,
         metrics,
         metrics_port,
-        policy: Policy::default(),
+        rules: config.policy.clone(),
+        limits: config.limits.clone(),
     };
     serve_until_signal(port, options, OnHangup::Reload(identity), |_| ()).await?;
     Ok(ExitCode::SUCCESS)

@@ -12,13 +12,15 @@
 //! SETTINGS, its acknowledgement of the client's, and the response leave together.
 
 mod handshake_failures;
+mod limits;
 pub mod metrics;
 mod write_batch;
 
 pub use handshake_failures::HandshakeFailures;
+pub use limits::ListenerLimits;
 
 use crate::metrics::Metrics;
-use crate::policy::MAX_MESSAGE_LEN;
+use crate::policy::Networks;
 use crate::proto::KMSServiceServer;
 use crate::service::{KmsService, Peer};
 use handshake_failures::{Reason, SUMMARY_INTERVAL};
@@ -39,17 +41,6 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tonic::codegen::Service;
 
-/// Connections served at once; more wait in the kernel's accept queue. Bounds memory and
-/// keeps a handshake storm from starving calls already past their handshake.
-pub const MAX_CONNECTIONS: usize = 1024;
-/// Talos gives each call 10 s; a handshake that takes longer serves no one.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Talos makes one call per connection; clients that share one (`bench`, tools) get room
-/// for concurrency, as grpc-go servers give them.
-const MAX_STREAMS_PER_CONNECTION: u32 = 128;
-/// A Talos call takes milliseconds; a connection still open after this is asked to close
-/// (HTTP/2 GOAWAY, calls in flight finish), so idle clients cannot hold every slot forever.
-const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// HTTP/2's initial flow-control window (RFC 9113 §6.9.2).
 const SPEC_WINDOW_SIZE: u32 = 65_535;
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -68,6 +59,9 @@ pub struct Listener {
     /// Handshakes computing their first flight at once; see [`handshake`].
     pub handshakes: Arc<Semaphore>,
     pub handshake_failures: Arc<HandshakeFailures>,
+    pub limits: ListenerLimits,
+    /// Where connections may come from at all; `None`: anywhere.
+    pub connection_networks: Option<Networks>,
     pub health: Health,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,
@@ -79,6 +73,7 @@ struct Handler {
     tls: TlsAcceptor,
     handshakes: Arc<Semaphore>,
     handshake_failures: Arc<HandshakeFailures>,
+    limits: ListenerLimits,
     grpc: Grpc,
     health: Health,
     metrics: Arc<Metrics>,
@@ -91,7 +86,7 @@ impl Listener {
     /// descriptors, say) are retried with a capped backoff: the server never gives up.
     pub async fn run(mut self) {
         let grpc = KMSServiceServer::from_arc(Arc::clone(&self.service))
-            .max_decoding_message_size(MAX_MESSAGE_LEN);
+            .max_decoding_message_size(self.limits.max_message_size);
         tokio::spawn(summarize_handshake_failures(
             Arc::clone(&self.handshake_failures),
             self.shutdown.clone(),
@@ -127,6 +122,7 @@ impl Listener {
                 tls: self.tls.clone(),
                 handshakes: Arc::clone(&self.handshakes),
                 handshake_failures: Arc::clone(&self.handshake_failures),
+                limits: self.limits.clone(),
                 grpc: grpc.clone(),
                 health: self.health.clone(),
                 metrics: Arc::clone(&self.metrics),
@@ -148,7 +144,7 @@ impl Handler {
     async fn run(mut self, socket: TcpStream) {
         let handshaking = handshake(socket, &self.tls, &self.handshakes);
         let tls = tokio::select! {
-            result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshaking) => match result {
+            result = tokio::time::timeout(self.limits.handshake_timeout, handshaking) => match result {
                 Ok(Ok(Some(tls))) => tls,
                 Ok(Ok(None)) => {
                     tracing::debug!(peer = %self.peer, "client left before its handshake began");
@@ -175,7 +171,8 @@ impl Handler {
         let mut http2 = hyper::server::conn::http2::Builder::new(InlineFirst);
         http2
             .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .max_concurrent_streams(self.limits.max_streams_per_connection)
+            .max_header_list_size(self.limits.max_header_list_size)
             // Messages are tiny: the protocol's default windows need no WINDOW_UPDATE at
             // the start of every connection, and Talos has no use for a Date header.
             .initial_connection_window_size(SPEC_WINDOW_SIZE)
@@ -193,7 +190,7 @@ impl Handler {
                 return;
             }
             _ = stopped(&mut self.shutdown) => "server stopping",
-            _ = tokio::time::sleep(MAX_CONNECTION_AGE) => "connection too old",
+            _ = tokio::time::sleep(self.limits.max_connection_age) => "connection too old",
         };
         // Finish the calls in flight, accept no new ones.
         tracing::debug!(peer = %self.peer, reason = closing, "closing connection");

@@ -2,8 +2,12 @@
 //! embedded backend, and a shared PostgreSQL backend for replicas fits behind the same trait.
 
 pub mod legacy_json;
+mod policy_state;
 mod sqlite;
 
+pub use policy_state::{
+    Approval, ApprovalId, ApprovalState, Decision, NodeSummary, Operation, Window,
+};
 pub use sqlite::{ExclusiveUse, Inspection, SqliteStore};
 
 use crate::sealing::SealNonce;
@@ -188,4 +192,50 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes everything buffered (access times).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// How many records the node has and which addresses its active ones are bound to.
+    async fn node_summary(&self, node_uuid: &str) -> Result<NodeSummary, StoreError>;
+
+    /// How many records were created at or after `since`.
+    async fn created_since(&self, since: UnixTime) -> Result<u64, StoreError>;
+
+    /// The unlock windows opened, closed ones included until they are replaced or removed.
+    async fn windows(&self) -> Result<Vec<Window>, StoreError>;
+
+    /// Opens (or moves the end of) the window of `window.operation`, durably.
+    async fn open_window(&self, window: Window) -> Result<(), StoreError>;
+
+    /// Closes the window of `operation`, durably; returns whether one was there.
+    async fn close_window(&self, operation: Operation) -> Result<bool, StoreError>;
+
+    /// The decision about this (operation, node, address), if one was ever asked for.
+    async fn approval(
+        &self,
+        operation: Operation,
+        node_uuid: &str,
+        ip: &str,
+    ) -> Result<Option<Approval>, StoreError>;
+
+    /// Notes a call refused for want of approval, durably: a new one is added as pending
+    /// (unless `max_pending` are pending already: then `None`, nothing added), a known one
+    /// counts another attempt, and an approval whose time ran out becomes pending again.
+    async fn note_pending(
+        &self,
+        operation: Operation,
+        node_uuid: &str,
+        ip: &str,
+        at: UnixTime,
+        max_pending: u64,
+    ) -> Result<Option<Approval>, StoreError>;
+
+    /// Every approval in the given state (all when `None`), oldest first.
+    async fn approvals(&self, state: Option<ApprovalState>) -> Result<Vec<Approval>, StoreError>;
+
+    /// Records an operator's decision, durably; `None` when no approval has this id.
+    async fn decide(
+        &self,
+        id: ApprovalId,
+        decision: Decision,
+        at: UnixTime,
+    ) -> Result<Option<Approval>, StoreError>;
 }

@@ -12,7 +12,6 @@ use talos_kms_server::audit::AuditLog;
 #[allow(unused_imports)] // not every test binary seals
 pub use talos_kms_server::client::random_passphrase;
 use talos_kms_server::client::{ClientOptions, KmsClient};
-use talos_kms_server::policy::Policy;
 use talos_kms_server::server::{self, RunningServer, ServerOptions};
 use talos_kms_server::store::SqliteStore;
 use talos_kms_server::tls::{self, throwaway};
@@ -84,7 +83,8 @@ impl TestServer {
                 audit: Arc::new(AuditLog::open(&dir.join("audit.jsonl"), None).unwrap()),
                 metrics: Default::default(),
                 metrics_port: None,
-                policy: Policy::default(),
+                rules: Default::default(),
+                limits: Default::default(),
             },
         )
         .unwrap();

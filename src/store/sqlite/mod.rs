@@ -12,8 +12,9 @@
 //! store refuses everything until a restart.
 
 use super::{
-    ImportBatch, ImportReport, Inserted, NewRecord, Record, RecordFilter, RecordId, RecordInfo,
-    RecordState, Store, StoreError, StoredRecord, UnixTime,
+    Approval, ApprovalId, ApprovalState, Decision, ImportBatch, ImportReport, Inserted, NewRecord,
+    NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, RecordState, Store,
+    StoreError, StoredRecord, UnixTime, Window,
 };
 use crate::sealing::SealNonce;
 use async_trait::async_trait;
@@ -55,6 +56,28 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE records ADD COLUMN revoked_at INTEGER;
     CREATE INDEX records_by_node ON records (node_uuid);
+",
+    // Policy state, and the index the hourly quota counts with.
+    "
+    CREATE INDEX records_by_creation ON records (created_at);
+    CREATE TABLE windows (
+        operation   TEXT    PRIMARY KEY CHECK (operation IN ('seal', 'unseal')),
+        opened_at   INTEGER NOT NULL,
+        closes_at   INTEGER NOT NULL
+    );
+    CREATE TABLE approvals (
+        id             INTEGER PRIMARY KEY,
+        operation      TEXT    NOT NULL CHECK (operation IN ('seal', 'unseal')),
+        node_uuid      TEXT    NOT NULL,
+        ip             TEXT    NOT NULL,
+        state          TEXT    NOT NULL CHECK (state IN ('pending', 'approved', 'denied')),
+        first_seen     INTEGER NOT NULL,
+        last_seen      INTEGER NOT NULL,
+        attempts       INTEGER NOT NULL,
+        approved_until INTEGER,
+        decided_at     INTEGER,
+        UNIQUE (operation, node_uuid, ip)
+    );
 ",
 ];
 
@@ -444,6 +467,182 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn node_summary(&self, node_uuid: &str) -> Result<NodeSummary, StoreError> {
+        self.read(|conn| {
+            let records = conn
+                .prepare_cached("SELECT count(*) FROM records WHERE node_uuid = ?1")?
+                .query_row([node_uuid], |row| row.get(0))?;
+            let addresses = conn
+                .prepare_cached(
+                    "SELECT DISTINCT ip FROM records WHERE node_uuid = ?1 AND revoked_at IS NULL \
+                     LIMIT 8",
+                )?
+                .query_map([node_uuid], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(NodeSummary { records, addresses })
+        })
+    }
+
+    async fn created_since(&self, since: UnixTime) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT count(*) FROM records WHERE created_at >= ?1")?
+                .query_row([since], |row| row.get(0))
+        })
+    }
+
+    async fn windows(&self) -> Result<Vec<Window>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT operation, opened_at, closes_at FROM windows ORDER BY operation DESC",
+            )?;
+            let rows = statement.query_map([], |row| {
+                let operation: String = row.get(0)?;
+                Ok((operation, row.get(1)?, row.get(2)?))
+            })?;
+            let mut windows = Vec::new();
+            for row in rows {
+                let (operation, opened_at, closes_at) = row?;
+                if let Some(operation) = Operation::parse(&operation) {
+                    windows.push(Window {
+                        operation,
+                        opened_at,
+                        closes_at,
+                    });
+                }
+            }
+            Ok(windows)
+        })
+    }
+
+    async fn open_window(&self, window: Window) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO windows (operation, opened_at, closes_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (operation) DO UPDATE
+                 SET opened_at = excluded.opened_at, closes_at = excluded.closes_at",
+            )?
+            .execute(params![
+                window.operation.as_str(),
+                window.opened_at,
+                window.closes_at
+            ])
+            .map(|changed| changed as u64)
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn close_window(&self, operation: Operation) -> Result<bool, StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached("DELETE FROM windows WHERE operation = ?1")?
+                .execute([operation.as_str()])
+                .map(|changed| changed as u64)
+        })
+        .await
+        .map(|changed| changed > 0)
+    }
+
+    async fn approval(
+        &self,
+        operation: Operation,
+        node_uuid: &str,
+        ip: &str,
+    ) -> Result<Option<Approval>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals
+                 WHERE operation = ?1 AND node_uuid = ?2 AND ip = ?3"
+            ))?
+            .query_row(params![operation.as_str(), node_uuid, ip], approval_of)
+            .optional()
+        })
+    }
+
+    async fn note_pending(
+        &self,
+        operation: Operation,
+        node_uuid: &str,
+        ip: &str,
+        at: UnixTime,
+        max_pending: u64,
+    ) -> Result<Option<Approval>, StoreError> {
+        let (node_uuid, ip) = (node_uuid.to_string(), ip.to_string());
+        let id = self
+            .write(move |conn| {
+                let known: Option<i64> = conn
+                    .prepare_cached(
+                        "UPDATE approvals SET last_seen = ?4, attempts = attempts + 1,
+                             state = CASE WHEN state = 'approved' AND approved_until <= ?4
+                                          THEN 'pending' ELSE state END
+                         WHERE operation = ?1 AND node_uuid = ?2 AND ip = ?3 RETURNING id",
+                    )?
+                    .query_row(params![operation.as_str(), node_uuid, ip, at], |row| {
+                        row.get(0)
+                    })
+                    .optional()?;
+                if let Some(id) = known {
+                    return Ok(id as u64);
+                }
+                let pending: u64 = conn
+                    .prepare_cached("SELECT count(*) FROM approvals WHERE state = 'pending'")?
+                    .query_row([], |row| row.get(0))?;
+                if pending >= max_pending {
+                    return Ok(0);
+                }
+                conn.prepare_cached(
+                    "INSERT INTO approvals
+                     (operation, node_uuid, ip, state, first_seen, last_seen, attempts)
+                     VALUES (?1, ?2, ?3, 'pending', ?4, ?4, 1) RETURNING id",
+                )?
+                .query_row(params![operation.as_str(), node_uuid, ip, at], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .map(|id| id as u64)
+            })
+            .await?;
+        match id {
+            0 => Ok(None),
+            id => self.approval_by_id(id as ApprovalId),
+        }
+    }
+
+    async fn approvals(&self, state: Option<ApprovalState>) -> Result<Vec<Approval>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals
+                 WHERE ?1 IS NULL OR state = ?1 ORDER BY id"
+            ))?;
+            let rows = statement.query_map([state.map(ApprovalState::as_str)], approval_of)?;
+            rows.collect()
+        })
+    }
+
+    async fn decide(
+        &self,
+        id: ApprovalId,
+        decision: Decision,
+        at: UnixTime,
+    ) -> Result<Option<Approval>, StoreError> {
+        let (state, until) = match decision {
+            Decision::Approve { until } => (ApprovalState::Approved, Some(until)),
+            Decision::Deny => (ApprovalState::Denied, None),
+        };
+        let changed = self
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE approvals SET state = ?2, approved_until = ?3, decided_at = ?4
+                     WHERE id = ?1",
+                )?
+                .execute(params![id, state.as_str(), until, at])
+                .map(|changed| changed as u64)
+            })
+            .await?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        self.approval_by_id(id)
+    }
+
     async fn delete(&self, ids: &[RecordId], filter: &RecordFilter) -> Result<u64, StoreError> {
         let ids = ids.to_vec();
         let (conditions, values) = conditions(filter, 0);
@@ -464,7 +663,45 @@ impl Store for SqliteStore {
     }
 }
 
+const APPROVAL_COLUMNS: &str = "id, operation, node_uuid, ip, state, first_seen, last_seen, \
+                                attempts, approved_until, decided_at";
+
+fn approval_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Approval> {
+    let text = |index: usize| -> rusqlite::Result<String> { row.get(index) };
+    let invalid = |index: usize, value: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            format!("unknown value {value:?}").into(),
+        )
+    };
+    let operation = text(1)?;
+    let state = text(4)?;
+    Ok(Approval {
+        id: row.get(0)?,
+        operation: Operation::parse(&operation).ok_or_else(|| invalid(1, operation.clone()))?,
+        node_uuid: row.get(2)?,
+        ip: row.get(3)?,
+        state: ApprovalState::parse(&state).ok_or_else(|| invalid(4, state.clone()))?,
+        first_seen: row.get(5)?,
+        last_seen: row.get(6)?,
+        attempts: row.get(7)?,
+        approved_until: row.get(8)?,
+        decided_at: row.get(9)?,
+    })
+}
+
 impl SqliteStore {
+    fn approval_by_id(&self, id: ApprovalId) -> Result<Option<Approval>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?1"
+            ))?
+            .query_row([id], approval_of)
+            .optional()
+        })
+    }
+
     async fn write(
         &self,
         change: impl FnOnce(&Connection) -> rusqlite::Result<u64> + Send + 'static,

@@ -1,0 +1,115 @@
+//! The state that policy keeps (unlock windows, approvals) and the counts it asks for
+//! (quotas, pinning). It lives in the store, not in a server's memory, so that an admin
+//! command takes effect on the next request and every replica sharing a store obeys it.
+
+use super::UnixTime;
+
+/// The two calls a policy governs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Seal,
+    Unseal,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 2] = [Operation::Seal, Operation::Unseal];
+
+    /// As stored, printed and typed on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Seal => "seal",
+            Operation::Unseal => "unseal",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Operation> {
+        Operation::ALL.into_iter().find(|op| op.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An unlock window an operator opened: calls of its operation are allowed until it closes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Window {
+    pub operation: Operation,
+    pub opened_at: UnixTime,
+    pub closes_at: UnixTime,
+}
+
+pub type ApprovalId = i64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalState {
+    /// Refused until an operator decides.
+    Pending,
+    /// Allowed until `approved_until`; pending again after that.
+    Approved,
+    /// Refused for good.
+    Denied,
+}
+
+impl ApprovalState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalState::Pending => "pending",
+            ApprovalState::Approved => "approved",
+            ApprovalState::Denied => "denied",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ApprovalState> {
+        [
+            ApprovalState::Pending,
+            ApprovalState::Approved,
+            ApprovalState::Denied,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == text)
+    }
+}
+
+/// What an operator decided, or has still to decide, about one (operation, node, address).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Approval {
+    pub id: ApprovalId,
+    pub operation: Operation,
+    pub node_uuid: String,
+    /// Peer-address text, as bound into seals.
+    pub ip: String,
+    pub state: ApprovalState,
+    pub first_seen: UnixTime,
+    pub last_seen: UnixTime,
+    /// Refused calls so far: a booting node retries every 30 s.
+    pub attempts: u64,
+    pub approved_until: Option<UnixTime>,
+    pub decided_at: Option<UnixTime>,
+}
+
+impl Approval {
+    /// Whether a call may pass at `now`.
+    pub fn allows(&self, now: UnixTime) -> bool {
+        self.state == ApprovalState::Approved && self.approved_until.is_some_and(|t| now < t)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Approve { until: UnixTime },
+    Deny,
+}
+
+/// What a seal from a node must be weighed against: quota and pinning.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeSummary {
+    /// Every record of the node, revoked ones included (they take room too).
+    pub records: u64,
+    /// The distinct addresses its active records are bound to (at most a few are read).
+    pub addresses: Vec<String>,
+}
