@@ -4,6 +4,7 @@
 use super::Output;
 use super::admin::{Admin, config_path};
 use super::progress::Progress;
+use super::time_text::{date, parse_age, parse_date};
 use anyhow::bail;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -393,55 +394,4 @@ fn state_name(state: RecordState) -> &'static str {
         RecordState::Active => "active",
         RecordState::Revoked => "revoked",
     }
-}
-
-/// `yyyy-MM-dd HH:mm:ss` UTC, as the legacy database writes times; `never` for none.
-fn date(at: Option<UnixTime>) -> String {
-    let Some(at) = at else {
-        return "never".into();
-    };
-    time::OffsetDateTime::from_unix_timestamp(at)
-        .ok()
-        .and_then(|t| {
-            t.format(time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute]:[second]"
-            ))
-            .ok()
-        })
-        .unwrap_or_else(|| at.to_string())
-}
-
-/// `90d`, `12w`, `36h`, `30m`, `45s`: seconds.
-fn parse_age(text: &str) -> Result<i64, String> {
-    let split = text.len().saturating_sub(1);
-    let (number, unit) = text.split_at(split);
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        "w" => 7 * 86_400,
-        _ => {
-            return Err(format!(
-                "{text:?}: give a number and a unit, e.g. 90d, 12w, 36h"
-            ));
-        }
-    };
-    number
-        .parse::<i64>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .filter(|seconds| *seconds >= 0)
-        .ok_or_else(|| format!("{text:?}: give a number and a unit, e.g. 90d, 12w, 36h"))
-}
-
-/// `2026-01-31` (midnight UTC) or an RFC 3339 time.
-fn parse_date(text: &str) -> Result<UnixTime, String> {
-    let day = time::macros::format_description!("[year]-[month]-[day]");
-    if let Ok(date) = time::Date::parse(text, day) {
-        return Ok(date.midnight().assume_utc().unix_timestamp());
-    }
-    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .map(|t| t.unix_timestamp())
-        .map_err(|_| format!("{text:?}: give a day (2026-01-31) or an RFC 3339 time"))
 }

@@ -12,9 +12,12 @@ mod export_json;
 mod fill;
 mod import_json;
 mod keys;
+mod pending;
 mod progress;
 mod recover;
 mod serve;
+mod time_text;
+mod window;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -58,6 +61,10 @@ enum Command {
     Db(db::Args),
     /// Write the records as a legacy nodeDbFile.json, to undo a migration.
     ExportJson(export_json::Args),
+    /// Open and close the unlock windows of `sealPolicy`/`unsealPolicy: window`.
+    Window(window::Args),
+    /// Approve or deny the nodes `sealPolicy`/`unsealPolicy: approve` keeps waiting.
+    Pending(pending::Args),
 }
 
 /// How a command prints its results.
@@ -100,6 +107,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(Command::ExportJson(args)), config) => {
             export_json::run(args, config, &command_line()).await
         }
+        (Some(Command::Window(args)), config) => window::run(args, config, &command_line()).await,
+        (Some(Command::Pending(args)), config) => pending::run(args, config, &command_line()).await,
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \
