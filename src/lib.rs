@@ -12,6 +12,7 @@ pub mod bench;
 pub mod check;
 pub mod client;
 pub mod config;
+pub mod hardening;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -11,6 +11,7 @@ use crate::store::{self, Inserted, NewRecord, Store};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
 
 /// The TCP peer of the connection a request arrived on; the listener attaches it.
 #[derive(Clone, Copy, Debug)]
@@ -101,15 +102,21 @@ impl KMSService for KmsService {
         request: Request<proto::Request>,
     ) -> Result<Response<proto::Response>, Status> {
         let peer = peer_of(&request)?;
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        // Zeroed on every way out, sealed or refused.
+        let passphrase = Zeroizing::new(std::mem::take(&mut request.data));
         let ip = peer_ip_text(&peer);
         let mut event = Event::call(Action::Seal, &ip, &request.node_uuid);
-        match self.policy.admit_seal(&request, peer.ip(), &ip).await {
+        match self
+            .policy
+            .admit_seal(&request.node_uuid, passphrase.len(), peer.ip(), &ip)
+            .await
+        {
             Ok(admitted) => event.detail = admitted.note,
             Err(refusal) => return Err(self.refused_by_policy(event, refusal)),
         }
         for _ in 0..SEAL_ATTEMPTS {
-            let sealed = sealing::seal(&request.node_uuid, &ip, &request.data).map_err(|e| {
+            let sealed = sealing::seal(&request.node_uuid, &ip, &passphrase).map_err(|e| {
                 tracing::error!(error = %e, "sealing failed");
                 self.refused(
                     event.clone(),

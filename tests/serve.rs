@@ -149,3 +149,18 @@ fn a_start_that_cannot_bind_leaves_nothing_behind_and_says_why_once() {
         "no database is created by a start that fails to bind"
     );
 }
+
+#[test]
+fn a_serving_process_can_never_dump_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let server = ServerProcess::start(&config).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|line| line.starts_with("Max core file size"))
+        .unwrap();
+    let values: Vec<&str> = core.split_whitespace().skip(4).take(2).collect();
+    assert_eq!(values, ["0", "0"], "soft and hard limit: {core}");
+}

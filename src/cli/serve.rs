@@ -20,6 +20,9 @@ use tokio::signal::unix::{SignalKind, signal};
 pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     logging::init(config.kms_log_level, config.root_log_level);
+    if let Err(error) = talos_kms_server::hardening::forbid_core_dumps() {
+        tracing::warn!(%error, "cannot disable core dumps; a crash could write secrets to disk");
+    }
 
     let files = IdentityFiles {
         cert: config.server_cert_file.clone(),

@@ -199,15 +199,17 @@ impl Policy {
         &self.rules
     }
 
-    /// Whether a seal from `ip` (bound into it as `ip_text`) for `request.node_uuid` may go on.
+    /// Whether a seal of a passphrase of `passphrase_len` bytes for `node` from `ip` (bound
+    /// into it as `ip_text`) may go on.
     pub async fn admit_seal(
         &self,
-        request: &proto::Request,
+        node: &str,
+        passphrase_len: usize,
         ip: IpAddr,
         ip_text: &str,
     ) -> Result<Admitted, Refusal> {
-        check_seal(request).map_err(|status| Refusal::new(Reason::Invalid, status))?;
-        let node = &request.node_uuid;
+        check_seal_shape(node, passphrase_len)
+            .map_err(|status| Refusal::new(Reason::Invalid, status))?;
         self.admit(Operation::Seal, node, ip, ip_text).await?;
         let summary = self
             .store
@@ -442,8 +444,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The shape of a Seal request: what any policy requires.
 pub fn check_seal(request: &proto::Request) -> Result<(), Status> {
-    check_node_uuid(&request.node_uuid)?;
-    match request.data.len() {
+    check_seal_shape(&request.node_uuid, request.data.len())
+}
+
+fn check_seal_shape(node_uuid: &str, passphrase_len: usize) -> Result<(), Status> {
+    check_node_uuid(node_uuid)?;
+    match passphrase_len {
         0 => Err(Status::invalid_argument(
             "data is empty: Seal takes the passphrase to seal (Talos sends 32 random bytes)",
         )),

@@ -6,13 +6,16 @@
 //! node's disk alone reveals a passphrase, and a blob only opens for the node UUID and the
 //! source address that sealed it.
 //!
-//! This module knows nothing of gRPC or storage: it turns bytes into bytes.
+//! This module knows nothing of gRPC or storage: it turns bytes into bytes. The keys it
+//! holds are zeroed when dropped (aws-lc-rs cleanses its own key schedules); a passphrase
+//! handed back to the caller is the caller's to zero.
 
 mod ip_text;
 
 pub use ip_text::{ip_text, peer_ip_text};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use zeroize::{Zeroize, Zeroizing};
 
 pub const NONCE_LEN: usize = 12;
 pub const KEY_LEN: usize = 32;
@@ -29,14 +32,20 @@ pub struct Sealed {
     pub nonce: SealNonce,
     /// Ciphertext with the 16-byte tag appended, as the legacy server stored it.
     pub ciphertext: Vec<u8>,
-    /// N || K, returned to the node. Secret: never log it.
-    pub blob: [u8; SEALED_LEN],
+    /// N || K, returned to the node. Secret: never log it; zeroed when dropped.
+    pub blob: Zeroizing<[u8; SEALED_LEN]>,
 }
 
 /// The node's half, split into the lookup nonce and the secret key.
 pub struct SealedBlob {
     pub nonce: SealNonce,
     key: [u8; KEY_LEN],
+}
+
+impl Drop for SealedBlob {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
 }
 
 impl SealedBlob {
@@ -68,8 +77,8 @@ pub struct WrongKeyOrBinding;
 
 /// Seals `passphrase` for `node_uuid` connecting from `peer_ip` (text of [`peer_ip_text`]).
 pub fn seal(node_uuid: &str, peer_ip: &str, passphrase: &[u8]) -> Result<Sealed, SealingError> {
-    let mut blob = [0u8; SEALED_LEN];
-    aws_lc_rs::rand::fill(&mut blob).map_err(|_| SealingError::Random)?;
+    let mut blob = Zeroizing::new([0u8; SEALED_LEN]);
+    aws_lc_rs::rand::fill(&mut blob[..]).map_err(|_| SealingError::Random)?;
     let (nonce, key) = blob.split_at(NONCE_LEN);
     let nonce: SealNonce = nonce.try_into().map_err(|_| SealingError::Encrypt)?;
     let key = aead_key(key).ok_or(SealingError::Encrypt)?;
@@ -81,7 +90,11 @@ pub fn seal(node_uuid: &str, peer_ip: &str, passphrase: &[u8]) -> Result<Sealed,
         Aad::from(binding(node_uuid, peer_ip)),
         &mut ciphertext,
     )
-    .map_err(|_| SealingError::Encrypt)?;
+    .map_err(|_| {
+        // Still the passphrase when encryption failed.
+        ciphertext.zeroize();
+        SealingError::Encrypt
+    })?;
     Ok(Sealed {
         nonce,
         ciphertext,
@@ -172,7 +185,7 @@ mod tests {
     fn every_seal_uses_a_fresh_key_and_nonce() {
         let a = seal(UUID, "10.0.0.201", &[1u8; 32]).unwrap();
         let b = seal(UUID, "10.0.0.201", &[1u8; 32]).unwrap();
-        assert_ne!(a.blob, b.blob);
+        assert_ne!(a.blob[..], b.blob[..]);
         assert_ne!(a.ciphertext, b.ciphertext);
     }
 

@@ -12,6 +12,7 @@ use talos_kms_server::audit::AuditLog;
 #[allow(unused_imports)] // not every test binary seals
 pub use talos_kms_server::client::random_passphrase;
 use talos_kms_server::client::{ClientOptions, KmsClient};
+use talos_kms_server::policy::Rules;
 use talos_kms_server::server::{self, RunningServer, ServerOptions};
 use talos_kms_server::store::SqliteStore;
 use talos_kms_server::tls::{self, throwaway};
@@ -63,6 +64,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(dir: &Path, bind: &str) -> TestServer {
+        Self::start_with(dir, bind, Rules::default()).await
+    }
+
+    /// A server with the policy `rules` instead of the defaults.
+    pub async fn start_with(dir: &Path, bind: &str, rules: Rules) -> TestServer {
         let pki = if dir.join("ca.pem").exists() {
             Pki {
                 ca: dir.join("ca.pem"),
@@ -83,7 +89,7 @@ impl TestServer {
                 audit: Arc::new(AuditLog::open(&dir.join("audit.jsonl"), None).unwrap()),
                 metrics: Default::default(),
                 metrics_port: None,
-                rules: Default::default(),
+                rules,
                 limits: Default::default(),
             },
         )
@@ -316,6 +322,15 @@ pub async fn tls_connect(
     port: u16,
     ca: &Path,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_connect_from(port, ca, None).await
+}
+
+/// [`tls_connect`] from the `source` address (one of 127.0.0.0/8).
+pub async fn tls_connect_from(
+    port: u16,
+    ca: &Path,
+    source: Option<IpAddr>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
@@ -327,9 +342,15 @@ pub async fn tls_connect(
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(source) = source {
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+    }
+    let tcp = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
         .await
         .unwrap();
+    tcp.set_nodelay(true).unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
             rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
