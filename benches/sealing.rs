@@ -14,7 +14,7 @@ fn sealing(c: &mut Criterion) {
     });
 
     let sealed = sealing::seal(NODE, IP, &passphrase).unwrap();
-    let blob = SealedBlob::parse(&sealed.blob).unwrap();
+    let blob = SealedBlob::parse(&sealed.blob[..]).unwrap();
     c.bench_function("unseal", |b| {
         b.iter(|| sealing::unseal(black_box(&blob), black_box(&sealed.ciphertext), NODE, IP))
     });

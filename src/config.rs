@@ -53,6 +53,19 @@ serverKeyPassword: ""
 port: 50051
 bindAddress: "0.0.0.0"
 
+# Who may seal and unseal (README, "Policy"). Anyone, by default; with both lists set, a
+# connection from outside them is closed before TLS.
+# sealAllowedNetworks: ["10.0.0.0/24", "fd00:10::/64"]
+# unsealAllowedNetworks: ["10.0.0.0/24", "fd00:10::/64"]
+# rateLimitPerAddress: {perSecond: 100, burst: 1000}   # perSecond: 0 turns a bucket off
+# rateLimitGlobal: {perSecond: 5000, burst: 50000}
+# maxRecordsPerNode: 1000        # 0: no limit
+# maxNewRecordsPerHour: 20000    # 0: no limit
+# sealPolicy: open     # open, window (`window open seal --for 30m`) or approve (`pending approve ID`)
+# unsealPolicy: open
+# pinNodeIp: false     # true: refuse a seal from a node UUID known from another address
+# maxPendingApprovals: 1000
+
 # OFF, ERROR, WARN, INFO, DEBUG, TRACE (SEVERE, WARNING, FINE, FINER, FINEST also accepted).
 kmsLogLevel: "INFO"   # this server's own messages
 rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
@@ -194,12 +207,15 @@ impl Config {
 
     /// Parses config text; `path` locates relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, String> {
+        Self::parse_text(path, text).map_err(|error| redact_password(&error, text))
+    }
+
+    fn parse_text(path: &Path, text: &str) -> Result<Config, String> {
         let raw: RawConfig = if text.trim().is_empty() {
             return Err("is empty; see the commented default in the README".into());
         } else {
             // Without the source snippet: it would quote neighbouring lines, such as the password.
-            serde_saphyr::from_str(text)
-                .map_err(|e| redact_password(&e.without_snippet().to_string(), text))?
+            serde_saphyr::from_str(text).map_err(|e| e.without_snippet().to_string())?
         };
         let policy = policy_rules(&raw)?;
         let limits = listener_limits(&raw)?;
@@ -480,6 +496,31 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_policy_values_are_the_defaults() {
+        let uncommented: String = DEFAULT_CONFIG
+            .lines()
+            .map(|line| {
+                let keys = [
+                    "rateLimit",
+                    "maxRecords",
+                    "maxNew",
+                    "sealPolicy",
+                    "unsealPolicy",
+                    "pinNodeIp",
+                    "maxPending",
+                ];
+                match line.strip_prefix("# ") {
+                    Some(rest) if keys.iter().any(|key| rest.starts_with(key)) => rest,
+                    _ => line,
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(uncommented.contains("\nrateLimitGlobal"));
+        assert_eq!(parse(&uncommented).unwrap().policy, Rules::default());
+    }
+
+    #[test]
     fn legacy_example_is_accepted() {
         let legacy = r#"
 nodeDbFile: "/etc/talos-kms-server/nodeDbFile.json"
@@ -515,6 +556,8 @@ rootLogLevel: "WARNING"
     #[test]
     fn errors_never_quote_the_key_password() {
         for text in [
+            // A broken quote above makes the password part of another value.
+            "database: x\nserverCertFile: a\nserverKeyFile: b\nbindAddress: \"0.0.0\nserverKeyPassword: s3cret\"\n",
             "serverKeyPassword: \"s3cret\"\nbindAdress: 1\n",
             "database: x\nserverKeyPassword: \"s3cret\nport: [1\n",
             "database: x\nserverKeyPassword: s3cret\nport: 70000\n",

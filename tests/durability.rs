@@ -168,28 +168,17 @@ async fn no_secret_reaches_the_log_even_at_trace_level() {
         "the log is being captured: {log}"
     );
 
+    assert_no_secret(
+        &log,
+        "the log",
+        &[
+            ("passphrase", &passphrase[..]),
+            ("key", &sealed[12..]),
+            ("blob", &sealed[..]),
+        ],
+    );
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    let decimal = |bytes: &[u8]| {
-        bytes
-            .iter()
-            .map(|b| b.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    for (what, secret) in [
-        ("passphrase", &passphrase[..]),
-        ("key", &sealed[12..]),
-        ("blob", &sealed[..]),
-    ] {
-        for form in [b64.encode(secret), hex(secret), decimal(&secret[..8])] {
-            assert!(
-                !log.contains(&form),
-                "the {what} appears in the log as {form}"
-            );
-        }
-    }
     assert!(
         !log.contains(&b64.encode(&sealed[..12])),
         "the nonce is part of the blob: not logged either"

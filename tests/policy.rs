@@ -23,9 +23,24 @@ struct Running {
 
 impl Running {
     fn start(extra_config: &str) -> Running {
+        Self::start_logging(extra_config, "INFO")
+    }
+
+    /// [`Running::start`] logging at `level` (this server's messages and the libraries').
+    fn start_logging(extra_config: &str, level: &str) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let pki = write_pki(dir.path());
         let config = write_config(dir.path(), &pki, "127.0.0.1", extra_config);
+        edit_config(
+            &config,
+            "kmsLogLevel: INFO",
+            &format!("kmsLogLevel: {level}"),
+        );
+        edit_config(
+            &config,
+            "rootLogLevel: WARNING",
+            &format!("rootLogLevel: {level}"),
+        );
         let server = ServerProcess::start(&config).unwrap();
         Running {
             ca: pki.ca.clone(),
@@ -405,4 +420,85 @@ fn bad_policy_config_is_explained() {
         assert!(!output.status.success(), "{extra}");
         assert!(stderr.contains(named), "{extra}: {stderr}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_state_survives_a_restart_and_no_output_holds_a_secret() {
+    let mut running =
+        Running::start_logging("sealPolicy: approve\nunsealPolicy: window\n", "TRACE");
+    let node = running.node(NODE_1);
+    let secret = random_passphrase();
+    let mut refusals = Vec::new();
+    refusals.push(refused(node.seal("node-a", &secret).await));
+    let id = pending(&running, false).await[0]["id"].to_string();
+    running.admin(&["pending", "approve", &id]).await;
+    running
+        .admin(&["window", "open", "unseal", "--for", "1h"])
+        .await;
+
+    // Both decisions hold across a restart of the server.
+    let server = std::mem::replace(
+        &mut running.server,
+        ServerProcess::start(&running.config).unwrap(),
+    );
+    let first_log = tokio::task::spawn_blocking(move || drain_log(server))
+        .await
+        .unwrap();
+    let node = running.node(NODE_1);
+    let sealed = node.seal("node-a", &secret).await.unwrap();
+    assert_eq!(node.unseal("node-a", &sealed).await.unwrap(), secret);
+    running.admin(&["window", "close"]).await;
+    refusals.push(refused(node.unseal("node-a", &sealed).await));
+
+    let mut outputs = vec![
+        first_log,
+        format!("{refusals:?}"),
+        running.admin(&["pending", "list", "--all"]).await,
+        running
+            .admin(&["pending", "list", "--all", "--output", "json"])
+            .await,
+        running.admin(&["window", "status"]).await,
+        running.admin(&["audit"]).await,
+        std::fs::read_to_string(
+            running
+                .config
+                .with_file_name("talos-kms-server-audit.jsonl"),
+        )
+        .unwrap(),
+    ];
+    let server = std::mem::replace(
+        &mut running.server,
+        ServerProcess::start(&running.config).unwrap(),
+    );
+    outputs.push(
+        tokio::task::spawn_blocking(move || drain_log(server))
+            .await
+            .unwrap(),
+    );
+    assert!(
+        outputs[0].contains("awaiting approval"),
+        "log captured: {}",
+        outputs[0]
+    );
+    for output in &outputs {
+        assert_no_secret(
+            output,
+            "an output",
+            &[
+                ("passphrase", &secret[..]),
+                ("key", &sealed[12..]),
+                ("blob", &sealed[..]),
+            ],
+        );
+    }
+}
+
+/// Stops the server and returns everything it logged.
+fn drain_log(mut server: ServerProcess) -> String {
+    let log = std::mem::replace(&mut server.log, std::sync::mpsc::channel().1);
+    let mut lines = server.startup_log.clone();
+    assert!(server.terminate().success());
+    std::thread::sleep(Duration::from_millis(200));
+    lines.extend(log.try_iter());
+    lines.join("\n")
 }

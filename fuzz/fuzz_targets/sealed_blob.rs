@@ -34,7 +34,7 @@ fuzz_target!(|input: Input| {
     let Ok(sealed) = sealing::seal(input.node_uuid, input.peer_ip, input.passphrase) else {
         return;
     };
-    let Some(blob) = SealedBlob::parse(&sealed.blob) else {
+    let Some(blob) = SealedBlob::parse(&sealed.blob[..]) else {
         panic!("a blob from seal does not parse");
     };
     let opened = sealing::unseal(&blob, &sealed.ciphertext, input.node_uuid, input.peer_ip);

@@ -165,7 +165,7 @@ mod tests {
         let sealed = seal(UUID, "10.0.0.201", &passphrase).unwrap();
         assert_eq!(sealed.ciphertext.len(), 32 + TAG_LEN);
         assert_eq!(&sealed.blob[..NONCE_LEN], &sealed.nonce);
-        let blob = SealedBlob::parse(&sealed.blob).unwrap();
+        let blob = SealedBlob::parse(&sealed.blob[..]).unwrap();
         let opened = unseal(&blob, &sealed.ciphertext, UUID, "10.0.0.201").unwrap();
         assert_eq!(opened, passphrase);
     }
@@ -173,7 +173,7 @@ mod tests {
     #[test]
     fn binding_to_uuid_and_address_is_enforced() {
         let sealed = seal(UUID, "10.0.0.201", &[1u8; 32]).unwrap();
-        let blob = SealedBlob::parse(&sealed.blob).unwrap();
+        let blob = SealedBlob::parse(&sealed.blob[..]).unwrap();
         assert!(unseal(&blob, &sealed.ciphertext, UUID, "10.0.0.202").is_err());
         let other = "313faf71-17a0-43d7-a88b-0afd96094178";
         assert!(unseal(&blob, &sealed.ciphertext, other, "10.0.0.201").is_err());

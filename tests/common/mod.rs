@@ -363,3 +363,25 @@ pub async fn tls_connect_from(
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// Fails if any of the `secrets` appears in `text` as base64, hex or decimal bytes.
+pub fn assert_no_secret(text: &str, where_: &str, secrets: &[(&str, &[u8])]) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let decimal = |bytes: &[u8]| {
+        bytes
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (what, secret) in secrets {
+        for form in [b64.encode(secret), hex(secret), decimal(&secret[..8])] {
+            assert!(
+                !text.contains(&form),
+                "the {what} appears in {where_} as {form}"
+            );
+        }
+    }
+}
