@@ -502,3 +502,35 @@ fn drain_log(mut server: ServerProcess) -> String {
     lines.extend(log.try_iter());
     lines.join("\n")
 }
+
+#[test]
+fn check_shows_the_policy_and_warns_when_nothing_limits_seals() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(
+        dir.path(),
+        &pki,
+        "127.0.0.1",
+        "sealPolicy: window\nunsealPolicy: approve\nunsealAllowedNetworks: [\"10.0.0.0/24\"]\n",
+    );
+    let output = run_binary(&["check", "--config", config.to_str().unwrap()]);
+    let report = text(&output.stdout);
+    assert!(
+        report.contains("seal: only while a window is open")
+            && report.contains("unseal: only for approved nodes")
+            && report.contains("from 10.0.0.0/24"),
+        "{report}"
+    );
+    assert!(!report.contains("nothing limits seals"), "{report}");
+
+    let config = write_config(
+        dir.path(),
+        &pki,
+        "127.0.0.1",
+        "rateLimitPerAddress: {perSecond: 0}\nrateLimitGlobal: {perSecond: 0}\n\
+         maxNewRecordsPerHour: 0\n",
+    );
+    let output = run_binary(&["check", "--config", config.to_str().unwrap()]);
+    assert!(text(&output.stdout).contains("nothing limits seals"));
+    assert_eq!(output.status.code(), Some(2), "a warning");
+}

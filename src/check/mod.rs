@@ -9,6 +9,7 @@ mod certificate;
 mod host;
 
 use crate::config::{Config, ConfigError};
+use crate::policy::Mode;
 use crate::store::SqliteStore;
 use crate::store::legacy_json;
 use serde::Serialize;
@@ -104,7 +105,55 @@ pub async fn run(config_path: &Path, options: &CheckOptions) -> Report {
     host::listen(&mut report, config.listen);
     certificate::check(&mut report, &config, options).await;
     database(&mut report, &config);
+    policy(&mut report, &config);
     report
+}
+
+/// Says who may seal and unseal, so that an operator sees the policy the server will apply.
+fn policy(report: &mut Report, config: &Config) {
+    let rules = &config.policy;
+    for (operation, networks, mode) in [
+        ("seal", &rules.seal_networks, rules.seal),
+        ("unseal", &rules.unseal_networks, rules.unseal),
+    ] {
+        let from = networks
+            .as_ref()
+            .map_or_else(|| "any address".to_string(), |n| n.to_string());
+        let how = match mode {
+            Mode::Open => "open",
+            Mode::Window => "only while a window is open (`window open`)",
+            Mode::Approve => "only for approved nodes (`pending approve`)",
+        };
+        report.add(
+            "policy",
+            Level::Info,
+            format!("{operation}: {how}, from {from}"),
+        );
+    }
+    report.add(
+        "policy",
+        Level::Info,
+        format!(
+            "rate limits: {} per address, {} in all; at most {} records per node and {} new              records an hour (0: no limit)",
+            rules.per_address,
+            rules.global,
+            rules.max_records_per_node,
+            rules.max_new_records_per_hour
+        ),
+    );
+    let unlimited = rules.per_address.per_second == 0
+        && rules.global.per_second == 0
+        && rules.max_new_records_per_hour == 0
+        && rules.seal == Mode::Open
+        && rules.seal_networks.is_none();
+    if unlimited {
+        report.add(
+            "policy",
+            Level::Warning,
+            "nothing limits seals: anyone who reaches the port can fill the database; set \
+             sealAllowedNetworks, a rate limit or maxNewRecordsPerHour",
+        );
+    }
 }
 
 fn database(report: &mut Report, config: &Config) {
