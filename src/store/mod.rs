@@ -199,7 +199,8 @@ pub trait Store: Send + Sync + 'static {
     /// How many records were created at or after `since`.
     async fn created_since(&self, since: UnixTime) -> Result<u64, StoreError>;
 
-    /// The unlock windows opened, closed ones included until they are replaced or removed.
+    /// The unlock windows opened, seal first, closed ones included until they are replaced
+    /// or removed.
     async fn windows(&self) -> Result<Vec<Window>, StoreError>;
 
     /// Opens (or moves the end of) the window of `window.operation`, durably.

@@ -1,6 +1,8 @@
 //! Test fixtures: real servers on loopback with real TLS and real database files.
 #![allow(dead_code)]
 
+pub mod store_contract;
+
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

@@ -493,7 +493,7 @@ impl Store for SqliteStore {
     async fn windows(&self) -> Result<Vec<Window>, StoreError> {
         self.read(|conn| {
             let mut statement = conn.prepare_cached(
-                "SELECT operation, opened_at, closes_at FROM windows ORDER BY operation DESC",
+                "SELECT operation, opened_at, closes_at FROM windows ORDER BY operation",
             )?;
             let rows = statement.query_map([], |row| {
                 let operation: String = row.get(0)?;

@@ -1,0 +1,186 @@
+//! What every `Store` backend must do with the policy's state, written once and run against
+//! each backend (SQLite here; PostgreSQL where it is available).
+
+use talos_kms_server::store::{
+    Approval, ApprovalState, Decision, NewRecord, Operation, Store, Window,
+};
+
+fn record(nonce: u8, node: &str, ip: &str, created_at: i64) -> NewRecord {
+    NewRecord {
+        nonce: [nonce; 12],
+        node_uuid: node.into(),
+        ip: ip.into(),
+        ciphertext: vec![0; 48],
+        created_at,
+        last_access: None,
+    }
+}
+
+pub async fn node_summaries_and_hourly_counts(store: &dyn Store) {
+    let now = 1_000_000;
+    for (nonce, node, ip, at) in [
+        (1, "node-a", "10.0.0.1", now - 7200),
+        (2, "node-a", "10.0.0.1", now - 10),
+        (3, "node-a", "10.0.0.2", now),
+        (4, "node-b", "10.0.0.3", now),
+    ] {
+        store.insert(record(nonce, node, ip, at)).await.unwrap();
+    }
+    let summary = store.node_summary("node-a").await.unwrap();
+    assert_eq!(summary.records, 3);
+    let mut addresses = summary.addresses.clone();
+    addresses.sort();
+    assert_eq!(addresses, ["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(store.created_since(now - 3600).await.unwrap(), 3);
+
+    // A revoked record still takes room, but binds no address.
+    let listed = store.list(&Default::default(), 0, 10).await.unwrap();
+    let id = listed.iter().find(|r| r.ip == "10.0.0.2").unwrap().id;
+    store.set_revoked(&[id], Some(now)).await.unwrap();
+    let summary = store.node_summary("node-a").await.unwrap();
+    assert_eq!(summary.records, 3);
+    assert_eq!(summary.addresses, ["10.0.0.1"]);
+    assert_eq!(store.node_summary("node-x").await.unwrap().records, 0);
+}
+
+pub async fn windows_open_move_and_close(store: &dyn Store) {
+    assert!(store.windows().await.unwrap().is_empty());
+    let window = |operation, closes_at| Window {
+        operation,
+        opened_at: 100,
+        closes_at,
+    };
+    store
+        .open_window(window(Operation::Unseal, 200))
+        .await
+        .unwrap();
+    store
+        .open_window(window(Operation::Seal, 300))
+        .await
+        .unwrap();
+    store
+        .open_window(window(Operation::Unseal, 400))
+        .await
+        .unwrap();
+    let windows = store.windows().await.unwrap();
+    assert_eq!(
+        windows,
+        [window(Operation::Seal, 300), window(Operation::Unseal, 400)]
+    );
+    assert!(store.close_window(Operation::Seal).await.unwrap());
+    assert!(!store.close_window(Operation::Seal).await.unwrap());
+    assert_eq!(
+        store.windows().await.unwrap(),
+        [window(Operation::Unseal, 400)]
+    );
+}
+
+pub async fn approvals_wait_pass_expire_and_deny(store: &dyn Store) {
+    let (seal, unseal) = (Operation::Seal, Operation::Unseal);
+    assert_eq!(store.approval(unseal, "n", "10.0.0.1").await.unwrap(), None);
+    let first = store
+        .note_pending(unseal, "n", "10.0.0.1", 100, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            first.state,
+            first.attempts,
+            first.first_seen,
+            first.last_seen
+        ),
+        (ApprovalState::Pending, 1, 100, 100)
+    );
+    let again = store
+        .note_pending(unseal, "n", "10.0.0.1", 130, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (again.id, again.attempts, again.last_seen),
+        (first.id, 2, 130)
+    );
+    // Another operation or address is another request.
+    let sealing = store
+        .note_pending(seal, "n", "10.0.0.1", 130, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    let elsewhere = store
+        .note_pending(unseal, "n", "10.0.0.2", 130, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(sealing.id != first.id && elsewhere.id != first.id && sealing.id != elsewhere.id);
+
+    let approved: Approval = store
+        .decide(first.id, Decision::Approve { until: 200 }, 140)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(approved.state, ApprovalState::Approved);
+    assert_eq!(
+        (approved.approved_until, approved.decided_at),
+        (Some(200), Some(140))
+    );
+    assert!(approved.allows(199) && !approved.allows(200));
+    assert_eq!(
+        store.approval(unseal, "n", "10.0.0.1").await.unwrap(),
+        Some(approved.clone())
+    );
+    // Still approved while it holds; pending again once it ran out.
+    let later = store
+        .note_pending(unseal, "n", "10.0.0.1", 150, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(later.state, ApprovalState::Approved);
+    let expired = store
+        .note_pending(unseal, "n", "10.0.0.1", 250, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (expired.id, expired.state),
+        (first.id, ApprovalState::Pending)
+    );
+
+    let denied = store
+        .decide(elsewhere.id, Decision::Deny, 260)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(denied.state, ApprovalState::Denied);
+    let still = store
+        .note_pending(unseal, "n", "10.0.0.2", 300, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(still.state, ApprovalState::Denied, "a denial stays");
+    assert_eq!(
+        store.decide(999_999, Decision::Deny, 1).await.unwrap(),
+        None
+    );
+
+    let pending = store.approvals(Some(ApprovalState::Pending)).await.unwrap();
+    let ids: Vec<_> = pending.iter().map(|a| a.id).collect();
+    assert_eq!(ids, [first.id, sealing.id], "oldest first");
+    assert_eq!(store.approvals(None).await.unwrap().len(), 3);
+
+    // A full table records no more new requests, but still counts known ones.
+    assert_eq!(
+        store
+            .note_pending(unseal, "m", "10.0.0.9", 300, 2)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        store
+            .note_pending(unseal, "n", "10.0.0.1", 300, 2)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
