@@ -42,6 +42,7 @@ pub struct Metrics {
     handshake_failures: Family<ReasonLabel, Counter>,
     connections_open: Gauge,
     records: Gauge,
+    pending_approvals: Gauge,
     store_up: Gauge,
     certificate_expiry: Gauge<f64, AtomicU64>,
     reloads: Counter,
@@ -96,6 +97,12 @@ impl Metrics {
             "Records in the store (revoked included), as last counted",
             records.clone(),
         );
+        let pending_approvals = Gauge::default();
+        registry.register(
+            "pending_approvals",
+            "Calls refused until an operator approves them (`pending list`)",
+            pending_approvals.clone(),
+        );
         let store_up = Gauge::default();
         registry.register(
             "store_up",
@@ -135,6 +142,7 @@ impl Metrics {
             handshake_failures,
             connections_open,
             records,
+            pending_approvals,
             store_up,
             certificate_expiry,
             reloads,
@@ -181,10 +189,14 @@ impl Metrics {
         self.connections_open.dec();
     }
 
-    pub fn store(&self, up: bool, records: Option<u64>) {
+    pub fn store(&self, up: bool, records: Option<u64>, pending_approvals: Option<usize>) {
         self.store_up.set(i64::from(up));
         if let Some(records) = records {
             self.records.set(i64::try_from(records).unwrap_or(i64::MAX));
+        }
+        if let Some(pending) = pending_approvals {
+            self.pending_approvals
+                .set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
     }
 

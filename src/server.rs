@@ -7,7 +7,7 @@ use crate::os_error;
 use crate::policy::{Policy, Rules};
 use crate::proto::KMSServiceServer;
 use crate::service::KmsService;
-use crate::store::{Store, StoreError};
+use crate::store::{ApprovalState, Store, StoreError};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -229,7 +229,17 @@ async fn watch_store(
         } else {
             None
         };
-        metrics.store(up, records);
+        // A small table: the operator should learn at once that a node waits.
+        let pending = if up {
+            store
+                .approvals(Some(ApprovalState::Pending))
+                .await
+                .ok()
+                .map(|pending| pending.len())
+        } else {
+            None
+        };
+        metrics.store(up, records, pending);
     }
 }
 

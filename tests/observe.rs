@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use http_body_util::BodyExt;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,23 +68,6 @@ async fn health_is_serving_until_the_database_is_gone_and_watch_says_so() {
     assert_eq!(health_check(port, &pki.ca).await, NOT_SERVING);
 }
 
-/// GET /metrics; `accept` as Prometheus sends it, or none as curl does.
-fn scrape(address: &str, accept: Option<&str>) -> String {
-    let mut tcp = std::net::TcpStream::connect(address).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let accept = accept.map_or(String::new(), |accept| format!("Accept: {accept}\r\n"));
-    write!(
-        tcp,
-        "GET /metrics HTTP/1.1\r\nHost: kms\r\n{accept}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    tcp.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
 fn promtool(args: &[&str], stdin: Option<&str>) -> Option<std::process::Output> {
     let mut child = match Command::new("promtool")
         .args(args)
@@ -124,14 +107,7 @@ async fn metrics_count_calls_and_failed_handshakes_and_pass_promtool() {
         "metricsAddress: 127.0.0.1:0\n",
     );
     let server = ServerProcess::start(&config).unwrap();
-    let address = server
-        .startup_log
-        .iter()
-        .find(|line| line.contains("serving metrics"))
-        .and_then(|line| line.split("address=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the metrics address is logged")
-        .to_string();
+    let address = server.metrics_address();
     let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
     let secret = random_passphrase();
     let sealed = client.seal(NODE, &secret).await.unwrap();

@@ -296,7 +296,7 @@ async fn pending(running: &Running, all: bool) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_approves_a_waiting_node_and_denies_another() {
-    let running = Running::start("unsealPolicy: approve\n");
+    let running = Running::start("unsealPolicy: approve\nmetricsAddress: 127.0.0.1:0\n");
     let (node_1, node_2) = (running.node(NODE_1), running.node(NODE_2));
     let secret = random_passphrase();
     let sealed = node_1.seal("node-a", &secret).await.unwrap();

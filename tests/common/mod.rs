@@ -3,7 +3,7 @@
 
 pub mod store_contract;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -265,6 +265,36 @@ impl ServerProcess {
         self.child.kill().unwrap();
         panic!("server did not stop within 30 s of SIGTERM");
     }
+}
+
+impl ServerProcess {
+    /// Where it serves metrics (`metricsAddress`), as its start-up log says.
+    pub fn metrics_address(&self) -> String {
+        self.startup_log
+            .iter()
+            .find(|line| line.contains("serving metrics"))
+            .and_then(|line| line.split("address=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("the metrics address is logged")
+            .to_string()
+    }
+}
+
+/// GET /metrics; `accept` as Prometheus sends it, or none as curl does.
+pub fn scrape(address: &str, accept: Option<&str>) -> String {
+    let mut tcp = std::net::TcpStream::connect(address).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let accept = accept.map_or(String::new(), |accept| format!("Accept: {accept}\r\n"));
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: kms\r\n{accept}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
 }
 
 impl Drop for ServerProcess {
