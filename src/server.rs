@@ -1,7 +1,7 @@
 //! Wires a listener, the service and a store into a running server, and stops it cleanly.
 
 use crate::audit::{AuditError, AuditLog};
-use crate::listener::{Listener, ListenerLimits, stopped};
+use crate::listener::{Listener, ListenerLimits, Slots, stopped};
 use crate::metrics::Metrics;
 use crate::os_error;
 use crate::policy::{Policy, Rules};
@@ -38,8 +38,10 @@ pub struct ServerOptions {
     pub metrics: Arc<Metrics>,
     /// Where Prometheus scrapes the metrics, when the operator asked for it.
     pub metrics_port: Option<Port>,
-    /// Who may seal and unseal.
+    /// Who may seal and unseal; connections from outside both allow-lists are closed
+    /// before TLS (and audited).
     pub rules: Rules,
+    /// `maxConnections` is lowered at start when the open-file limit cannot hold it.
     pub limits: ListenerLimits,
 }
 
@@ -107,6 +109,7 @@ impl Port {
             stop.subscribe(),
         ));
         let (finished_sender, finished) = mpsc::channel(1);
+        let limits = options.limits.fit_to_file_limit();
         let connection_networks = options.rules.connection_networks();
         let policy = Arc::new(Policy::new(options.rules, Arc::clone(&options.store)));
         tokio::spawn(tidy_policy(Arc::clone(&policy), stop.subscribe()));
@@ -119,13 +122,19 @@ impl Port {
                 Arc::clone(&options.metrics),
                 policy,
             )),
-            limit: Arc::new(Semaphore::new(options.limits.max_connections)),
-            handshakes: Arc::new(Semaphore::new(options.limits.handshakes_at_once())),
-            limits: options.limits,
+            limit: Arc::new(Semaphore::new(limits.max_connections)),
+            slots: Arc::new(Slots::new(
+                limits.max_connections_per_address,
+                limits.idle_timeout,
+            )),
+            handshakes: Arc::new(Semaphore::new(limits.handshakes_at_once())),
+            limits,
             connection_networks,
             handshake_failures: Arc::default(),
+            refusals: Arc::default(),
             health,
             metrics: Arc::clone(&options.metrics),
+            audit: Arc::clone(&options.audit),
             shutdown,
             finished: finished_sender,
         };
