@@ -109,6 +109,8 @@ fn client_hello(config: &Arc<rustls::ClientConfig>) -> Vec<u8> {
 
 /// The HTTP/2 client preface and an empty SETTINGS frame.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+/// An HTTP/2 PING: a valid frame that is not a call.
+const H2_PING: &[u8] = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00slowlori";
 
 /// Reads (and ignores) what the server sends until it closes the connection; whether it
 /// did within [`CLOSED_WITHIN`].
@@ -125,12 +127,16 @@ async fn closed_by_server<S: AsyncRead + Unpin>(mut stream: S) -> bool {
     tokio::time::timeout(CLOSED_WITHIN, reading).await.is_ok()
 }
 
-/// Sends `bytes` one at a time every 200 ms, as a slowloris does, until the server closes the
-/// connection (true) or [`CLOSED_WITHIN`] passes (false).
-async fn trickle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, bytes: &[u8]) -> bool {
+/// Sends `head` then `body` over and over, a byte every 200 ms, as a slowloris does, until the
+/// server closes the connection (true) or [`CLOSED_WITHIN`] passes (false).
+async fn trickle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    head: &[u8],
+    body: &[u8],
+) -> bool {
     let deadline = tokio::time::Instant::now() + CLOSED_WITHIN;
     let mut buffer = [0u8; 4096];
-    let mut next = bytes.iter().cycle();
+    let mut next = head.iter().chain(body.iter().cycle());
     loop {
         tokio::select! {
             read = stream.read(&mut buffer) => match read {
@@ -138,8 +144,9 @@ async fn trickle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, bytes: &[u8])
                 Ok(_) => {}
             },
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                let byte = [*next.next().unwrap()];
-                if stream.write_all(&byte).await.is_err() || stream.flush().await.is_err() {
+                if let Some(&byte) = next.next()
+                    && (stream.write_all(&[byte]).await.is_err() || stream.flush().await.is_err())
+                {
                     return true;
                 }
             }
@@ -236,13 +243,13 @@ async fn slowloris_connections_are_closed_and_do_not_lock_out_a_node() {
         let (config, hello) = (Arc::clone(&config), Arc::clone(&hello));
         attack.spawn(async move {
             if n % 2 == 0 {
-                // A ClientHello, a byte every 200 ms.
+                // A ClientHello, a byte every 200 ms: it takes minutes.
                 let tcp = connect_from(ATTACKER, port).await.ok()?;
-                Some(trickle(tcp, &hello).await)
+                Some(trickle(tcp, &hello, &[]).await)
             } else {
-                // A completed handshake, then the HTTP/2 preface a byte every 200 ms.
+                // A completed handshake, then the HTTP/2 preface and PINGs, never a call.
                 let tls = tls_from(ATTACKER, port, &config).await?;
-                Some(trickle(tls, H2_PREFACE).await)
+                Some(trickle(tls, H2_PREFACE, H2_PING).await)
             }
         });
     }
@@ -440,7 +447,13 @@ async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() 
     raise_own_file_limit();
     let dir = tempfile::tempdir().unwrap();
     let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "idleTimeout: 5s\n");
+    // One address may take every slot here: what is tested is the file limit alone.
+    let config = write_config(
+        dir.path(),
+        &pki,
+        "127.0.0.1",
+        "idleTimeout: 5s\nmaxConnectionsPerAddress: 100000\n",
+    );
     let server = ServerProcess::start_with(&config, |command| {
         // SAFETY: setrlimit is async-signal-safe, and the closure allocates nothing.
         unsafe {
@@ -472,4 +485,38 @@ async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() 
 
     node_seals_and_unseals(port, &pki.ca).await;
     drop(sockets);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_is_never_cut_by_the_idle_timeout() {
+    use http_body_util::BodyExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, pki) = start_server(dir.path(), "idleTimeout: 1s\n");
+    let config = client_tls(&pki.ca);
+    let watch = watch_from("127.0.0.1", server.addr.port(), &config)
+        .await
+        .expect("a Watch from an address with room");
+    let mut stream = watch.into_body();
+    let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first.as_ref(), [0, 0, 0, 0, 2, 0x08, 1], "SERVING");
+    // Three idle timeouts with the stream open and nothing sent by the client.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    std::fs::remove_file(dir.path().join("kms.db")).unwrap();
+    let not_serving = async {
+        loop {
+            let frame = stream
+                .frame()
+                .await
+                .expect("the stream was not cut")
+                .unwrap()
+                .into_data()
+                .unwrap();
+            if frame.as_ref() == [0, 0, 0, 0, 2, 0x08, 2] {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), not_serving)
+        .await
+        .expect("the Watch reports NOT_SERVING within 10 s");
 }

@@ -132,10 +132,8 @@ impl Listener {
                     continue;
                 }
             };
-            let ip = peer.ip().to_canonical();
-            if let Some(networks) = &self.connection_networks
-                && !networks.contains(ip)
-            {
+            let ip = address_of(peer);
+            if !allowed(self.connection_networks.as_ref(), ip) {
                 // Closed before a byte is read or written: no handshake, nothing learned.
                 drop(socket);
                 self.metrics.connection_refused("network");
@@ -602,7 +600,41 @@ impl hyper::body::Body for BusyBody {
     }
 }
 
+/// The address a connection is filtered and counted by: an IPv4 peer of a dual-stack socket
+/// (`::ffff:a.b.c.d`) is the IPv4 address it is, so that it has one share, not two.
+fn address_of(peer: SocketAddr) -> IpAddr {
+    peer.ip().to_canonical()
+}
+
+/// Whether a connection from `ip` may be served at all; `None`: from anywhere.
+fn allowed(networks: Option<&Networks>, ip: IpAddr) -> bool {
+    networks.is_none_or(|networks| networks.contains(ip))
+}
+
 /// Resolves once shutdown is signalled (at once if it already was).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_peers_of_a_dual_stack_socket_are_filtered_and_counted_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
+        let plain: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        assert_eq!(address_of(mapped), address_of(plain));
+        assert_eq!(address_of(mapped).to_string(), "127.0.0.1");
+        let loopback = Networks::parse(&["127.0.0.1/32"]).unwrap();
+        assert!(allowed(Some(&loopback), address_of(mapped)));
+        let outsider: SocketAddr = "[::ffff:127.0.0.2]:40002".parse().unwrap();
+        assert!(!allowed(Some(&loopback), address_of(outsider)));
+        let v6 = Networks::parse(&["::ffff:127.0.0.0/104"]).unwrap();
+        assert!(
+            !allowed(Some(&v6), address_of(mapped)),
+            "a mapped address is matched as IPv4, by IPv4 networks"
+        );
+        assert!(allowed(None, address_of(outsider)), "no allow-list: anyone");
+    }
 }
