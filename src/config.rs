@@ -53,6 +53,21 @@ serverKeyPassword: ""
 port: 50051
 bindAddress: "0.0.0.0"
 
+# Connections (README: "Connections and lockout"). A Talos call is one request on a fresh
+# connection, so a connection that holds a slot without a call is closed for someone else.
+# maxConnections: 1024          # at once; when all are taken, the one waiting longest on its
+#                               # client is closed for a new one. Needs as many open files plus 64:
+#                               # lowered, with a warning, when LimitNOFILE= is lower
+# maxConnectionsPerAddress: 128 # one address's share (nodes behind a NAT share one)
+# idleTimeout: 5s               # closed after waiting this long on the client, before or
+#                               # after TLS; a call in flight is never cut
+# handshakeTimeout: 10s         # Talos gives each call 10 s
+# maxConnectionAge: 5m          # then asked to close (GOAWAY); calls in flight finish
+# maxHandshakesAtOnce: 4        # TLS computations at once; default two per core
+# maxStreamsPerConnection: 128  # calls at once on one connection (Talos makes one)
+# maxHeaderListSize: 16384      # bytes of request headers; a gRPC call needs a few hundred
+# maxMessageSize: 4096          # bytes of a request; a Seal needs under 300
+
 # OFF, ERROR, WARN, INFO, DEBUG, TRACE (SEVERE, WARNING, FINE, FINER, FINEST also accepted).
 kmsLogLevel: "INFO"   # this server's own messages
 rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
@@ -477,6 +492,38 @@ mod tests {
         );
         assert_eq!(config.server_key_password, None);
         assert_eq!(config.root_log_level, LogLevel::Warn);
+    }
+
+    #[test]
+    fn the_commented_listener_limits_are_the_defaults() {
+        let uncommented: String = DEFAULT_CONFIG
+            .lines()
+            .map(|line| {
+                let key = line.trim_start_matches("# ");
+                let listed = [
+                    "maxConnections",
+                    "maxConnectionsPerAddress",
+                    "idleTimeout",
+                    "handshakeTimeout",
+                    "maxConnectionAge",
+                    "maxHandshakesAtOnce",
+                    "maxStreamsPerConnection",
+                    "maxHeaderListSize",
+                    "maxMessageSize",
+                ]
+                .iter()
+                .any(|name| key.starts_with(&format!("{name}:")));
+                format!("{}\n", if listed { key } else { line })
+            })
+            .collect();
+        let limits = parse(&uncommented).unwrap().limits;
+        assert_eq!(
+            limits,
+            ListenerLimits {
+                max_handshakes_at_once: Some(4),
+                ..ListenerLimits::default()
+            }
+        );
     }
 
     #[test]

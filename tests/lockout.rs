@@ -402,6 +402,24 @@ async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte
     }
 
     node_seals_and_unseals(port, &pki.ca).await;
+    // What the bench measures the cost of (scripts/bench_suite.py --only-refused).
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let report = run_ok(&[
+        "bench",
+        "--endpoint",
+        &endpoint,
+        "--mode",
+        "connect",
+        "--source-ip",
+        "127.0.0.2",
+        "--requests",
+        "20",
+        "--output",
+        "json",
+    ])
+    .await;
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["calls_ok"], 20, "{report}");
 
     let metrics = scrape(&server).await;
     assert_eq!(
@@ -409,7 +427,7 @@ async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte
             &metrics,
             r#"talos_kms_connections_refused_total{reason="network"}"#
         ),
-        5,
+        25,
         "{metrics}"
     );
     assert_eq!(

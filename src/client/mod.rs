@@ -204,6 +204,32 @@ impl KmsClient {
         .await
     }
 
+    /// Opens a TCP connection, sends nothing, and waits until the server closes it: what a
+    /// connection refused before TLS (outside the allow-lists) costs. A server that sends a
+    /// byte instead did not refuse it: an error.
+    pub async fn connect_only(&self) -> Result<(), ClientError> {
+        use tokio::io::AsyncReadExt;
+        self.deadline(async {
+            let mut tcp = self.tcp().await?;
+            let mut byte = [0u8; 1];
+            match tcp.read(&mut byte).await {
+                Ok(0) => Ok(()),
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+                Ok(_) => Err(ClientError::Connect {
+                    endpoint: self.options.endpoint.to_string(),
+                    problem: "the server sent data instead of closing the connection: this \
+                              address is not refused by its allow-lists"
+                        .into(),
+                }),
+                Err(error) => Err(ClientError::Connect {
+                    endpoint: self.options.endpoint.to_string(),
+                    problem: error.to_string(),
+                }),
+            }
+        })
+        .await
+    }
+
     async fn deadline<T>(
         &self,
         call: impl Future<Output = Result<T, ClientError>>,
