@@ -81,7 +81,7 @@ pub fn bind(addr: SocketAddr) -> Result<Port, ServerError> {
 
 /// Binds and starts serving; returns once the port accepts connections.
 pub fn start(bind_addr: SocketAddr, options: ServerOptions) -> Result<RunningServer, ServerError> {
-    Ok(bind(bind_addr)?.serve(options))
+    bind(bind_addr)?.serve(options)
 }
 
 impl Port {
@@ -90,7 +90,12 @@ impl Port {
     }
 
     /// Starts serving on the port.
-    pub fn serve(self, options: ServerOptions) -> RunningServer {
+    pub fn serve(self, options: ServerOptions) -> Result<RunningServer, ServerError> {
+        let addr = self.local_addr;
+        let tcp = crate::listener::accepting(self.tcp).map_err(|error| ServerError::Bind {
+            addr,
+            problem: os_error::plain(&error),
+        })?;
         let (stop, shutdown) = watch::channel(false);
         if let Some(port) = options.metrics_port {
             tracing::info!(address = %port.local_addr, "serving metrics at /metrics");
@@ -114,7 +119,7 @@ impl Port {
         let policy = Arc::new(Policy::new(options.rules, Arc::clone(&options.store)));
         tokio::spawn(tidy_policy(Arc::clone(&policy), stop.subscribe()));
         let listener = Listener {
-            tcp: self.tcp,
+            tcp,
             tls: tokio_rustls::TlsAcceptor::from(options.tls),
             service: Arc::new(KmsService::new(
                 Arc::clone(&options.store),
@@ -142,14 +147,14 @@ impl Port {
             Arc::clone(&options.audit),
             stop.subscribe(),
         ));
-        RunningServer {
-            local_addr: self.local_addr,
+        Ok(RunningServer {
+            local_addr: addr,
             stop,
             listener: tokio::spawn(listener.run()),
             finished,
             store: options.store,
             audit: options.audit,
-        }
+        })
     }
 }
 

@@ -210,7 +210,16 @@ impl KmsClient {
     pub async fn connect_only(&self) -> Result<(), ClientError> {
         use tokio::io::AsyncReadExt;
         self.deadline(async {
-            let mut tcp = self.tcp().await?;
+            let mut tcp = match self.try_tcp().await {
+                Ok(tcp) => tcp,
+                // Refused so fast that the reset came with the connection.
+                Err(TcpFailure::Connect(error))
+                    if error.kind() == std::io::ErrorKind::ConnectionReset =>
+                {
+                    return Ok(());
+                }
+                Err(failure) => return Err(self.tcp_error(failure)),
+            };
             let mut byte = [0u8; 1];
             match tcp.read(&mut byte).await {
                 Ok(0) => Ok(()),
@@ -288,14 +297,32 @@ impl KmsClient {
     }
 
     async fn tcp(&self) -> Result<TcpStream, ClientError> {
+        self.try_tcp()
+            .await
+            .map_err(|failure| self.tcp_error(failure))
+    }
+
+    fn tcp_error(&self, failure: TcpFailure) -> ClientError {
         let endpoint = &self.options.endpoint;
-        let connect_error = |problem| ClientError::Connect {
+        ClientError::Connect {
             endpoint: endpoint.to_string(),
-            problem,
-        };
+            problem: match failure {
+                TcpFailure::Resolve(e) => format!("cannot resolve {}: {e}", endpoint.host),
+                TcpFailure::Connect(error) => describe_connect(&error, self.options.source_ip),
+                TcpFailure::NoAddress => format!(
+                    "no address of {} is of the family of --source-ip (IPv4 or IPv6): use a \
+                     source address of the same family",
+                    endpoint.host
+                ),
+            },
+        }
+    }
+
+    async fn try_tcp(&self) -> Result<TcpStream, TcpFailure> {
+        let endpoint = &self.options.endpoint;
         let addresses = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
             .await
-            .map_err(|e| connect_error(format!("cannot resolve {}: {e}", endpoint.host)))?;
+            .map_err(TcpFailure::Resolve)?;
         let mut last_error = None;
         for address in addresses {
             if let Some(source) = self.options.source_ip
@@ -308,14 +335,7 @@ impl KmsClient {
                 Err(e) => last_error = Some(e),
             }
         }
-        Err(connect_error(match last_error {
-            Some(error) => describe_connect(&error, self.options.source_ip),
-            None => format!(
-                "no address of {} is of the family of --source-ip (IPv4 or IPv6): use a source \
-                 address of the same family",
-                endpoint.host
-            ),
-        }))
+        Err(last_error.map_or(TcpFailure::NoAddress, TcpFailure::Connect))
     }
 
     async fn connect_to(&self, address: SocketAddr) -> std::io::Result<TcpStream> {
@@ -331,6 +351,14 @@ impl KmsClient {
         stream.set_nodelay(true)?;
         Ok(stream)
     }
+}
+
+/// Why no TCP connection was made.
+enum TcpFailure {
+    Resolve(std::io::Error),
+    Connect(std::io::Error),
+    /// No address of the endpoint is of the source address's family.
+    NoAddress,
 }
 
 impl Connection {
