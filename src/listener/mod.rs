@@ -60,6 +60,9 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// How often a listener waiting for a slot looks again for a connection to close: one that
 /// was busy may be waiting on its client by now.
 const EVICTION_RETRY: Duration = Duration::from_millis(100);
+/// How long a closing connection is kept after its last call is answered, for the answer
+/// to be written out (a call is counted in flight until its answer is ready, not sent).
+const FLUSH_GRACE: Duration = Duration::from_millis(100);
 
 type Grpc = KMSServiceServer<KmsService>;
 /// Standard gRPC health checking, on the same port.
@@ -296,15 +299,21 @@ impl Handler {
         connection.as_mut().graceful_shutdown();
         match closing {
             Ok(closed) => {
-                // Nothing in flight: the GOAWAY leaves, and the connection closes without
+                // Nothing was in flight: the GOAWAY leaves, and the connection closes without
                 // waiting for an answer that a client holding a slot would never send.
                 closed_waiting(&self.metrics, self.peer, closed, "after its handshake");
                 let mut sent = pin!(sending(connection.as_mut(), &batch));
-                std::future::poll_fn(|cx| {
-                    let _ = sent.as_mut().poll(cx);
-                    Poll::Ready(())
-                })
-                .await;
+                let finished =
+                    std::future::poll_fn(|cx| Poll::Ready(sent.as_mut().poll(cx).is_ready())).await;
+                if !finished && self.slot.is_busy() {
+                    // A call arrived as the connection was being closed: it is answered first.
+                    let from = tokio::time::Instant::now();
+                    tokio::select! {
+                        biased;
+                        _ = sent => {}
+                        _ = self.slot.idle_for(FLUSH_GRACE, from) => {}
+                    }
+                }
             }
             Err(reason) => {
                 // Finish the calls in flight, accept no new ones; a client that does not
@@ -312,6 +321,7 @@ impl Handler {
                 tracing::debug!(peer = %self.peer, reason, "closing connection");
                 let from = tokio::time::Instant::now();
                 tokio::select! {
+                    biased;
                     _ = sending(connection.as_mut(), &batch) => {}
                     _ = self.slot.idle_for(idle, from) => {}
                 }

@@ -251,6 +251,10 @@ impl Slot {
     }
 
     /// Whether the connection has work in flight.
+    pub fn is_busy(&self) -> bool {
+        self.busy_count() > 0
+    }
+
     fn busy_count(&self) -> u64 {
         self.state.load(Ordering::Acquire) & !CLOSING
     }
