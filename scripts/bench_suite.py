@@ -4,10 +4,14 @@
 Usage: scripts/bench_suite.py [--quick] [--out bench-results] [--runs N]
                               [--reference KMS_SERVER [--only-reference]]
                               [--baseline OLD_BINARY [--only-baseline]]
+                              [--only-refused]
 
 --baseline measures a build of this server from before a change (e.g. `git worktree add
 /tmp/before HEAD~1 && cargo build --release` there) side by side with this one: server CPU per
 fresh-connection call, alternating, the way the request path's cost is checked.
+
+--only-refused measures only what a connection refused by the allow-lists (closed before TLS)
+costs the server, against a bare TLS handshake on the same server (also part of a full run).
 
 Writes one JSON line per `bench` run to OUT/results.jsonl (with the experiment's name and
 parameters added), a summary of the targets to OUT/summary.md, and the plots (through
@@ -161,6 +165,8 @@ def main():
     parser.add_argument("--baseline", metavar="OLD_BINARY",
                         help="a build from before a change, measured side by side with this one")
     parser.add_argument("--only-baseline", action="store_true", help="measure the baseline comparison only")
+    parser.add_argument("--only-refused", action="store_true",
+                        help="measure only a refused connection against a handshake")
     opts = parser.parse_args()
     seconds = 1 if opts.quick else 5
     runs = 1 if opts.quick else opts.runs
@@ -190,7 +196,9 @@ def main():
             target2(opts.reference, work, certs["p256"], ca, runs, seconds, keep, summary)
         if opts.baseline:
             against_baseline(opts.baseline, work, certs["p256"], ca, runs, seconds, keep, summary)
-        if opts.only_reference or opts.only_baseline:
+        if opts.only_refused:
+            refused(work, certs["p256"], ca, runs, seconds, keep, summary)
+        if opts.only_reference or opts.only_baseline or opts.only_refused:
             return finish(opts, results, results_path, summary)
 
         # Handshake floor per certificate key type and key-exchange group.
@@ -295,6 +303,7 @@ def main():
                        f"{storm['volumes_left_locked']} left locked; p99 {storm['latency']['p99_us'] / 1000:.1f} ms; "
                        f"server peak RSS {peak / 1024:.1f} MiB")
         overload(work, ca, runs, opts.quick, keep, summary)
+        refused(work, certs["p256"], ca, runs, seconds, keep, summary)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     finish(opts, results, results_path, summary)
@@ -333,6 +342,32 @@ def overload(work, ca, runs, quick, keep, summary):
                    f"server peak RSS {mid['peak_kib'] / 1024:.1f} MiB. All runs: "
                    + ", ".join(f"{s['time_to_all_unsealed_s']:.1f} s ({s['needed_s'] / s['time_to_all_unsealed_s']:.0%})"
                                for s in storms))
+
+
+def refused(work, cert, ca, runs, seconds, keep, summary):
+    """What a connection from outside the allow-lists costs the server (accepted, counted and
+    closed before any TLS byte), against a bare TLS handshake on the same server, alternating:
+    a flood of refused connections must cost far less than one of handshakes."""
+    server = Server(work, cert, os.path.join(work, "refused.db"),
+                    policy=UNLIMITED + "sealAllowedNetworks: [127.0.0.1/32]\nunsealAllowedNetworks: [127.0.0.1/32]\n")
+    pairs = []
+    try:
+        for r in range(runs):
+            hs = keep(bench(server, ca, "--mode", "handshake", "--concurrency", 8, "--duration", seconds,
+                            experiment="refused", against="handshake", run=r))
+            rc = keep(bench(server, ca, "--mode", "connect", "--source-ip", "127.0.0.2", "--concurrency", 8,
+                            "--duration", seconds, experiment="refused", against="refused", run=r))
+            pairs.append((rc["server_cpu_us_per_call"] / hs["server_cpu_us_per_call"],
+                          hs["server_cpu_us_per_call"], rc["server_cpu_us_per_call"], rc["calls_per_s"]))
+    finally:
+        server.stop()
+    pairs.sort()
+    mid = pairs[len(pairs) // 2]
+    summary.append("\n## A connection refused by the allow-lists vs a TLS handshake (server CPU)\n")
+    summary.append(f"median ratio {mid[0]:.3f} (handshake {mid[1]:.0f} µs, refused connection {mid[2]:.1f} µs, "
+                   f"{mid[3]:.0f} refused connections/s); target < 0.1: "
+                   + ("met" if mid[0] < 0.1 else "not met")
+                   + "; all runs: " + ", ".join(f"{p[0]:.3f}" for p in pairs))
 
 
 def target2(reference_binary, work, cert, ca, runs, seconds, keep, summary):
@@ -432,7 +467,7 @@ def finish(opts, results, results_path, summary):
     with open(os.path.join(opts.out, "summary.md"), "w") as f:
         f.write(text)
     print(text)
-    if not (opts.only_reference or opts.only_baseline):
+    if not (opts.only_reference or opts.only_baseline or opts.only_refused):
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_plot.py"), results_path, opts.out],
                        check=True)
 

@@ -66,6 +66,21 @@ bindAddress: "0.0.0.0"
 # pinNodeIp: false     # true: refuse a seal from a node UUID known from another address
 # maxPendingApprovals: 1000
 
+# Connections (README: "Connections and lockout"). A Talos call is one request on a fresh
+# connection, so a connection that holds a slot without a call is closed for someone else.
+# maxConnections: 1024          # at once; when all are taken, the one waiting longest on its
+#                               # client is closed for a new one. Needs as many open files plus 64:
+#                               # lowered, with a warning, when LimitNOFILE= is lower
+# maxConnectionsPerAddress: 128 # one address's share (nodes behind a NAT share one)
+# idleTimeout: 5s               # closed after waiting this long on the client, before or
+#                               # after TLS; a call in flight is never cut
+# handshakeTimeout: 10s         # Talos gives each call 10 s
+# maxConnectionAge: 5m          # then asked to close (GOAWAY); calls in flight finish
+# maxHandshakesAtOnce: 4        # TLS computations at once; default two per core
+# maxStreamsPerConnection: 128  # calls at once on one connection (Talos makes one)
+# maxHeaderListSize: 16384      # bytes of request headers; a gRPC call needs a few hundred
+# maxMessageSize: 4096          # bytes of a request; a Seal needs under 300
+
 # OFF, ERROR, WARN, INFO, DEBUG, TRACE (SEVERE, WARNING, FINE, FINER, FINEST also accepted).
 kmsLogLevel: "INFO"   # this server's own messages
 rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
@@ -518,6 +533,38 @@ mod tests {
             .join("\n");
         assert!(uncommented.contains("\nrateLimitGlobal"));
         assert_eq!(parse(&uncommented).unwrap().policy, Rules::default());
+    }
+
+    #[test]
+    fn the_commented_listener_limits_are_the_defaults() {
+        let uncommented: String = DEFAULT_CONFIG
+            .lines()
+            .map(|line| {
+                let key = line.trim_start_matches("# ");
+                let listed = [
+                    "maxConnections",
+                    "maxConnectionsPerAddress",
+                    "idleTimeout",
+                    "handshakeTimeout",
+                    "maxConnectionAge",
+                    "maxHandshakesAtOnce",
+                    "maxStreamsPerConnection",
+                    "maxHeaderListSize",
+                    "maxMessageSize",
+                ]
+                .iter()
+                .any(|name| key.starts_with(&format!("{name}:")));
+                format!("{}\n", if listed { key } else { line })
+            })
+            .collect();
+        let limits = parse(&uncommented).unwrap().limits;
+        assert_eq!(
+            limits,
+            ListenerLimits {
+                max_handshakes_at_once: Some(4),
+                ..ListenerLimits::default()
+            }
+        );
     }
 
     #[test]

@@ -30,6 +30,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StaticReason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -41,6 +46,8 @@ pub struct Metrics {
     handshakes: Counter,
     handshake_failures: Family<ReasonLabel, Counter>,
     connections_open: Gauge,
+    connections_refused: Family<StaticReason, Counter>,
+    connections_dropped: Family<StaticReason, Counter>,
     records: Gauge,
     pending_approvals: Gauge,
     store_up: Gauge,
@@ -90,6 +97,21 @@ impl Metrics {
             "connections_open",
             "Connections accepted and not yet closed",
             connections_open.clone(),
+        );
+        let connections_refused = Family::<StaticReason, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "New connections closed at once, before TLS: outside the allow-lists (network), or \
+             over maxConnectionsPerAddress with nothing of the address's to close (per_address)",
+            connections_refused.clone(),
+        );
+        let connections_dropped = Family::<StaticReason, Counter>::default();
+        registry.register(
+            "connections_dropped",
+            "Connections closed while they waited on their client: idle for idleTimeout (idle), \
+             or to admit a new one when every slot (evicted) or the address's share \
+             (per_address) was taken",
+            connections_dropped.clone(),
         );
         let records = Gauge::default();
         registry.register(
@@ -141,6 +163,8 @@ impl Metrics {
             handshakes,
             handshake_failures,
             connections_open,
+            connections_refused,
+            connections_dropped,
             records,
             pending_approvals,
             store_up,
@@ -187,6 +211,20 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.connections_open.dec();
+    }
+
+    /// A new connection closed at once; `reason` as in the metric's help.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&StaticReason { reason })
+            .inc();
+    }
+
+    /// A waiting connection closed by the server; `reason` as in the metric's help.
+    pub fn connection_dropped(&self, reason: &'static str) {
+        self.connections_dropped
+            .get_or_create(&StaticReason { reason })
+            .inc();
     }
 
     pub fn store(&self, up: bool, records: Option<u64>, pending_approvals: Option<usize>) {

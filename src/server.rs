@@ -1,7 +1,7 @@
 //! Wires a listener, the service and a store into a running server, and stops it cleanly.
 
 use crate::audit::{AuditError, AuditLog};
-use crate::listener::{Listener, ListenerLimits, stopped};
+use crate::listener::{Listener, ListenerLimits, Slots, stopped};
 use crate::metrics::Metrics;
 use crate::os_error;
 use crate::policy::{Policy, Rules};
@@ -38,8 +38,10 @@ pub struct ServerOptions {
     pub metrics: Arc<Metrics>,
     /// Where Prometheus scrapes the metrics, when the operator asked for it.
     pub metrics_port: Option<Port>,
-    /// Who may seal and unseal.
+    /// Who may seal and unseal; connections from outside both allow-lists are closed
+    /// before TLS (and audited).
     pub rules: Rules,
+    /// `maxConnections` is lowered at start when the open-file limit cannot hold it.
     pub limits: ListenerLimits,
 }
 
@@ -79,7 +81,7 @@ pub fn bind(addr: SocketAddr) -> Result<Port, ServerError> {
 
 /// Binds and starts serving; returns once the port accepts connections.
 pub fn start(bind_addr: SocketAddr, options: ServerOptions) -> Result<RunningServer, ServerError> {
-    Ok(bind(bind_addr)?.serve(options))
+    bind(bind_addr)?.serve(options)
 }
 
 impl Port {
@@ -88,7 +90,12 @@ impl Port {
     }
 
     /// Starts serving on the port.
-    pub fn serve(self, options: ServerOptions) -> RunningServer {
+    pub fn serve(self, options: ServerOptions) -> Result<RunningServer, ServerError> {
+        let addr = self.local_addr;
+        let tcp = crate::listener::accepting(self.tcp).map_err(|error| ServerError::Bind {
+            addr,
+            problem: os_error::plain(&error),
+        })?;
         let (stop, shutdown) = watch::channel(false);
         if let Some(port) = options.metrics_port {
             tracing::info!(address = %port.local_addr, "serving metrics at /metrics");
@@ -107,11 +114,12 @@ impl Port {
             stop.subscribe(),
         ));
         let (finished_sender, finished) = mpsc::channel(1);
+        let limits = options.limits.fit_to_file_limit();
         let connection_networks = options.rules.connection_networks();
         let policy = Arc::new(Policy::new(options.rules, Arc::clone(&options.store)));
         tokio::spawn(tidy_policy(Arc::clone(&policy), stop.subscribe()));
         let listener = Listener {
-            tcp: self.tcp,
+            tcp,
             tls: tokio_rustls::TlsAcceptor::from(options.tls),
             service: Arc::new(KmsService::new(
                 Arc::clone(&options.store),
@@ -119,13 +127,19 @@ impl Port {
                 Arc::clone(&options.metrics),
                 policy,
             )),
-            limit: Arc::new(Semaphore::new(options.limits.max_connections)),
-            handshakes: Arc::new(Semaphore::new(options.limits.handshakes_at_once())),
-            limits: options.limits,
+            limit: Arc::new(Semaphore::new(limits.max_connections)),
+            slots: Arc::new(Slots::new(
+                limits.max_connections_per_address,
+                limits.idle_timeout,
+            )),
+            handshakes: Arc::new(Semaphore::new(limits.handshakes_at_once())),
+            limits,
             connection_networks,
             handshake_failures: Arc::default(),
+            refusals: Arc::default(),
             health,
             metrics: Arc::clone(&options.metrics),
+            audit: Arc::clone(&options.audit),
             shutdown,
             finished: finished_sender,
         };
@@ -133,14 +147,14 @@ impl Port {
             Arc::clone(&options.audit),
             stop.subscribe(),
         ));
-        RunningServer {
-            local_addr: self.local_addr,
+        Ok(RunningServer {
+            local_addr: addr,
             stop,
             listener: tokio::spawn(listener.run()),
             finished,
             store: options.store,
             audit: options.audit,
-        }
+        })
     }
 }
 

@@ -34,6 +34,9 @@ pub enum Mode {
     Mixed,
     /// TLS 1.3 handshake with ALPN h2, then close: the floor every call pays; adds nothing.
     Handshake,
+    /// TCP connection that sends nothing, until the server closes it: against a server whose
+    /// allow-lists exclude --source-ip, what a refused connection costs; adds nothing.
+    Connect,
     /// --nodes nodes booting at once, each unsealing --volumes volumes, with retries; adds
     /// nodes x volumes records first, none with --volumes-from.
     Storm,
@@ -145,6 +148,7 @@ impl Workload {
     async fn call(&self, index: u64) -> Result<(), Failure> {
         let seal = match self.mode {
             Mode::Handshake => return self.client.handshake().await.map_err(Failure::Error),
+            Mode::Connect => return self.client.connect_only().await.map_err(Failure::Error),
             Mode::Seal => true,
             Mode::Mixed => index.is_multiple_of(2),
             Mode::Unseal | Mode::Storm => false,
@@ -263,7 +267,9 @@ pub async fn run(client: KmsClient, options: &BenchOptions) -> Result<Report, Be
     };
     let node_uuids = (0..options.nodes).map(|_| random_uuid()).collect();
     let shared = match options.connection {
-        ConnectionMode::Shared if options.mode != Mode::Handshake => Some(client.connect().await?),
+        ConnectionMode::Shared if !matches!(options.mode, Mode::Handshake | Mode::Connect) => {
+            Some(client.connect().await?)
+        }
         _ => None,
     };
     let workload = Arc::new(Workload {

@@ -182,7 +182,7 @@ pub async fn serve_until_signal(
         },
         OnHangup::Stop => (None, None),
     };
-    let running = port.serve(options);
+    let running = port.serve(options)?;
     let address = running.local_addr();
     tracing::info!(%address, "serving sidero.kms.KMSService");
     on_ready(address);

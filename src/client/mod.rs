@@ -204,6 +204,41 @@ impl KmsClient {
         .await
     }
 
+    /// Opens a TCP connection, sends nothing, and waits until the server closes it: what a
+    /// connection refused before TLS (outside the allow-lists) costs. A server that sends a
+    /// byte instead did not refuse it: an error.
+    pub async fn connect_only(&self) -> Result<(), ClientError> {
+        use tokio::io::AsyncReadExt;
+        self.deadline(async {
+            let mut tcp = match self.try_tcp().await {
+                Ok(tcp) => tcp,
+                // Refused so fast that the reset came with the connection.
+                Err(TcpFailure::Connect(error))
+                    if error.kind() == std::io::ErrorKind::ConnectionReset =>
+                {
+                    return Ok(());
+                }
+                Err(failure) => return Err(self.tcp_error(failure)),
+            };
+            let mut byte = [0u8; 1];
+            match tcp.read(&mut byte).await {
+                Ok(0) => Ok(()),
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+                Ok(_) => Err(ClientError::Connect {
+                    endpoint: self.options.endpoint.to_string(),
+                    problem: "the server sent data instead of closing the connection: this \
+                              address is not refused by its allow-lists"
+                        .into(),
+                }),
+                Err(error) => Err(ClientError::Connect {
+                    endpoint: self.options.endpoint.to_string(),
+                    problem: error.to_string(),
+                }),
+            }
+        })
+        .await
+    }
+
     async fn deadline<T>(
         &self,
         call: impl Future<Output = Result<T, ClientError>>,
@@ -262,14 +297,32 @@ impl KmsClient {
     }
 
     async fn tcp(&self) -> Result<TcpStream, ClientError> {
+        self.try_tcp()
+            .await
+            .map_err(|failure| self.tcp_error(failure))
+    }
+
+    fn tcp_error(&self, failure: TcpFailure) -> ClientError {
         let endpoint = &self.options.endpoint;
-        let connect_error = |problem| ClientError::Connect {
+        ClientError::Connect {
             endpoint: endpoint.to_string(),
-            problem,
-        };
+            problem: match failure {
+                TcpFailure::Resolve(e) => format!("cannot resolve {}: {e}", endpoint.host),
+                TcpFailure::Connect(error) => describe_connect(&error, self.options.source_ip),
+                TcpFailure::NoAddress => format!(
+                    "no address of {} is of the family of --source-ip (IPv4 or IPv6): use a \
+                     source address of the same family",
+                    endpoint.host
+                ),
+            },
+        }
+    }
+
+    async fn try_tcp(&self) -> Result<TcpStream, TcpFailure> {
+        let endpoint = &self.options.endpoint;
         let addresses = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
             .await
-            .map_err(|e| connect_error(format!("cannot resolve {}: {e}", endpoint.host)))?;
+            .map_err(TcpFailure::Resolve)?;
         let mut last_error = None;
         for address in addresses {
             if let Some(source) = self.options.source_ip
@@ -282,14 +335,7 @@ impl KmsClient {
                 Err(e) => last_error = Some(e),
             }
         }
-        Err(connect_error(match last_error {
-            Some(error) => describe_connect(&error, self.options.source_ip),
-            None => format!(
-                "no address of {} is of the family of --source-ip (IPv4 or IPv6): use a source \
-                 address of the same family",
-                endpoint.host
-            ),
-        }))
+        Err(last_error.map_or(TcpFailure::NoAddress, TcpFailure::Connect))
     }
 
     async fn connect_to(&self, address: SocketAddr) -> std::io::Result<TcpStream> {
@@ -305,6 +351,14 @@ impl KmsClient {
         stream.set_nodelay(true)?;
         Ok(stream)
     }
+}
+
+/// Why no TCP connection was made.
+enum TcpFailure {
+    Resolve(std::io::Error),
+    Connect(std::io::Error),
+    /// No address of the endpoint is of the source address's family.
+    NoAddress,
 }
 
 impl Connection {

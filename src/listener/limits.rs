@@ -5,10 +5,13 @@ use std::time::Duration;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerLimits {
-    /// Connections served at once; more wait in the kernel's accept queue. Bounds memory and
-    /// keeps a handshake storm from starving calls already past their handshake.
+    /// Connections served at once. Bounds memory and file descriptors, and keeps a handshake
+    /// storm from starving calls already past their handshake. When all are taken, the one
+    /// that waited longest on its client is closed to admit a new one; if every one is busy,
+    /// new ones wait in the kernel's accept queue.
     pub max_connections: usize,
-    /// Connections one address may hold at once, so that one client cannot take every slot.
+    /// Connections one address may hold at once, so that one client cannot take every slot;
+    /// beyond it the address's own longest-waiting connection is closed (see `slots`).
     pub max_connections_per_address: usize,
     /// Handshakes computing their first flight at once (see `handshake`); `None`: two per
     /// core, enough to keep every core busy and no more: beyond that, more only slow each
@@ -16,8 +19,9 @@ pub struct ListenerLimits {
     pub max_handshakes_at_once: Option<usize>,
     /// Talos gives each call 10 s; a handshake that takes longer serves no one.
     pub handshake_timeout: Duration,
-    /// How long a connection may stay open with no call in flight. A Talos call arrives
-    /// right after its handshake, so a connection silent for longer is holding a slot.
+    /// How long a connection may wait on its client with no call in flight: for its
+    /// ClientHello, for the rest of its handshake, for a request. A Talos call arrives right
+    /// after its handshake, so a connection silent for longer is holding a slot.
     pub idle_timeout: Duration,
     /// A connection still open after this is asked to close (HTTP/2 GOAWAY; calls in flight
     /// finish), whatever it does.
@@ -47,10 +51,79 @@ impl Default for ListenerLimits {
     }
 }
 
+/// File descriptors kept for everything but connections: the listening sockets, the
+/// database and its WAL, the audit trail, the runtime's own.
+pub const FILE_RESERVE: u64 = 64;
+
 impl ListenerLimits {
     pub fn handshakes_at_once(&self) -> usize {
         self.max_handshakes_at_once.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(2, |cores| 2 * cores.get())
         })
+    }
+
+    /// Raises this process's open-file limit to its hard limit, and serves fewer connections
+    /// than `maxConnections` when even that cannot hold them: a server out of descriptors
+    /// cannot accept at all, and a few hundred silent sockets would lock every node out.
+    pub fn fit_to_file_limit(mut self) -> Self {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let limit = getrlimit(Resource::Nofile);
+        let mut files = limit.current;
+        if limit.current != limit.maximum {
+            let raised = Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => files = limit.maximum,
+                Err(error) => tracing::debug!(%error, "cannot raise the open-file limit"),
+            }
+        }
+        let Some(files) = files else {
+            return self;
+        };
+        let fitting = connections_within(files);
+        if fitting < self.max_connections {
+            tracing::warn!(
+                max_connections = self.max_connections,
+                open_files = files,
+                serving = fitting,
+                "maxConnections needs more open files than this process may have: serving at \
+                 most {fitting} connections at once; raise the limit (LimitNOFILE= in the \
+                 systemd unit, `ulimit -n` elsewhere) to at least {}, or lower maxConnections",
+                self.max_connections as u64 + FILE_RESERVE
+            );
+            self.max_connections = fitting;
+        }
+        self
+    }
+}
+
+/// Connections that fit in `files` open files, the reserve kept.
+fn connections_within(files: u64) -> usize {
+    usize::try_from(files.saturating_sub(FILE_RESERVE).max(1)).unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_leave_a_reserve_of_files() {
+        assert_eq!(connections_within(1024), 960);
+        assert_eq!(connections_within(16384), 16320);
+        assert_eq!(connections_within(10), 1, "one connection at least");
+    }
+
+    #[test]
+    fn the_file_limit_is_raised_and_enough_connections_are_left_alone() {
+        let limits = ListenerLimits {
+            max_connections: 16,
+            ..ListenerLimits::default()
+        }
+        .fit_to_file_limit();
+        assert_eq!(limits.max_connections, 16);
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        assert_eq!(limit.current, limit.maximum, "soft raised to hard");
     }
 }

@@ -6,6 +6,11 @@
 //! connection; shutdown is a watch signal, and the listener knows all handlers are done when
 //! every clone of its `finished` sender has been dropped.
 //!
+//! No one may lock nodes out by holding connections ([`slots`]): a connection from outside
+//! the allow-lists is closed before any TLS byte, an address holds at most its share, a
+//! connection waiting on its client for the idle timeout is closed, and when every slot is
+//! taken the one that waited longest is closed to admit the new one.
+//!
 //! A Talos call is one request on a fresh connection, arriving with the client's TLS
 //! Finished. The handler answers it within the poll that reads it ([`InlineFirst`]) and
 //! sends everything that poll queued in one write ([`write_batch`]): the server's HTTP/2
@@ -14,29 +19,37 @@
 mod handshake_failures;
 mod limits;
 pub mod metrics;
+mod refusals;
+pub mod slots;
 mod write_batch;
 
 pub use handshake_failures::HandshakeFailures;
 pub use limits::ListenerLimits;
+pub use refusals::Refusals;
+pub use slots::Slots;
 
+use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::policy::Networks;
 use crate::proto::KMSServiceServer;
 use crate::service::{KmsService, Peer};
 use handshake_failures::{Reason, SUMMARY_INTERVAL};
-use hyper::body::Incoming;
+use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use refusals::Kind;
+use slots::{Busy, Closed, Eviction, Registered, Room, Slot, SlotHandle};
 use std::convert::Infallible;
 use std::future::Future;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
-use std::pin::Pin;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tonic::codegen::Service;
@@ -44,6 +57,12 @@ use tonic::codegen::Service;
 /// HTTP/2's initial flow-control window (RFC 9113 §6.9.2).
 const SPEC_WINDOW_SIZE: u32 = 65_535;
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// How often a listener waiting for a slot looks again for a connection to close: one that
+/// was busy may be waiting on its client by now.
+const EVICTION_RETRY: Duration = Duration::from_millis(100);
+/// How long a closing connection is kept after its last call is answered, for the answer
+/// to be written out (a call is counted in flight until its answer is ready, not sent).
+const FLUSH_GRACE: Duration = Duration::from_millis(100);
 
 type Grpc = KMSServiceServer<KmsService>;
 /// Standard gRPC health checking, on the same port.
@@ -52,24 +71,31 @@ pub type Health =
 const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
 
 pub struct Listener {
-    pub tcp: TcpListener,
+    /// The listening socket, accepted from directly: see [`accept`].
+    pub tcp: AsyncFd<std::net::TcpListener>,
     pub tls: TlsAcceptor,
     pub service: Arc<KmsService>,
     pub limit: Arc<Semaphore>,
+    /// Who holds the slots `limit` counts, and which may be taken back.
+    pub slots: Arc<Slots>,
     /// Handshakes computing their first flight at once; see [`handshake`].
     pub handshakes: Arc<Semaphore>,
     pub handshake_failures: Arc<HandshakeFailures>,
+    pub refusals: Arc<Refusals>,
     pub limits: ListenerLimits,
     /// Where connections may come from at all; `None`: anywhere.
     pub connection_networks: Option<Networks>,
     pub health: Health,
     pub metrics: Arc<Metrics>,
+    /// For connections refused by the allow-list.
+    pub audit: Arc<AuditLog>,
     pub shutdown: watch::Receiver<bool>,
     pub finished: mpsc::Sender<()>,
 }
 
 struct Handler {
     peer: SocketAddr,
+    slot: SlotHandle,
     tls: TlsAcceptor,
     handshakes: Arc<Semaphore>,
     handshake_failures: Arc<HandshakeFailures>,
@@ -87,21 +113,16 @@ impl Listener {
     pub async fn run(mut self) {
         let grpc = KMSServiceServer::from_arc(Arc::clone(&self.service))
             .max_decoding_message_size(self.limits.max_message_size);
-        tokio::spawn(summarize_handshake_failures(
+        tokio::spawn(summarize(
             Arc::clone(&self.handshake_failures),
+            Arc::clone(&self.refusals),
+            Arc::clone(&self.audit),
             self.shutdown.clone(),
         ));
         let mut backoff = Duration::from_millis(10);
         loop {
-            let permit = tokio::select! {
-                permit = Arc::clone(&self.limit).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-                _ = stopped(&mut self.shutdown) => return,
-            };
             let accepted = tokio::select! {
-                accepted = self.tcp.accept() => accepted,
+                accepted = accept(&self.tcp) => accepted,
                 _ = stopped(&mut self.shutdown) => return,
             };
             let (socket, peer) = match accepted {
@@ -116,9 +137,45 @@ impl Listener {
                     continue;
                 }
             };
+            let ip = address_of(peer);
+            if !allowed(self.connection_networks.as_ref(), ip) {
+                // Closed before a byte is read or written: no handshake, nothing learned.
+                reset(socket);
+                self.metrics.connection_refused("network");
+                self.closed_early(ip, Kind::Network);
+                continue;
+            }
+            match self.slots.make_room_for(ip) {
+                Room::Free => {}
+                Room::EvictedOwn => {
+                    self.metrics.connection_dropped("per_address");
+                    self.closed_early(ip, Kind::PerAddress);
+                }
+                Room::None => {
+                    reset(socket);
+                    self.metrics.connection_refused("per_address");
+                    self.closed_early(ip, Kind::PerAddress);
+                    continue;
+                }
+            }
+            let Some(permit) = self.free_slot().await else {
+                return;
+            };
+            let socket = match socket
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(socket))
+            {
+                Ok(socket) => socket,
+                Err(error) => {
+                    tracing::warn!(%error, %peer, "cannot serve an accepted connection");
+                    continue;
+                }
+            };
+            let Registered { slot, first_look } = self.slots.register(ip);
             let _ = socket.set_nodelay(true);
             let handler = Handler {
                 peer,
+                slot,
                 tls: self.tls.clone(),
                 handshakes: Arc::clone(&self.handshakes),
                 handshake_failures: Arc::clone(&self.handshake_failures),
@@ -132,17 +189,58 @@ impl Listener {
             let metrics = Arc::clone(&self.metrics);
             metrics.connection_opened();
             tokio::spawn(async move {
-                handler.run(socket).await;
+                handler.run(socket, first_look).await;
                 metrics.connection_closed();
                 drop(permit);
             });
         }
     }
+
+    /// A slot for a new connection: a free one, or the one of the connection that waited
+    /// longest on its client, closed for it. When every connection is busy, waits for one to
+    /// end (new connections wait in the kernel's accept queue meanwhile). `None`: stopping.
+    async fn free_slot(&mut self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            if let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() {
+                return Some(permit);
+            }
+            if let Eviction::Evicted(ip) = self.slots.evict_oldest() {
+                self.metrics.connection_dropped("evicted");
+                self.closed_early(ip, Kind::Full);
+            }
+            tokio::select! {
+                permit = Arc::clone(&self.limit).acquire_owned() => return permit.ok(),
+                _ = tokio::time::sleep(EVICTION_RETRY) => {}
+                _ = stopped(&mut self.shutdown) => return None,
+            }
+        }
+    }
+
+    /// Logs (the first of each address and kind a minute) and, for the allow-list, audits
+    /// a connection closed by the listener; the caller counted it.
+    fn closed_early(&self, ip: IpAddr, kind: Kind) {
+        if !self.refusals.record(ip, kind) {
+            tracing::debug!(peer = %ip, reason = kind.label(), "connection closed");
+            return;
+        }
+        tracing::warn!(peer = %ip, reason = kind.label(), "{}", kind.message());
+        if kind == Kind::Network {
+            let line = refusals::refused_connection(
+                Some(ip),
+                "closed before TLS: the address is outside sealAllowedNetworks and \
+                 unsealAllowedNetworks; more from it are counted in one line a minute"
+                    .into(),
+            );
+            // Refusing needs no audit line; a failing trail is reported by the audit log.
+            let _ = self.audit.write(&line);
+        }
+    }
 }
 
 impl Handler {
-    async fn run(mut self, socket: TcpStream) {
-        let handshaking = handshake(socket, &self.tls, &self.handshakes);
+    async fn run(mut self, socket: TcpStream, first_look: Busy) {
+        let idle = self.limits.idle_timeout;
+        let handshaking = handshake(socket, &self.tls, &self.handshakes, &self.slot, first_look);
         let tls = tokio::select! {
             result = tokio::time::timeout(self.limits.handshake_timeout, handshaking) => match result {
                 Ok(Ok(Some(tls))) => tls,
@@ -159,6 +257,10 @@ impl Handler {
                     return;
                 }
             },
+            closed = self.slot.until_closed(idle) => {
+                closed_waiting(&self.metrics, self.peer, closed, "before its handshake completed");
+                return;
+            }
             _ = stopped(&mut self.shutdown) => return,
         };
 
@@ -167,6 +269,7 @@ impl Handler {
             inner: self.grpc,
             health: self.health,
             peer: Peer(self.peer),
+            slot: Arc::clone(&self.slot),
         };
         let mut http2 = hyper::server::conn::http2::Builder::new(InlineFirst);
         http2
@@ -189,14 +292,51 @@ impl Handler {
                 }
                 return;
             }
-            _ = stopped(&mut self.shutdown) => "server stopping",
-            _ = tokio::time::sleep(self.limits.max_connection_age) => "connection too old",
+            _ = stopped(&mut self.shutdown) => Err("server stopping"),
+            _ = tokio::time::sleep(self.limits.max_connection_age) => Err("connection too old"),
+            closed = self.slot.until_closed(idle) => Ok(closed),
         };
-        // Finish the calls in flight, accept no new ones.
-        tracing::debug!(peer = %self.peer, reason = closing, "closing connection");
         connection.as_mut().graceful_shutdown();
-        let _ = sending(connection.as_mut(), &batch).await;
+        match closing {
+            Ok(closed) => {
+                // Nothing was in flight: the GOAWAY leaves, and the connection closes without
+                // waiting for an answer that a client holding a slot would never send.
+                closed_waiting(&self.metrics, self.peer, closed, "after its handshake");
+                let mut sent = pin!(sending(connection.as_mut(), &batch));
+                let finished =
+                    std::future::poll_fn(|cx| Poll::Ready(sent.as_mut().poll(cx).is_ready())).await;
+                if !finished && self.slot.is_busy() {
+                    // A call arrived as the connection was being closed: it is answered first.
+                    let from = tokio::time::Instant::now();
+                    tokio::select! {
+                        biased;
+                        _ = sent => {}
+                        _ = self.slot.idle_for(FLUSH_GRACE, from) => {}
+                    }
+                }
+            }
+            Err(reason) => {
+                // Finish the calls in flight, accept no new ones; a client that does not
+                // answer the GOAWAY is dropped once nothing is in flight for the idle timeout.
+                tracing::debug!(peer = %self.peer, reason, "closing connection");
+                let from = tokio::time::Instant::now();
+                tokio::select! {
+                    biased;
+                    _ = sending(connection.as_mut(), &batch) => {}
+                    _ = self.slot.idle_for(idle, from) => {}
+                }
+            }
+        }
     }
+}
+
+/// A connection the server closes while it waits on its client; evictions were counted by
+/// the listener that made them.
+fn closed_waiting(metrics: &Metrics, peer: SocketAddr, closed: Closed, when: &'static str) {
+    if closed == Closed::Idle {
+        metrics.connection_dropped("idle");
+    }
+    tracing::debug!(%peer, ?closed, when, "closing a connection waiting on its client");
 }
 
 impl Handler {
@@ -222,21 +362,30 @@ impl Handler {
     }
 }
 
-/// Logs, once a minute, the handshake failures that were not logged one by one.
-async fn summarize_handshake_failures(
+/// Once a minute: logs the handshake failures and the closed connections that were not
+/// logged one by one, and audits the allow-list's refusals with their counts.
+async fn summarize(
     failures: Arc<HandshakeFailures>,
+    refusals: Arc<Refusals>,
+    audit: Arc<AuditLog>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticks = tokio::time::interval(SUMMARY_INTERVAL);
     ticks.tick().await;
     loop {
         tokio::select! {
-            _ = ticks.tick() => {
-                if let Some(summary) = failures.summary() {
-                    tracing::warn!("{summary}");
-                }
-            }
+            _ = ticks.tick() => {}
             _ = stopped(&mut shutdown) => return,
+        }
+        if let Some(summary) = failures.summary() {
+            tracing::warn!("{summary}");
+        }
+        let summary = refusals.summary();
+        if let Some(log) = summary.log {
+            tracing::warn!("{log}");
+        }
+        for line in &summary.audit {
+            let _ = audit.write(line);
         }
     }
 }
@@ -251,12 +400,22 @@ async fn summarize_handshake_failures(
 /// whose deadline passed while it waited has closed its socket and will retry on a new one;
 /// its FIN is all that follows its ClientHello (a TLS 1.3 client sends nothing more before
 /// the server's answer), and it is dropped without that work.
+///
+/// The slot is busy while the server owes work (reading what arrived, queueing for and
+/// computing its flight) and waiting on the client otherwise; see [`slots`].
 async fn handshake(
     socket: TcpStream,
     tls: &TlsAcceptor,
     handshakes: &Semaphore,
+    slot: &Arc<Slot>,
+    first_look: Busy,
 ) -> std::io::Result<Option<TlsStream<TcpStream>>> {
-    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket).await?;
+    let hello = busy_until_waiting(
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket),
+        first_look,
+    )
+    .await?;
+    let computing = slot.busy();
     let turn = handshakes
         .acquire()
         .await
@@ -266,7 +425,22 @@ async fn handshake(
     }
     let accept = hello.into_stream(Arc::clone(tls.config()));
     drop(turn);
-    accept.await.map(Some)
+    busy_until_waiting(accept, computing).await.map(Some)
+}
+
+/// Drives `future`, keeping the slot busy until it first waits (on the client's bytes): a
+/// connection whose bytes arrived but were not read yet is not waiting on its client.
+async fn busy_until_waiting<F: Future>(future: F, busy: Busy) -> F::Output {
+    let mut busy = Some(busy);
+    let mut future = pin!(future);
+    std::future::poll_fn(|cx| {
+        let polled = future.as_mut().poll(cx);
+        if polled.is_pending() {
+            busy = None;
+        }
+        polled
+    })
+    .await
 }
 
 /// Whether the peer has closed its side and sent nothing more: a peek that finds the end
@@ -323,12 +497,14 @@ where
     }
 }
 
-/// Attaches the connection's peer address to every request, for the AAD and the logs.
+/// Attaches the connection's peer address to every request, for the AAD and the logs, and
+/// marks the connection busy while a call is in flight.
 #[derive(Clone)]
 struct WithPeer {
     inner: Grpc,
     health: Health,
     peer: Peer,
+    slot: Arc<Slot>,
 }
 
 impl Service<http::Request<Incoming>> for WithPeer {
@@ -344,18 +520,20 @@ impl Service<http::Request<Incoming>> for WithPeer {
     }
 
     fn call(&mut self, mut request: http::Request<Incoming>) -> Self::Future {
-        if !is_grpc(request.headers()) {
+        let in_flight = Some(self.slot.busy());
+        let kind = if !is_grpc(request.headers()) {
             // The gRPC spec's answer, so that no other HTTP/2 client mistakes a gRPC error
             // (status 200) for success; nothing is sealed or unsealed.
             let mut refused = http::Response::new(tonic::body::Body::empty());
             *refused.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
-            return Answer::Refused(Some(refused));
-        }
-        if request.uri().path().starts_with(HEALTH_PATH) {
-            return Answer::Health(self.health.call(request));
-        }
-        request.extensions_mut().insert(self.peer);
-        Answer::Grpc(self.inner.call(request))
+            AnswerKind::Refused(Some(refused))
+        } else if request.uri().path().starts_with(HEALTH_PATH) {
+            AnswerKind::Health(self.health.call(request))
+        } else {
+            request.extensions_mut().insert(self.peer);
+            AnswerKind::Grpc(self.inner.call(request))
+        };
+        Answer { kind, in_flight }
     }
 }
 
@@ -372,8 +550,15 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
         || media_type.eq_ignore_ascii_case("application/grpc+proto")
 }
 
-/// A call's answer from the KMS or the health service, or an HTTP refusal ready at once.
-pub enum Answer<F, H> {
+/// A call's answer, with the connection marked busy until it is ready: a unary answer is
+/// whole then; a health `Watch` stays busy while its stream lasts.
+pub struct Answer<F, H> {
+    kind: AnswerKind<F, H>,
+    in_flight: Option<Busy>,
+}
+
+/// The KMS's or the health service's answer, or an HTTP refusal ready at once.
+enum AnswerKind<F, H> {
     Grpc(F),
     Health(H),
     Refused(Option<http::Response<tonic::body::Body>>),
@@ -387,18 +572,119 @@ where
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Answer::Grpc(call) => Pin::new(call).poll(cx),
-            Answer::Health(call) => Pin::new(call).poll(cx),
-            Answer::Refused(response) => match response.take() {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            AnswerKind::Grpc(call) => Pin::new(call).poll(cx),
+            AnswerKind::Health(call) => match Pin::new(call).poll(cx) {
+                Poll::Ready(Ok(response)) => {
+                    let busy = this.in_flight.take();
+                    Poll::Ready(Ok(
+                        response.map(|body| tonic::body::Body::new(BusyBody { body, _busy: busy }))
+                    ))
+                }
+                other => other,
+            },
+            AnswerKind::Refused(response) => match response.take() {
                 Some(response) => Poll::Ready(Ok(response)),
                 None => Poll::Pending,
             },
+        };
+        if polled.is_ready() {
+            this.in_flight = None;
+        }
+        polled
+    }
+}
+
+/// A streamed answer's body, keeping its connection busy until it ends.
+struct BusyBody {
+    body: tonic::body::Body,
+    _busy: Option<Busy>,
+}
+
+impl hyper::body::Body for BusyBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Accepts a connection without registering it with the runtime yet: one refused at once
+/// costs the server an `accept4` and a `close`, not an epoll registration as well.
+async fn accept(
+    tcp: &AsyncFd<std::net::TcpListener>,
+) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = tcp.readable().await?;
+        if let Ok(accepted) = ready.try_io(|tcp| tcp.get_ref().accept()) {
+            return accepted;
         }
     }
+}
+
+/// Closes a connection refused at accept with a reset rather than a FIN: the socket is freed
+/// at once, and a flood leaves no TIME_WAIT behind.
+fn reset(socket: std::net::TcpStream) {
+    let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+}
+
+/// The listening socket as [`Listener`] accepts from it.
+pub fn accepting(tcp: tokio::net::TcpListener) -> std::io::Result<AsyncFd<std::net::TcpListener>> {
+    let tcp = tcp.into_std()?;
+    // SAFETY: the std listener owns its descriptor, and the AsyncFd owns the listener: the
+    // descriptor stays open, and is not replaced, for as long as it is registered.
+    unsafe { AsyncFd::register_with_interest(tcp, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+}
+
+/// The address a connection is filtered and counted by: an IPv4 peer of a dual-stack socket
+/// (`::ffff:a.b.c.d`) is the IPv4 address it is, so that it has one share, not two.
+fn address_of(peer: SocketAddr) -> IpAddr {
+    peer.ip().to_canonical()
+}
+
+/// Whether a connection from `ip` may be served at all; `None`: from anywhere.
+fn allowed(networks: Option<&Networks>, ip: IpAddr) -> bool {
+    networks.is_none_or(|networks| networks.contains(ip))
 }
 
 /// Resolves once shutdown is signalled (at once if it already was).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_peers_of_a_dual_stack_socket_are_filtered_and_counted_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
+        let plain: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        assert_eq!(address_of(mapped), address_of(plain));
+        assert_eq!(address_of(mapped).to_string(), "127.0.0.1");
+        let loopback = Networks::parse(&["127.0.0.1/32"]).unwrap();
+        assert!(allowed(Some(&loopback), address_of(mapped)));
+        let outsider: SocketAddr = "[::ffff:127.0.0.2]:40002".parse().unwrap();
+        assert!(!allowed(Some(&loopback), address_of(outsider)));
+        let v6 = Networks::parse(&["::ffff:127.0.0.0/104"]).unwrap();
+        assert!(
+            !allowed(Some(&v6), address_of(mapped)),
+            "a mapped address is matched as IPv4, by IPv4 networks"
+        );
+        assert!(allowed(None, address_of(outsider)), "no allow-list: anyone");
+    }
 }

@@ -199,13 +199,22 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `talos-kms-server --config FILE` and waits (at most 30 s) until it serves.
     pub fn start(config: &Path) -> Result<ServerProcess, String> {
-        let mut child = Command::new(BINARY)
+        Self::start_with(config, |_| ())
+    }
+
+    /// [`ServerProcess::start`] with the command adjusted first (limits, environment).
+    pub fn start_with(
+        config: &Path,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<ServerProcess, String> {
+        let mut command = Command::new(BINARY);
+        command
             .arg("--config")
             .arg(config)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn server");
+            .stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().expect("spawn server");
         let stderr = child.stderr.take().unwrap();
         let (lines, log) = mpsc::channel();
         std::thread::spawn(move || {
