@@ -444,7 +444,8 @@ mod tests {
                 ),
                 metrics: Default::default(),
                 metrics_port: None,
-                policy: Default::default(),
+                rules: Default::default(),
+                limits: Default::default(),
             },
         )
         .unwrap();
