@@ -252,7 +252,8 @@ async fn key_formats_and_types_load_and_serve() {
                 ),
                 metrics: Default::default(),
                 metrics_port: None,
-                policy: Default::default(),
+                rules: Default::default(),
+                limits: Default::default(),
             },
         )
         .unwrap();

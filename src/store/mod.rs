@@ -23,7 +23,7 @@ use std::sync::Arc;
 #[derive(Clone, Debug)]
 pub enum Database {
     Sqlite(PathBuf),
-    Postgres(PgOptions),
+    Postgres(Box<PgOptions>),
 }
 
 impl std::fmt::Display for Database {
@@ -40,7 +40,8 @@ impl Database {
     /// A path, or a `postgres://` URL; relative paths are taken relative to `base`.
     pub fn parse(text: &str, base: &std::path::Path) -> Result<Database, String> {
         if postgres::is_postgres_url(text) {
-            return PgOptions::parse(text, base).map(Database::Postgres);
+            return PgOptions::parse(text, base)
+                .map(|options| Database::Postgres(Box::new(options)));
         }
         if text.contains("://") {
             return Err(format!(

@@ -458,8 +458,11 @@ impl Store for PgStore {
         self.with(|client| async move {
             let statement = client
                 .prepare_cached(
+                    // The NOT EXISTS spares an id for a taken nonce: ids stay without gaps.
                     "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (nonce) DO NOTHING RETURNING id",
+                     SELECT $1, $2, $3, $4, $5, $6
+                     WHERE NOT EXISTS (SELECT 1 FROM records WHERE nonce = $1)
+                     ON CONFLICT (nonce) DO NOTHING RETURNING id",
                 )
                 .await?;
             let row = client
@@ -522,6 +525,8 @@ impl Store for PgStore {
                     "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
                      SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[],
                                           $5::bigint[], $6::bigint[])
+                                   AS new (nonce, node_uuid, ip, ciphertext, created_at, last_access)
+                     WHERE NOT EXISTS (SELECT 1 FROM records WHERE records.nonce = new.nonce)
                      ON CONFLICT (nonce) DO NOTHING",
                     &[
                         &columns.nonces,
