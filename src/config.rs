@@ -590,6 +590,47 @@ rootLogLevel: "WARNING"
     }
 
     #[test]
+    fn a_postgres_database_takes_a_password_file_and_never_shows_a_password() {
+        let config = parse(
+            "database: \"postgres://kms@db:5432/kms?sslmode=verify-full\"\n\
+             passwordFile: pg-password\nserverCertFile: a\nserverKeyFile: b\n",
+        )
+        .unwrap();
+        match &config.database {
+            Database::Postgres(options) => assert_eq!(
+                options.password_file.as_deref(),
+                Some(Path::new("/etc/talos-kms-server/pg-password"))
+            ),
+            other => panic!("{other}"),
+        }
+        assert_eq!(
+            config.audit_log,
+            Path::new("/var/lib/talos-kms-server/talos-kms-server-audit.jsonl")
+        );
+        let error = parse(
+            "database: \"postgres://kms:s3cret@db/kms\"\npasswordFile: f\n\
+             serverCertFile: a\nserverKeyFile: b\n",
+        )
+        .err()
+        .unwrap();
+        assert!(error.contains("passwordFile"), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
+        let config =
+            parse("database: \"postgres://kms:s3cret@db/kms\"\nserverCertFile: a\nserverKeyFile: b\n")
+                .unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(!config.database.to_string().contains("s3cret"));
+        let error = parse("database: x.db\npasswordFile: f\nserverCertFile: a\nserverKeyFile: b\n")
+            .err()
+            .unwrap();
+        assert!(error.contains("passwordFile"), "{error}");
+        let error = parse("database: \"mysql://kms@db/kms\"\nserverCertFile: a\nserverKeyFile: b\n")
+            .err()
+            .unwrap();
+        assert!(error.contains("postgres://"), "{error}");
+    }
+
+    #[test]
     fn bad_values_are_explained() {
         let error =
             parse("database: x\nserverCertFile: a\nserverKeyFile: b\nbindAddress: everywhere\n")

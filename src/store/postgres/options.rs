@@ -213,7 +213,7 @@ impl PgOptions {
                     crate::os_error::plain(&e)
                 ))
             })?;
-            let password = text.trim_end_matches(['\n', '\r']);
+            let password = text.lines().next().unwrap_or_default();
             if password.is_empty() {
                 return Err(self.error(format!(
                     "the password file {} (passwordFile) is empty",
