@@ -615,18 +615,20 @@ rootLogLevel: "WARNING"
         .unwrap();
         assert!(error.contains("passwordFile"), "{error}");
         assert!(!error.contains("s3cret"), "{error}");
-        let config =
-            parse("database: \"postgres://kms:s3cret@db/kms\"\nserverCertFile: a\nserverKeyFile: b\n")
-                .unwrap();
+        let config = parse(
+            "database: \"postgres://kms:s3cret@db/kms\"\nserverCertFile: a\nserverKeyFile: b\n",
+        )
+        .unwrap();
         assert!(!format!("{config:?}").contains("s3cret"));
         assert!(!config.database.to_string().contains("s3cret"));
         let error = parse("database: x.db\npasswordFile: f\nserverCertFile: a\nserverKeyFile: b\n")
             .err()
             .unwrap();
         assert!(error.contains("passwordFile"), "{error}");
-        let error = parse("database: \"mysql://kms@db/kms\"\nserverCertFile: a\nserverKeyFile: b\n")
-            .err()
-            .unwrap();
+        let error =
+            parse("database: \"mysql://kms@db/kms\"\nserverCertFile: a\nserverKeyFile: b\n")
+                .err()
+                .unwrap();
         assert!(error.contains("postgres://"), "{error}");
     }
 

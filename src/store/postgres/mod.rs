@@ -1,11 +1,11 @@
 //! The shared store: PostgreSQL, for several replicas serving the same records.
 //!
 //! Every call takes a connection from a bounded pool (tokio-postgres, deadpool) and gives
-//! it back. A seal is one `INSERT` in autocommit: PostgreSQL answers it only once its
-//! commit is flushed (`synchronous_commit` is turned back on for our sessions when the
-//! server has it off), and it already shares WAL flushes between concurrent commits, so no
-//! batching of our own is needed. Last-access times are kept in memory and written every
-//! 2 seconds, as with SQLite.
+//! it back. Seals that arrive together are written by one `INSERT` in autocommit
+//! (`seals.rs`): PostgreSQL answers it only once its commit is flushed
+//! (`synchronous_commit` is turned back on for our sessions when the server has it off),
+//! and each seal is answered after that. Last-access times are kept in memory and written
+//! every 2 seconds, as with SQLite.
 //!
 //! Nothing is kept between calls but the pool: a connection that broke (PostgreSQL
 //! restarted, a failover) is dropped when it is next taken and a new one made, so the
@@ -14,6 +14,7 @@
 
 mod migrations;
 mod options;
+mod seals;
 
 pub use options::{PgOptions, SslMode, is_postgres_url, redact};
 
@@ -47,6 +48,8 @@ pub struct PgStore {
     created: bool,
     accesses: Arc<Mutex<HashMap<RecordId, UnixTime>>>,
     flusher: tokio::task::JoinHandle<()>,
+    seals: tokio::sync::mpsc::UnboundedSender<(NewRecord, seals::Reply)>,
+    sealer: tokio::task::JoinHandle<()>,
 }
 
 /// What a look at a PostgreSQL database finds, for `check`.
@@ -81,12 +84,21 @@ impl PgStore {
             pool.clone(),
             Arc::clone(&accesses),
         ));
+        let (seals, queue) = tokio::sync::mpsc::unbounded_channel();
+        let sealer = tokio::spawn(seals::write_batches(
+            options.clone(),
+            pool.clone(),
+            queue,
+            CALL_DEADLINE,
+        ));
         Ok(PgStore {
             options: options.clone(),
             pool,
             created: migrated.from == 0,
             accesses,
             flusher,
+            seals,
+            sealer,
         })
     }
 
@@ -167,6 +179,7 @@ impl PgStore {
 impl Drop for PgStore {
     fn drop(&mut self) {
         self.flusher.abort();
+        self.sealer.abort();
     }
 }
 
@@ -455,35 +468,19 @@ async fn advance_identity(
 #[async_trait]
 impl Store for PgStore {
     async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError> {
-        self.with(|client| async move {
-            let statement = client
-                .prepare_cached(
-                    // The NOT EXISTS spares an id for a taken nonce: ids stay without gaps.
-                    "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
-                     SELECT $1, $2, $3, $4, $5, $6
-                     WHERE NOT EXISTS (SELECT 1 FROM records WHERE nonce = $1)
-                     ON CONFLICT (nonce) DO NOTHING RETURNING id",
-                )
-                .await?;
-            let row = client
-                .query_opt(
-                    &statement,
-                    &[
-                        &&record.nonce[..],
-                        &record.node_uuid,
-                        &record.ip,
-                        &record.ciphertext,
-                        &record.created_at,
-                        &record.last_access,
-                    ],
-                )
-                .await?;
-            Ok(match row {
-                Some(row) => Inserted::Stored(row.get(0)),
-                None => Inserted::NonceTaken,
-            })
-        })
-        .await
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.seals
+            .send((record, reply))
+            .map_err(|_| StoreError::WriterStopped)?;
+        // The batch has its own deadline; this one only guards against a stuck writer.
+        match tokio::time::timeout(CALL_DEADLINE + Duration::from_secs(2), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StoreError::WriterStopped),
+            Err(_) => Err(self.options.error(format!(
+                "no answer within {} s; is PostgreSQL up and reachable?",
+                CALL_DEADLINE.as_secs()
+            ))),
+        }
     }
 
     async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
@@ -689,25 +686,19 @@ impl Store for PgStore {
     async fn node_summary(&self, node_uuid: &str) -> Result<NodeSummary, StoreError> {
         let node_uuid = node_uuid.to_string();
         self.with(|client| async move {
-            let count = client
-                .prepare_cached("SELECT count(*) FROM records WHERE node_uuid = $1")
-                .await?;
-            let records: i64 = client.query_one(&count, &[&node_uuid]).await?.get(0);
-            let addresses = client
+            // One statement: every seal asks it, and a round trip costs more than either.
+            let statement = client
                 .prepare_cached(
-                    "SELECT DISTINCT ip FROM records WHERE node_uuid = $1 AND revoked_at IS NULL \
-                     LIMIT 8",
+                    "SELECT (SELECT count(*) FROM records WHERE node_uuid = $1),
+                            ARRAY(SELECT DISTINCT ip FROM records
+                                  WHERE node_uuid = $1 AND revoked_at IS NULL LIMIT 8)",
                 )
                 .await?;
-            let addresses = client
-                .query(&addresses, &[&node_uuid])
-                .await?
-                .iter()
-                .map(|row| row.get(0))
-                .collect();
+            let row = client.query_one(&statement, &[&node_uuid]).await?;
+            let records: i64 = row.get(0);
             Ok(NodeSummary {
                 records: records as u64,
-                addresses,
+                addresses: row.get(1),
             })
         })
         .await
