@@ -5,6 +5,7 @@ use crate::audit::Rotation;
 use crate::listener::ListenerLimits;
 use crate::logging::LogLevel;
 use crate::policy::{Mode, Networks, RateLimit, Rules};
+pub use crate::store::Database;
 use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -17,6 +18,9 @@ pub const DEFAULT_PORT: u16 = 50051;
 pub const DEFAULT_DATABASE_NAME: &str = "talos-kms-server.db";
 /// The audit trail's file name when `auditLog` is not set: beside the database.
 pub const DEFAULT_AUDIT_LOG_NAME: &str = "talos-kms-server-audit.jsonl";
+/// Where the audit trail goes when the database is PostgreSQL and neither `auditLog` nor
+/// `nodeDbFile` says: the packaged unit's state directory.
+pub const DEFAULT_STATE_DIRECTORY: &str = "/var/lib/talos-kms-server";
 
 /// Written where `--config` points when no file is there, as the legacy server did.
 pub const DEFAULT_CONFIG: &str = r#"# talos-kms-server configuration. Edit it, then start the server again.
@@ -30,6 +34,13 @@ nodeDbFile: "/etc/talos-kms-server/nodeDbFile.json"
 # losing every disk that only has a KMS key. Without this key it is talos-kms-server.db
 # beside nodeDbFile, as a legacy config (which has no `database`) expects.
 database: "/var/lib/talos-kms-server/talos-kms-server.db"
+# Or a PostgreSQL database that several replicas share (README, "PostgreSQL"). Create the
+# database first, owned by the server's user; the server makes its tables. sslmode is one
+# of disable, prefer (the default), require, verify-ca, verify-full; sslrootcert names the
+# CA's PEM file (the public roots otherwise); pool_max_size bounds the connections (16).
+# The password comes from passwordFile (keep it 0600), else PGPASSWORD: not from this file.
+# database: "postgres://kms@db.example.com:5432/kms?sslmode=verify-full"
+# passwordFile: "/etc/talos-kms-server/postgres-password"
 
 # The audit trail: one JSON line per seal, unseal and admin action (`talos-kms-server audit`
 # reads it). Calls are refused while it cannot be written. Default: beside the database.
@@ -90,7 +101,8 @@ rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawConfig {
     node_db_file: Option<PathBuf>,
-    database: Option<PathBuf>,
+    database: Option<String>,
+    password_file: Option<PathBuf>,
     server_cert_file: Option<PathBuf>,
     server_key_file: Option<PathBuf>,
     server_key_password: Option<String>,
@@ -137,7 +149,8 @@ struct RawRateLimit {
 pub struct Config {
     pub path: PathBuf,
     pub node_db_file: Option<PathBuf>,
-    pub database: PathBuf,
+    /// An SQLite file, or a PostgreSQL database (with its `passwordFile`).
+    pub database: Database,
     pub server_cert_file: PathBuf,
     pub server_key_file: PathBuf,
     pub server_key_password: Option<String>,
@@ -238,18 +251,45 @@ impl Config {
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let node_db_file = raw.node_db_file.map(resolve);
         let database = match (raw.database, &node_db_file) {
-            (Some(database), _) => resolve(database),
-            (None, Some(legacy)) => legacy
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(DEFAULT_DATABASE_NAME),
+            (Some(database), _) => Database::parse(&database, base)?,
+            (None, Some(legacy)) => Database::Sqlite(
+                legacy
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(DEFAULT_DATABASE_NAME),
+            ),
             (None, None) => {
                 return Err(
-                    "set `database` (path of the embedded database) or `nodeDbFile`".into(),
+                    "set `database` (path of the embedded database, or a postgres:// URL) or \
+                     `nodeDbFile`"
+                        .into(),
                 );
             }
         };
-        if Some(&database) == node_db_file.as_ref() {
+        let database = match (database, raw.password_file) {
+            (Database::Postgres(mut options), Some(file)) => {
+                if options.url_has_password() {
+                    return Err(
+                        "`database` holds a password and `passwordFile` is set too; keep only \
+                         `passwordFile` (a config should not hold the password)"
+                            .into(),
+                    );
+                }
+                options.password_file = Some(resolve(file));
+                Database::Postgres(options)
+            }
+            (Database::Sqlite(_), Some(_)) => {
+                return Err(
+                    "`passwordFile` is for a PostgreSQL `database` (postgres://...); an SQLite \
+                     file has no password"
+                        .into(),
+                );
+            }
+            (database, None) => database,
+        };
+        if let (Database::Sqlite(path), Some(legacy)) = (&database, &node_db_file)
+            && path == legacy
+        {
             return Err(
                 "`database` and `nodeDbFile` name the same file; the legacy JSON file is only \
                  read, so give the embedded database its own path"
@@ -278,12 +318,19 @@ impl Config {
             None => Ok(default),
             Some(text) => text.parse().map_err(|e| format!("{key}: {e}")),
         };
-        let audit_log = match raw.audit_log {
-            Some(audit_log) => resolve(audit_log),
-            None => database
+        let audit_log = match (raw.audit_log, &database, &node_db_file) {
+            (Some(audit_log), _, _) => resolve(audit_log),
+            (None, Database::Sqlite(path), _) => path
                 .parent()
                 .unwrap_or(Path::new("."))
                 .join(DEFAULT_AUDIT_LOG_NAME),
+            (None, Database::Postgres(_), Some(legacy)) => legacy
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(DEFAULT_AUDIT_LOG_NAME),
+            (None, Database::Postgres(_), None) => {
+                Path::new(DEFAULT_STATE_DIRECTORY).join(DEFAULT_AUDIT_LOG_NAME)
+            }
         };
         let defaults = Rotation::default();
         let audit_rotation = Rotation {
@@ -503,8 +550,8 @@ mod tests {
         let config = parse(DEFAULT_CONFIG).unwrap();
         assert_eq!(config.listen, "0.0.0.0:50051".parse().unwrap());
         assert_eq!(
-            config.database,
-            Path::new("/var/lib/talos-kms-server/talos-kms-server.db")
+            config.database.sqlite_path(),
+            Some(Path::new("/var/lib/talos-kms-server/talos-kms-server.db"))
         );
         assert_eq!(config.server_key_password, None);
         assert_eq!(config.root_log_level, LogLevel::Warn);
@@ -585,8 +632,8 @@ rootLogLevel: "WARNING"
             Path::new("/etc/talos-kms-server/nodeDbFile.json")
         );
         assert_eq!(
-            config.database,
-            Path::new("/etc/talos-kms-server/talos-kms-server.db"),
+            config.database.sqlite_path(),
+            Some(Path::new("/etc/talos-kms-server/talos-kms-server.db")),
             "without `database`, beside nodeDbFile where the legacy package lets it write"
         );
         assert_eq!(config.kms_log_level, LogLevel::Info);
@@ -623,13 +670,56 @@ rootLogLevel: "WARNING"
         let config =
             parse("database: data/kms.db\nserverCertFile: a.crt\nserverKeyFile: /k\n").unwrap();
         assert_eq!(
-            config.database,
-            Path::new("/etc/talos-kms-server/data/kms.db")
+            config.database.sqlite_path(),
+            Some(Path::new("/etc/talos-kms-server/data/kms.db"))
         );
         assert_eq!(
             config.server_cert_file,
             Path::new("/etc/talos-kms-server/a.crt")
         );
+    }
+
+    #[test]
+    fn a_postgres_database_takes_a_password_file_and_never_shows_a_password() {
+        let config = parse(
+            "database: \"postgres://kms@db:5432/kms?sslmode=verify-full\"\n\
+             passwordFile: pg-password\nserverCertFile: a\nserverKeyFile: b\n",
+        )
+        .unwrap();
+        match &config.database {
+            Database::Postgres(options) => assert_eq!(
+                options.password_file.as_deref(),
+                Some(Path::new("/etc/talos-kms-server/pg-password"))
+            ),
+            other => panic!("{other}"),
+        }
+        assert_eq!(
+            config.audit_log,
+            Path::new("/var/lib/talos-kms-server/talos-kms-server-audit.jsonl")
+        );
+        let error = parse(
+            "database: \"postgres://kms:s3cret@db/kms\"\npasswordFile: f\n\
+             serverCertFile: a\nserverKeyFile: b\n",
+        )
+        .err()
+        .unwrap();
+        assert!(error.contains("passwordFile"), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
+        let config = parse(
+            "database: \"postgres://kms:s3cret@db/kms\"\nserverCertFile: a\nserverKeyFile: b\n",
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(!config.database.to_string().contains("s3cret"));
+        let error = parse("database: x.db\npasswordFile: f\nserverCertFile: a\nserverKeyFile: b\n")
+            .err()
+            .unwrap();
+        assert!(error.contains("passwordFile"), "{error}");
+        let error =
+            parse("database: \"mysql://kms@db/kms\"\nserverCertFile: a\nserverKeyFile: b\n")
+                .err()
+                .unwrap();
+        assert!(error.contains("postgres://"), "{error}");
     }
 
     #[test]

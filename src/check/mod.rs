@@ -10,8 +10,8 @@ mod host;
 
 use crate::config::{Config, ConfigError};
 use crate::policy::Mode;
-use crate::store::SqliteStore;
 use crate::store::legacy_json;
+use crate::store::{Database, PgStore, SqliteStore};
 use serde::Serialize;
 use std::path::Path;
 
@@ -104,7 +104,7 @@ pub async fn run(config_path: &Path, options: &CheckOptions) -> Report {
     host::readable_by_others(&mut report, "config", &config.path);
     host::listen(&mut report, config.listen);
     certificate::check(&mut report, &config, options).await;
-    database(&mut report, &config);
+    database(&mut report, &config).await;
     policy(&mut report, &config);
     report
 }
@@ -134,7 +134,8 @@ fn policy(report: &mut Report, config: &Config) {
         "policy",
         Level::Info,
         format!(
-            "rate limits: {} per address, {} in all; at most {} records per node and {} new              records an hour (0: no limit)",
+            "rate limits: {} per address, {} in all; at most {} records per node and {} new \
+             records an hour (0: no limit)",
             rules.per_address,
             rules.global,
             rules.max_records_per_node,
@@ -156,7 +157,7 @@ fn policy(report: &mut Report, config: &Config) {
     }
 }
 
-fn database(report: &mut Report, config: &Config) {
+async fn database(report: &mut Report, config: &Config) {
     let legacy = config
         .node_db_file
         .as_deref()
@@ -165,41 +166,45 @@ fn database(report: &mut Report, config: &Config) {
         Some((_, Ok(Some(batch)))) => batch.records.iter().map(|r| r.nonce).collect(),
         _ => Vec::new(),
     };
-    let path = &config.database;
-    let mut missing = legacy_nonces.len();
-    if !host::database_location(report, path) {
-        // Already reported: where it is cannot hold a database.
-    } else if path.exists() {
-        match SqliteStore::inspect(path, &legacy_nonces) {
-            Ok(found) => {
-                missing = found.missing;
-                let upgrade = if found.schema_version < found.current_version {
-                    format!(
-                        "; `serve` upgrades its schema from version {} to {}",
-                        found.schema_version, found.current_version
-                    )
-                } else {
-                    String::new()
-                };
+    let mut missing = Some(legacy_nonces.len());
+    match &config.database {
+        Database::Sqlite(path) => {
+            if !host::database_location(report, path) {
+                // Already reported: where it is cannot hold a database.
+            } else if path.exists() {
+                match SqliteStore::inspect(path, &legacy_nonces) {
+                    Ok(found) => {
+                        missing = Some(found.missing);
+                        report.add(
+                            "database",
+                            Level::Ok,
+                            format!(
+                                "{}: {} records{}",
+                                path.display(),
+                                found.records,
+                                upgrade_note(found.schema_version, found.current_version)
+                            ),
+                        );
+                    }
+                    Err(error) => report.add("database", Level::Problem, error.to_string()),
+                }
+            } else {
                 report.add(
                     "database",
                     Level::Ok,
-                    format!("{}: {} records{upgrade}", path.display(), found.records),
+                    format!(
+                        "{}: does not exist yet; the server creates it at start",
+                        path.display()
+                    ),
                 );
             }
-            Err(error) => report.add("database", Level::Problem, error.to_string()),
         }
-    } else {
-        report.add(
-            "database",
-            Level::Ok,
-            format!(
-                "{}: does not exist yet; the server creates it at start",
-                path.display()
-            ),
-        );
+        Database::Postgres(options) => {
+            postgres(report, config, options).await;
+            // Legacy records are looked up only in an SQLite file.
+            missing = None;
+        }
     }
-
     host::note_if_checked_as_root(report);
 
     match legacy {
@@ -212,12 +217,91 @@ fn database(report: &mut Report, config: &Config) {
         Some((path, Ok(Some(batch)))) => report.add(
             "nodeDbFile",
             Level::Ok,
-            format!(
-                "{}: {} legacy records, {missing} not yet in the database",
-                path.display(),
-                batch.records.len()
-            ),
+            match missing {
+                Some(missing) => format!(
+                    "{}: {} legacy records, {missing} not yet in the database",
+                    path.display(),
+                    batch.records.len()
+                ),
+                None => format!(
+                    "{}: {} legacy records; the server imports those not yet in the database",
+                    path.display(),
+                    batch.records.len()
+                ),
+            },
         ),
         Some((_, Err(error))) => report.add("nodeDbFile", Level::Problem, error.to_string()),
+    }
+}
+
+fn upgrade_note(version: usize, current: usize) -> String {
+    if version < current {
+        format!("; `serve` upgrades its schema from version {version} to {current}")
+    } else {
+        String::new()
+    }
+}
+
+/// A PostgreSQL database: reachable with the configured password and TLS, and which
+/// schema it has. Nothing is written.
+async fn postgres(report: &mut Report, config: &Config, options: &crate::store::PgOptions) {
+    if options.url_has_password() {
+        report.add(
+            "database",
+            Level::Warning,
+            format!(
+                "the URL in {} holds PostgreSQL's password; move it to `passwordFile` (mode \
+                 0600) or PGPASSWORD",
+                config.path.display()
+            ),
+        );
+    }
+    if let Some(file) = &options.password_file {
+        host::readable_by_others(report, "database", file);
+    }
+    if matches!(
+        options.sslmode,
+        crate::store::postgres::SslMode::Disable | crate::store::postgres::SslMode::Prefer
+    ) {
+        report.add(
+            "database",
+            Level::Info,
+            format!(
+                "sslmode={}: the connection to PostgreSQL is not authenticated; use \
+                 sslmode=verify-full (with sslrootcert= for a private CA)",
+                options.sslmode.as_str()
+            ),
+        );
+    }
+    match PgStore::inspect(options).await {
+        Ok(found) => {
+            let tls = if found.tls { "TLS" } else { "no TLS" };
+            let state = match found.schema_version {
+                None => "no talos-kms-server tables yet; the server makes them at start".into(),
+                Some(version) if version > found.current_version => format!(
+                    "schema version {version}, newer than this build knows ({}); run a newer \
+                     talos-kms-server",
+                    found.current_version
+                ),
+                Some(version) => format!(
+                    "{} records, schema version {version}{}",
+                    found.records,
+                    upgrade_note(version, found.current_version)
+                ),
+            };
+            let level = match found.schema_version {
+                Some(version) if version > found.current_version => Level::Problem,
+                _ => Level::Ok,
+            };
+            report.add(
+                "database",
+                level,
+                format!(
+                    "{options}: reachable (PostgreSQL {}, {tls}); {state}",
+                    found.server_version
+                ),
+            );
+        }
+        Err(error) => report.add("database", Level::Problem, error.to_string()),
     }
 }

@@ -3,13 +3,14 @@
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use talos_kms_server::audit::{AuditLog, Event};
 use talos_kms_server::config::Config;
-use talos_kms_server::store::SqliteStore;
+use talos_kms_server::store::{self, Store};
 
 pub struct Admin {
     pub config: Config,
-    pub store: SqliteStore,
+    pub store: Arc<dyn Store>,
     audit: AuditLog,
 }
 
@@ -20,11 +21,11 @@ pub fn config_path(own: Option<PathBuf>, global: Option<PathBuf>) -> anyhow::Res
 }
 
 impl Admin {
-    /// Opens the database beside a running server (SQLite allows it: its changes are seen
-    /// by the server's next request).
-    pub fn open(config_path: &Path) -> anyhow::Result<Admin> {
+    /// Opens the database beside running servers (SQLite allows it, PostgreSQL is made for
+    /// it: changes are seen by every server's next request).
+    pub async fn open(config_path: &Path) -> anyhow::Result<Admin> {
         let config = Config::read(config_path)?;
-        let store = SqliteStore::open_existing(&config.database)?;
+        let store = store::open_existing(&config.database).await?;
         let audit = AuditLog::open(&config.audit_log, None)?;
         Ok(Admin {
             config,

@@ -1,5 +1,7 @@
 //! `db`: back up the database while the server serves, verify a backup, and restore one
-//! while the server is stopped. Every copy goes through SQLite's online backup API.
+//! while the server is stopped (every copy goes through SQLite's online backup API; a
+//! PostgreSQL database is backed up with pg_dump); move the records between SQLite and
+//! PostgreSQL (`migrate`).
 
 use super::Output;
 use super::admin::{Admin, config_path};
@@ -9,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use talos_kms_server::audit::{AuditLog, Event};
 use talos_kms_server::config::Config;
-use talos_kms_server::store::SqliteStore;
+use talos_kms_server::store::migrate::{self, MigrationReport};
+use talos_kms_server::store::{self, Database, PgOptions, SqliteStore};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,6 +51,25 @@ enum Action {
         #[arg(long)]
         force: bool,
     },
+    /// Copy every record, approval and window from one database to another (SQLite file
+    /// or postgres:// URL), then check count and checksum. Idempotent and resumable: run it
+    /// again after an interruption. Stop the servers first, or seals made meanwhile are
+    /// left behind (a second run copies them).
+    Migrate {
+        /// Where the records are: an SQLite file or a postgres:// URL.
+        #[arg(long, value_name = "PATH|URL")]
+        from: String,
+        /// Where they go: an SQLite file (created when missing) or a postgres:// URL (the
+        /// database must exist; its tables are made).
+        #[arg(long, value_name = "PATH|URL")]
+        to: String,
+        /// Password of the source PostgreSQL database, when its URL and PGPASSWORD lack it.
+        #[arg(long, value_name = "FILE")]
+        from_password_file: Option<PathBuf>,
+        /// Password of the target PostgreSQL database, when its URL and PGPASSWORD lack it.
+        #[arg(long, value_name = "FILE")]
+        to_password_file: Option<PathBuf>,
+    },
 }
 
 pub async fn run(
@@ -59,32 +81,167 @@ pub async fn run(
     let required = || config_path(config.clone(), None);
     match args.action {
         Action::Backup { file, force } => {
-            backup(&required()?, &file, force, args.output, command_line)
+            backup(&required()?, &file, force, args.output, command_line).await
         }
         Action::Verify { file } => {
             let file = match file {
                 Some(file) => file,
-                None => Config::read(&required()?)?.database,
+                None => sqlite_only(Config::read(&required()?)?.database, "verify")?,
             };
             verify(&file, args.output)
         }
         Action::Restore { file, force } => {
             restore(&required()?, &file, force, args.output, command_line)
         }
+        Action::Migrate {
+            from,
+            to,
+            from_password_file,
+            to_password_file,
+        } => {
+            let from = database_argument("--from", &from, from_password_file)?;
+            let to = database_argument("--to", &to, to_password_file)?;
+            migrate(&from, &to, config.as_deref(), args.output, command_line).await
+        }
     }
 }
 
-fn backup(
+/// Backups, verification and restores are SQLite's; PostgreSQL has its own tools.
+fn sqlite_only(database: Database, action: &str) -> anyhow::Result<PathBuf> {
+    match database {
+        Database::Sqlite(path) => Ok(path),
+        Database::Postgres(options) => anyhow::bail!(
+            "`db {action}` works on SQLite files; the database is PostgreSQL ({options}): back \
+             it up with pg_dump (e.g. `pg_dump -Fc -f kms.dump DBNAME`) or your PostgreSQL \
+             backups, and restore with pg_restore; `db migrate --from URL --to FILE` copies it \
+             into an SQLite file that `db verify` checks"
+        ),
+    }
+}
+
+fn database_argument(
+    flag: &str,
+    text: &str,
+    password_file: Option<PathBuf>,
+) -> anyhow::Result<Database> {
+    let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    match Database::parse(text, &base).map_err(|problem| anyhow::anyhow!("{flag}: {problem}"))? {
+        Database::Postgres(mut options) => {
+            options.password_file = password_file;
+            Ok(Database::Postgres(options))
+        }
+        Database::Sqlite(_) if password_file.is_some() => {
+            anyhow::bail!("{flag}-password-file is for a postgres:// URL, not an SQLite file")
+        }
+        sqlite => Ok(sqlite),
+    }
+}
+
+fn same_database(a: &Database, b: &Database) -> bool {
+    match (a, b) {
+        (Database::Sqlite(a), Database::Sqlite(b)) => {
+            a == b
+                || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                            (Ok(a), Ok(b)) if a == b)
+        }
+        (Database::Postgres(a), Database::Postgres(b)) => same_postgres(a, b),
+        _ => false,
+    }
+}
+
+fn same_postgres(a: &PgOptions, b: &PgOptions) -> bool {
+    a.to_string() == b.to_string()
+}
+
+async fn migrate(
+    from: &Database,
+    to: &Database,
+    config: Option<&Path>,
+    output: Output,
+    command_line: &[String],
+) -> anyhow::Result<ExitCode> {
+    if same_database(from, to) {
+        anyhow::bail!("--from and --to name the same database ({from})");
+    }
+    let audit = match config {
+        Some(config) => Some(AuditLog::open(&Config::read(config)?.audit_log, None)?),
+        None => None,
+    };
+    let source = store::open_existing(from)
+        .await
+        .with_context(|| format!("cannot open the source {from}"))?;
+    let target = store::open(to)
+        .await
+        .with_context(|| format!("cannot open the target {to}"))?
+        .store;
+    let started = std::time::Instant::now();
+    let mut progress = Phases::default();
+    let report = migrate::migrate(
+        source.as_ref(),
+        target.as_ref(),
+        &mut |what, done, total| progress.update(what, done, total),
+    )
+    .await;
+    progress.finish();
+    let report: MigrationReport = report?;
+    let mut summary = format!(
+        "migrated {} records from {from} to {to} ({} copied now, {} were there already) in \
+         {:.1} s; count and checksum {} match",
+        report.records,
+        report.copied,
+        report.records - report.copied,
+        started.elapsed().as_secs_f64(),
+        &report.checksum[..16],
+    );
+    summary.push_str(&format!(
+        "; {} approvals ({} copied), {} windows ({} copied)",
+        report.approvals, report.approvals_copied, report.windows, report.windows_copied
+    ));
+    if report.target_only > 0 {
+        summary.push_str(&format!(
+            "; the target also holds {} records the source does not",
+            report.target_only
+        ));
+    }
+    if let Some(audit) = audit {
+        audit
+            .write_durably(&admin_event(command_line).detail(&summary))
+            .context("the migration is done, but its audit line could not be written")?;
+    }
+    print(
+        output,
+        &summary,
+        serde_json::json!({
+            "from": from.to_string(),
+            "to": to.to_string(),
+            "records": report.records,
+            "copied": report.copied,
+            "target_only": report.target_only,
+            "checksum": report.checksum,
+            "approvals": report.approvals,
+            "approvals_copied": report.approvals_copied,
+            "windows": report.windows,
+            "windows_copied": report.windows_copied,
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn backup(
     config: &Path,
     file: &Path,
     force: bool,
     output: Output,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
+    sqlite_only(Config::read(config)?.database, "backup")?;
     refuse_existing(file, force)?;
-    let admin = Admin::open(config)?;
+    let admin = Admin::open(config).await?;
+    let database = sqlite_only(admin.config.database.clone(), "backup")?;
+    let store = SqliteStore::open_existing(&database)?;
     let mut progress = Phases::default();
-    let report = admin.store.backup(file, force, &mut |what, done, total| {
+    let report = store.backup(file, force, &mut |what, done, total| {
         progress.update(what, done, total)
     })?;
     progress.finish();
@@ -165,7 +322,7 @@ fn restore(
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
     let config = Config::read(config_path)?;
-    let database = &config.database;
+    let database = &sqlite_only(config.database.clone(), "restore")?;
     let mut progress = Phases::default();
     let report = SqliteStore::restore(file, database, force, &mut |what, done, total| {
         progress.update(what, done, total)

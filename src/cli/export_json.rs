@@ -8,7 +8,7 @@ use super::progress::Progress;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use talos_kms_server::store::legacy_json::LegacyExport;
-use talos_kms_server::store::{RecordFilter, SqliteStore, Store};
+use talos_kms_server::store::{RecordFilter, SqliteStore};
 
 /// Records read per query: bounds memory for exports of millions.
 const PAGE: usize = 10_000;
@@ -40,8 +40,10 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     let config = config_path(args.config, config)?;
     refuse_existing(&args.file, args.force)?;
-    let admin = Admin::open(&config)?;
-    if SqliteStore::is_part_of(&admin.config.database, &args.file) {
+    let admin = Admin::open(&config).await?;
+    if let Some(database) = admin.config.database.sqlite_path()
+        && SqliteStore::is_part_of(database, &args.file)
+    {
         anyhow::bail!(
             "{} is the database itself (or one of its files); export to another file",
             args.file.display()

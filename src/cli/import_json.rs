@@ -4,12 +4,12 @@
 use super::Output;
 use super::progress::Progress;
 use anyhow::Context;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use talos_kms_server::audit::{AuditLog, Event};
 use talos_kms_server::config::Config;
 use talos_kms_server::store::legacy_json;
-use talos_kms_server::store::{ImportBatch, ImportReport, SqliteStore, Store};
+use talos_kms_server::store::{self, Database, ImportBatch, ImportReport};
 
 /// Records per transaction: progress to show, and no single huge commit.
 const CHUNK: usize = 10_000;
@@ -19,9 +19,10 @@ pub struct Args {
     /// The legacy JSON database to import; it is only read.
     #[arg(value_name = "FILE")]
     file: PathBuf,
-    /// The embedded database to import into, instead of the one the config names.
-    #[arg(long, value_name = "PATH")]
-    database: Option<PathBuf>,
+    /// The database to import into (an SQLite path or a postgres:// URL), instead of the
+    /// one the config names.
+    #[arg(long, value_name = "PATH|URL")]
+    database: Option<String>,
     /// Config file whose `database` to import into (the import goes to its audit trail).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -36,7 +37,11 @@ pub async fn run(
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
     let (database, audit) = match (args.database, args.config.or(global_config)) {
-        (Some(database), _) => (database, None),
+        (Some(database), _) => (
+            Database::parse(&database, Path::new("."))
+                .map_err(|problem| anyhow::anyhow!("--database: {problem}"))?,
+            None,
+        ),
         (None, Some(config)) => {
             let config = Config::read(&config)?;
             let audit = AuditLog::open(&config.audit_log, None)?;
@@ -46,7 +51,7 @@ pub async fn run(
     };
     let file = legacy_json::read(&args.file)?
         .with_context(|| format!("legacy database {}: no such file", args.file.display()))?;
-    let store = SqliteStore::open(&database)?;
+    let store = store::open(&database).await?.store;
     let total = file.records.len();
     let mut progress = Progress::new("imported", Some(total as u64));
     let mut report = ImportReport::default();
@@ -70,7 +75,7 @@ pub async fn run(
         report.imported,
         report.skipped,
         args.file.display(),
-        database.display()
+        database
     );
     if let Some(audit) = audit {
         audit
@@ -85,7 +90,7 @@ pub async fn run(
                 "imported": report.imported,
                 "skipped": report.skipped,
                 "file": args.file,
-                "database": database,
+                "database": database.to_string(),
             })
         ),
     }

@@ -10,9 +10,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use talos_kms_server::audit::Event;
-use talos_kms_server::store::{
-    self, RecordFilter, RecordId, RecordInfo, RecordState, Store, UnixTime,
-};
+use talos_kms_server::store::{self, RecordFilter, RecordId, RecordInfo, RecordState, UnixTime};
 
 /// Records read per query: bounds memory for listings of millions.
 const PAGE: usize = 10_000;
@@ -111,7 +109,7 @@ pub async fn run(
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
     let config = config_path(args.config, config)?;
-    let admin = Admin::open(&config)?;
+    let admin = Admin::open(&config).await?;
     match args.action {
         Action::List { filter, output } => list(&admin, filter.into(), output).await,
         Action::Show { id, output } => show(&admin, id, output).await,

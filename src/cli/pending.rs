@@ -9,7 +9,7 @@ use anyhow::bail;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use talos_kms_server::audit::Event;
-use talos_kms_server::store::{self, Approval, ApprovalId, ApprovalState, Decision, Store};
+use talos_kms_server::store::{self, Approval, ApprovalId, ApprovalState, Decision};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,7 +50,7 @@ pub async fn run(
     config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let admin = Admin::open(&config_path(args.config, config)?)?;
+    let admin = Admin::open(&config_path(args.config, config)?).await?;
     let (ids, decision, verb) = match args.action {
         Action::List { all, output } => {
             let state = (!all).then_some(ApprovalState::Pending);

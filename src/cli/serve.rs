@@ -11,7 +11,7 @@ use talos_kms_server::logging;
 use talos_kms_server::metrics::Metrics;
 use talos_kms_server::server::{self, Port, ServerOptions};
 use talos_kms_server::store::legacy_json::{self, TakeOver};
-use talos_kms_server::store::{SqliteStore, Store};
+use talos_kms_server::store::{self, Database, Store};
 use talos_kms_server::tls;
 use talos_kms_server::tls::inspect::{CertificateFacts, RENEWAL_WARNING, Validity};
 use talos_kms_server::tls::reload::{self, IdentityFiles, Reload, ReloadingIdentity};
@@ -39,12 +39,18 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     // Bound before the database is touched: a start that fails leaves nothing behind.
     let port = server::bind(config.listen)?;
     let metrics_port = config.metrics_address.map(server::bind).transpose()?;
-    let store = Arc::new(SqliteStore::open(&config.database)?);
-    if store.created() {
+    let opened = store::open(&config.database).await?;
+    let store = opened.store;
+    if opened.created {
+        let database = match &config.database {
+            Database::Sqlite(path) => std::path::absolute(path)
+                .unwrap_or_else(|_| path.clone())
+                .display()
+                .to_string(),
+            other => other.to_string(),
+        };
         tracing::warn!(
-            path = %std::path::absolute(&config.database)
-                .unwrap_or_else(|_| config.database.clone())
-                .display(),
+            %database,
             "created a new, empty database; if this server had records before, stop it and \
              restore the database from a backup before nodes seal new keys"
         );

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use talos_kms_server::audit::Event;
 use talos_kms_server::policy::Mode;
-use talos_kms_server::store::{self, Operation, Store, Window};
+use talos_kms_server::store::{self, Operation, Window};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -63,7 +63,7 @@ pub async fn run(
     config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let admin = Admin::open(&config_path(args.config, config)?)?;
+    let admin = Admin::open(&config_path(args.config, config)?).await?;
     match args.action {
         Action::Open {
             operation,

@@ -2,16 +2,105 @@
 //! embedded backend, and a shared PostgreSQL backend for replicas fits behind the same trait.
 
 pub mod legacy_json;
+pub mod migrate;
 mod policy_state;
+pub mod postgres;
 mod sqlite;
 
 pub use policy_state::{
     Approval, ApprovalId, ApprovalState, Decision, NodeSummary, Operation, Window,
 };
+pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{ExclusiveUse, Inspection, SqliteStore};
 
 use crate::sealing::SealNonce;
 use async_trait::async_trait;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where the records live: an SQLite file (embedded, the default) or a PostgreSQL database
+/// shared by replicas.
+#[derive(Clone, Debug)]
+pub enum Database {
+    Sqlite(PathBuf),
+    Postgres(Box<PgOptions>),
+}
+
+impl std::fmt::Display for Database {
+    /// The path, or the URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(path) => write!(f, "{}", path.display()),
+            Database::Postgres(options) => write!(f, "{options}"),
+        }
+    }
+}
+
+impl Database {
+    /// A path, or a `postgres://` URL; relative paths are taken relative to `base`.
+    pub fn parse(text: &str, base: &std::path::Path) -> Result<Database, String> {
+        if postgres::is_postgres_url(text) {
+            return PgOptions::parse(text, base)
+                .map(|options| Database::Postgres(Box::new(options)));
+        }
+        if text.contains("://") {
+            return Err(format!(
+                "{} is neither a file path nor a postgres:// URL",
+                postgres::redact(text)
+            ));
+        }
+        let path = PathBuf::from(text);
+        Ok(Database::Sqlite(if path.is_relative() {
+            base.join(path)
+        } else {
+            path
+        }))
+    }
+
+    pub fn sqlite_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Database::Sqlite(path) => Some(path),
+            Database::Postgres(_) => None,
+        }
+    }
+}
+
+/// A store ready to serve, and whether it was empty of our schema when opened.
+pub struct Opened {
+    pub store: Arc<dyn Store>,
+    pub created: bool,
+}
+
+/// Opens the database for serving: an SQLite file is created when missing; a PostgreSQL
+/// database must exist, and gets its tables.
+pub async fn open(database: &Database) -> Result<Opened, StoreError> {
+    match database {
+        Database::Sqlite(path) => {
+            let store = SqliteStore::open(path)?;
+            let created = store.created();
+            Ok(Opened {
+                store: Arc::new(store),
+                created,
+            })
+        }
+        Database::Postgres(options) => {
+            let store = PgStore::open(options).await?;
+            let created = store.created();
+            Ok(Opened {
+                store: Arc::new(store),
+                created,
+            })
+        }
+    }
+}
+
+/// Opens a database that must already exist, for admin commands beside a running server.
+pub async fn open_existing(database: &Database) -> Result<Arc<dyn Store>, StoreError> {
+    match database {
+        Database::Sqlite(path) => Ok(Arc::new(SqliteStore::open_existing(path)?)),
+        Database::Postgres(options) => Ok(Arc::new(PgStore::open(options).await?)),
+    }
+}
 
 /// Seconds since the Unix epoch, UTC.
 pub type UnixTime = i64;
@@ -126,6 +215,9 @@ pub enum StoreError {
     Open { path: String, problem: String },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL could not be reached or refused; `database` is the URL without password.
+    #[error("PostgreSQL database {database}: {problem}")]
+    Postgres { database: String, problem: String },
     #[error("database write failed, nothing was stored: {0}")]
     Write(String),
     #[error("the database writer has stopped")]
@@ -239,4 +331,13 @@ pub trait Store: Send + Sync + 'static {
         decision: Decision,
         at: UnixTime,
     ) -> Result<Option<Approval>, StoreError>;
+
+    /// Adds records exactly as another store holds them (ids, times, revocation), skipping
+    /// each whose id or nonce is already stored, durably; returns how many were added. For
+    /// moving a database between backends (`db migrate`).
+    async fn copy_records(&self, records: &[StoredRecord]) -> Result<u64, StoreError>;
+
+    /// Adds approvals exactly as another store holds them, skipping each whose id or
+    /// (operation, node, address) is already there, durably; returns how many were added.
+    async fn copy_approvals(&self, approvals: &[Approval]) -> Result<u64, StoreError>;
 }

@@ -1,6 +1,7 @@
 //! Test fixtures: real servers on loopback with real TLS and real database files.
 #![allow(dead_code)]
 
+pub mod postgres;
 pub mod store_contract;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -425,4 +426,22 @@ pub fn assert_no_secret(text: &str, where_: &str, secrets: &[(&str, &[u8])]) {
             );
         }
     }
+}
+
+/// The status a gRPC health `Check` answers for the server as a whole: 1 SERVING,
+/// 2 NOT_SERVING.
+pub async fn grpc_health(port: u16, ca: &Path) -> u8 {
+    use http_body_util::BodyExt;
+    let response = raw_grpc(
+        port,
+        ca,
+        "/grpc.health.v1.Health/Check",
+        "application/grpc",
+        &[],
+    )
+    .await;
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    // A HealthCheckResponse frame: [flag, len(4), 0x08, status].
+    assert!(body.len() >= 7 && body[5] == 0x08, "{body:?}");
+    body[6]
 }

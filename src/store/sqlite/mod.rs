@@ -661,6 +661,73 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn copy_records(&self, records: &[StoredRecord]) -> Result<u64, StoreError> {
+        let rows: Vec<_> = records
+            .iter()
+            .map(|r| {
+                (
+                    r.info.id,
+                    r.nonce,
+                    r.info.node_uuid.clone(),
+                    r.info.ip.clone(),
+                    r.ciphertext.clone(),
+                    r.info.created_at,
+                    r.info.last_access,
+                    r.info.revoked_at,
+                )
+            })
+            .collect();
+        self.write(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "INSERT OR IGNORE INTO records
+                 (id, nonce, node_uuid, ip, ciphertext, created_at, last_access, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            let mut added = 0;
+            for (id, nonce, node, ip, ciphertext, created, accessed, revoked) in &rows {
+                added += statement.execute(params![
+                    id,
+                    &nonce[..],
+                    node,
+                    ip,
+                    ciphertext,
+                    created,
+                    accessed,
+                    revoked
+                ])? as u64;
+            }
+            Ok(added)
+        })
+        .await
+    }
+
+    async fn copy_approvals(&self, approvals: &[Approval]) -> Result<u64, StoreError> {
+        let approvals = approvals.to_vec();
+        self.write(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "INSERT OR IGNORE INTO approvals ({APPROVAL_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            ))?;
+            let mut added = 0;
+            for a in &approvals {
+                added += statement.execute(params![
+                    a.id,
+                    a.operation.as_str(),
+                    a.node_uuid,
+                    a.ip,
+                    a.state.as_str(),
+                    a.first_seen,
+                    a.last_seen,
+                    i64::try_from(a.attempts).unwrap_or(i64::MAX),
+                    a.approved_until,
+                    a.decided_at
+                ])? as u64;
+            }
+            Ok(added)
+        })
+        .await
+    }
 }
 
 const APPROVAL_COLUMNS: &str = "id, operation, node_uuid, ip, state, first_seen, last_seen, \
