@@ -634,11 +634,11 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
     }
     log.push(format!(
         "summary {:?}",
-        store.node_summary("n2").await.unwrap()
+        store.node_summary("n2", "10.0.0.1").await.unwrap()
     ));
     log.push(format!(
         "summary {:?}",
-        store.node_summary("n1").await.unwrap()
+        store.node_summary("n1", "10.0.0.1").await.unwrap()
     ));
     log.push(format!("since {}", store.created_since(200).await.unwrap()));
     let revoked = RecordFilter {

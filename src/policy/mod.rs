@@ -213,7 +213,7 @@ impl Policy {
         self.admit(Operation::Seal, node, ip, ip_text).await?;
         let summary = self
             .store
-            .node_summary(node)
+            .node_summary(node, ip_text)
             .await
             .map_err(|e| Refusal::store(&e))?;
         let max = self.rules.max_records_per_node;
@@ -231,8 +231,8 @@ impl Policy {
         }
         self.count_hourly_seal().await?;
         let mut admitted = Admitted::default();
-        if !summary.addresses.is_empty() && !summary.addresses.iter().any(|a| a == ip_text) {
-            let known = summary.addresses.join(", ");
+        if !summary.other_addresses.is_empty() {
+            let known = summary.other_addresses.join(", ");
             if self.rules.pin_node_ip {
                 tracing::warn!(node = ?node, ip = ip_text, %known,
                     "seal refused: the node is pinned to another address (pinNodeIp)");

@@ -285,8 +285,9 @@ pub trait Store: Send + Sync + 'static {
     /// Writes everything buffered (access times).
     async fn flush(&self) -> Result<(), StoreError>;
 
-    /// How many records the node has and which addresses its active ones are bound to.
-    async fn node_summary(&self, node_uuid: &str) -> Result<NodeSummary, StoreError>;
+    /// How many records the node has, and which addresses other than `ip` its active ones
+    /// are bound to. Every seal asks: one indexed query when the answer is "none".
+    async fn node_summary(&self, node_uuid: &str, ip: &str) -> Result<NodeSummary, StoreError>;
 
     /// How many records were created at or after `since`.
     async fn created_since(&self, since: UnixTime) -> Result<u64, StoreError>;

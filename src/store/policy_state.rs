@@ -110,6 +110,7 @@ pub enum Decision {
 pub struct NodeSummary {
     /// Every record of the node, revoked ones included (they take room too).
     pub records: u64,
-    /// The distinct addresses its active records are bound to (at most a few are read).
-    pub addresses: Vec<String>,
+    /// The distinct addresses other than the sealing one that its active records are bound
+    /// to (at most a few are read; none in the usual case, which costs no second query).
+    pub other_addresses: Vec<String>,
 }

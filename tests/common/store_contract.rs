@@ -26,21 +26,32 @@ pub async fn node_summaries_and_hourly_counts(store: &dyn Store) {
     ] {
         store.insert(record(nonce, node, ip, at)).await.unwrap();
     }
-    let summary = store.node_summary("node-a").await.unwrap();
+    let summary = store.node_summary("node-a", "10.0.0.9").await.unwrap();
     assert_eq!(summary.records, 3);
-    let mut addresses = summary.addresses.clone();
+    let mut addresses = summary.other_addresses.clone();
     addresses.sort();
     assert_eq!(addresses, ["10.0.0.1", "10.0.0.2"]);
+    let summary = store.node_summary("node-a", "10.0.0.1").await.unwrap();
+    assert_eq!(summary.other_addresses, ["10.0.0.2"]);
     assert_eq!(store.created_since(now - 3600).await.unwrap(), 3);
 
     // A revoked record still takes room, but binds no address.
     let listed = store.list(&Default::default(), 0, 10).await.unwrap();
     let id = listed.iter().find(|r| r.ip == "10.0.0.2").unwrap().id;
     store.set_revoked(&[id], Some(now)).await.unwrap();
-    let summary = store.node_summary("node-a").await.unwrap();
+    let summary = store.node_summary("node-a", "10.0.0.9").await.unwrap();
     assert_eq!(summary.records, 3);
-    assert_eq!(summary.addresses, ["10.0.0.1"]);
-    assert_eq!(store.node_summary("node-x").await.unwrap().records, 0);
+    assert_eq!(summary.other_addresses, ["10.0.0.1"]);
+    let summary = store.node_summary("node-a", "10.0.0.1").await.unwrap();
+    assert_eq!((summary.records, summary.other_addresses.len()), (3, 0));
+    assert_eq!(
+        store
+            .node_summary("node-x", "10.0.0.1")
+            .await
+            .unwrap()
+            .records,
+        0
+    );
 }
 
 pub async fn windows_open_move_and_close(store: &dyn Store) {

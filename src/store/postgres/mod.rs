@@ -683,22 +683,23 @@ impl Store for PgStore {
         write_accesses(&self.options, &self.pool, &self.accesses).await
     }
 
-    async fn node_summary(&self, node_uuid: &str) -> Result<NodeSummary, StoreError> {
-        let node_uuid = node_uuid.to_string();
+    async fn node_summary(&self, node_uuid: &str, ip: &str) -> Result<NodeSummary, StoreError> {
+        let (node_uuid, ip) = (node_uuid.to_string(), ip.to_string());
         self.with(|client| async move {
             // One statement: every seal asks it, and a round trip costs more than either.
             let statement = client
                 .prepare_cached(
                     "SELECT (SELECT count(*) FROM records WHERE node_uuid = $1),
                             ARRAY(SELECT DISTINCT ip FROM records
-                                  WHERE node_uuid = $1 AND revoked_at IS NULL LIMIT 8)",
+                                  WHERE node_uuid = $1 AND revoked_at IS NULL AND ip <> $2
+                                  LIMIT 8)",
                 )
                 .await?;
-            let row = client.query_one(&statement, &[&node_uuid]).await?;
+            let row = client.query_one(&statement, &[&node_uuid, &ip]).await?;
             let records: i64 = row.get(0);
             Ok(NodeSummary {
                 records: records as u64,
-                addresses: row.get(1),
+                other_addresses: row.get(1),
             })
         })
         .await

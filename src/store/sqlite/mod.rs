@@ -467,19 +467,28 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn node_summary(&self, node_uuid: &str) -> Result<NodeSummary, StoreError> {
+    async fn node_summary(&self, node_uuid: &str, ip: &str) -> Result<NodeSummary, StoreError> {
         self.read(|conn| {
-            let records = conn
-                .prepare_cached("SELECT count(*) FROM records WHERE node_uuid = ?1")?
-                .query_row([node_uuid], |row| row.get(0))?;
-            let addresses = conn
+            let (records, elsewhere): (u64, u64) = conn
                 .prepare_cached(
-                    "SELECT DISTINCT ip FROM records WHERE node_uuid = ?1 AND revoked_at IS NULL \
-                     LIMIT 8",
+                    "SELECT count(*), coalesce(sum(revoked_at IS NULL AND ip != ?2), 0)
+                     FROM records WHERE node_uuid = ?1",
                 )?
-                .query_map([node_uuid], |row| row.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(NodeSummary { records, addresses })
+                .query_row(params![node_uuid, ip], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            let other_addresses = if elsewhere == 0 {
+                Vec::new()
+            } else {
+                conn.prepare_cached(
+                    "SELECT DISTINCT ip FROM records
+                     WHERE node_uuid = ?1 AND revoked_at IS NULL AND ip != ?2 LIMIT 8",
+                )?
+                .query_map(params![node_uuid, ip], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+            };
+            Ok(NodeSummary {
+                records,
+                other_addresses,
+            })
         })
     }
 
