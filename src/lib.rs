@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod hardening;
 pub mod listener;
+mod locking;
 pub mod logging;
 pub mod metrics;
 pub mod os_error;

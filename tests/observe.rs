@@ -19,19 +19,6 @@ fn status_of(frame: &[u8]) -> u8 {
     frame[6]
 }
 
-async fn health_check(port: u16, ca: &std::path::Path) -> u8 {
-    let response = raw_grpc(
-        port,
-        ca,
-        "/grpc.health.v1.Health/Check",
-        "application/grpc",
-        &[],
-    )
-    .await;
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    status_of(&body)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_until_the_database_is_gone_and_watch_says_so() {
     let dir = tempfile::tempdir().unwrap();
@@ -39,7 +26,7 @@ async fn health_is_serving_until_the_database_is_gone_and_watch_says_so() {
     let config = write_config(dir.path(), &pki, "127.0.0.1", "");
     let server = ServerProcess::start(&config).unwrap();
     let port = server.addr.port();
-    assert_eq!(health_check(port, &pki.ca).await, SERVING);
+    assert_eq!(grpc_health(port, &pki.ca).await, SERVING);
 
     // "sidero.kms.KMSService" as the service name: `\n` (field 1), length, text.
     let mut named = vec![0x0a, 21];
@@ -65,7 +52,7 @@ async fn health_is_serving_until_the_database_is_gone_and_watch_says_so() {
         .into_data()
         .unwrap();
     assert_eq!(status_of(&next), NOT_SERVING);
-    assert_eq!(health_check(port, &pki.ca).await, NOT_SERVING);
+    assert_eq!(grpc_health(port, &pki.ca).await, NOT_SERVING);
 }
 
 fn promtool(args: &[&str], stdin: Option<&str>) -> Option<std::process::Output> {

@@ -11,13 +11,14 @@ mod read;
 
 pub use read::{AuditQuery, ReadReport, read_trail};
 
+use crate::locking::lock;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Node UUIDs in lines are cut to this: an invalid request may carry kilobytes.
@@ -416,13 +417,6 @@ fn error(path: &Path, problem: &dyn std::fmt::Display) -> AuditError {
         path: path.display().to_string(),
         problem: problem.to_string(),
     }
-}
-
-/// Plain data behind the lock: a panicking writer cannot leave it inconsistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

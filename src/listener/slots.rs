@@ -11,10 +11,11 @@
 //! The request path only touches one connection's atomics ([`Busy`]); the registry's lock
 //! is taken when a connection opens or closes, and for eviction, which scans it.
 
+use crate::locking::lock;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -315,13 +316,6 @@ impl Slot {
             tokio::time::sleep_until(deadline).await;
         }
     }
-}
-
-/// Plain data behind the lock: a panic cannot leave it inconsistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

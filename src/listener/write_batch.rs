@@ -10,9 +10,10 @@
 //! `poll_flush` is a no-op. [`WriteBatch::send`] writes the queue out; the handler calls it
 //! after every poll of the connection, so nothing queued waits for a later event.
 
+use crate::locking::lock;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -43,14 +44,6 @@ pub fn batched<IO>(io: IO) -> (BatchedIo<IO>, WriteBatch<IO>) {
         failed: None,
     }));
     (BatchedIo(Arc::clone(&shared)), WriteBatch(shared))
-}
-
-/// Only this connection's task touches the stream, so the lock is never contended; a
-/// poisoned lock means a panic mid-write, after which the bytes are still consistent.
-fn lock<IO>(shared: &Mutex<Shared<IO>>) -> MutexGuard<'_, Shared<IO>> {
-    shared
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<IO: AsyncWrite + Unpin> Shared<IO> {

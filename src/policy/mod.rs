@@ -21,6 +21,7 @@ pub use networks::Networks;
 pub use rate::RateLimit;
 
 use crate::audit::Reason;
+use crate::locking::lock;
 use crate::proto;
 use crate::sealing::SEALED_LEN;
 use crate::store::{self, Approval, ApprovalState, Operation, Store, StoreError, UnixTime};
@@ -434,12 +435,6 @@ fn denied(operation: Operation, approval: &Approval) -> Refusal {
             approval.id
         )),
     )
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The shape of a Seal request: what any policy requires.

@@ -23,12 +23,13 @@ use super::{
     NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, RecordState, Store,
     StoreError, StoredRecord, UnixTime, Window,
 };
+use crate::locking::lock;
 use crate::sealing::SealNonce;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
@@ -982,11 +983,4 @@ impl Store for PgStore {
         })
         .await
     }
-}
-
-/// A poisoned lock only means another thread panicked mid-update of a map of timestamps.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

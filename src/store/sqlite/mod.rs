@@ -16,6 +16,7 @@ use super::{
     NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, RecordState, Store,
     StoreError, StoredRecord, UnixTime, Window,
 };
+use crate::locking::lock;
 use crate::sealing::SealNonce;
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
@@ -24,7 +25,7 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -1212,14 +1213,6 @@ fn describe(e: &rusqlite::Error) -> String {
         rusqlite::Error::SqliteFailure(_, Some(message)) => message.clone(),
         other => other.to_string(),
     }
-}
-
-/// A poisoned lock only means another thread panicked mid-update of plain data; the data
-/// (a connection, a queue handle, a map of timestamps) is still usable.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
