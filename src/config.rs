@@ -92,6 +92,13 @@ bindAddress: "0.0.0.0"
 # maxHeaderListSize: 16384      # bytes of request headers; a gRPC call needs a few hundred
 # maxMessageSize: 4096          # bytes of a request; a Seal needs under 300
 
+# Behind a TCP load balancer (README: "Behind a load balancer"). The client's address is
+# bound into every seal, so the balancer must pass it on in a PROXY protocol header (v1 or
+# v2; HAProxy: `send-proxy-v2`). Only these addresses may send one, and every connection
+# from them must begin with one; from anyone else a header closes the connection. The
+# address it carries is then used for everything: seals, allow-lists, limits, the audit.
+# trustedProxies: ["10.0.0.5/32"]   # none by default: no header is ever read
+
 # OFF, ERROR, WARN, INFO, DEBUG, TRACE (SEVERE, WARNING, FINE, FINER, FINEST also accepted).
 kmsLogLevel: "INFO"   # this server's own messages
 rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
@@ -136,6 +143,7 @@ struct RawConfig {
     max_streams_per_connection: Option<u32>,
     max_header_list_size: Option<u32>,
     max_message_size: Option<usize>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -518,6 +526,10 @@ fn listener_limits(raw: &RawConfig) -> Result<ListenerLimits, String> {
             None => defaults.max_header_list_size,
         },
         max_message_size,
+        trusted_proxies: match &raw.trusted_proxies {
+            None => Networks::default(),
+            Some(list) => Networks::parse(list).map_err(|e| format!("trustedProxies: {e}"))?,
+        },
     })
 }
 

@@ -114,7 +114,9 @@ impl Port {
             stop.subscribe(),
         ));
         let (finished_sender, finished) = mpsc::channel(1);
-        let limits = options.limits.fit_to_file_limit();
+        let mut limits = options.limits.fit_to_file_limit();
+        // Kept by the listener, not copied into every connection's limits.
+        let trusted_proxies = std::mem::take(&mut limits.trusted_proxies);
         let connection_networks = options.rules.connection_networks();
         let policy = Arc::new(Policy::new(options.rules, Arc::clone(&options.store)));
         tokio::spawn(tidy_policy(Arc::clone(&policy), stop.subscribe()));
@@ -135,6 +137,7 @@ impl Port {
             handshakes: Arc::new(Semaphore::new(limits.handshakes_at_once())),
             limits,
             connection_networks,
+            trusted_proxies,
             handshake_failures: Arc::default(),
             refusals: Arc::default(),
             health,

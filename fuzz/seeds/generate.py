@@ -30,6 +30,19 @@ write("grpc_request", "unseal", field(1, UUID) + field(2, bytes(range(44))))
 write("grpc_request", "unknown-field", field(1, UUID) + field(3, b"x") + field(2, b"y"))
 write("grpc_request", "empty", b"")
 
+# proxy_header: PROXY protocol v1 and v2 headers, some followed by a TLS record's first bytes.
+V2 = b"\r\n\r\n\0\r\nQUIT\n"
+TLS = bytes([0x16, 3, 1])
+write("proxy_header", "v1-tcp4", b"PROXY TCP4 10.1.2.3 10.0.0.1 40000 50051\r\n" + TLS)
+write("proxy_header", "v1-tcp6", b"PROXY TCP6 fd00::7 fd00::1 1 50051\r\n")
+write("proxy_header", "v1-unknown", b"PROXY UNKNOWN\r\n")
+v4 = bytes([10, 1, 2, 3, 10, 0, 0, 1]) + struct.pack(">HH", 40000, 50051)
+write("proxy_header", "v2-tcp4", V2 + bytes([0x21, 0x11]) + struct.pack(">H", len(v4)) + v4 + TLS)
+write("proxy_header", "v2-local", V2 + bytes([0x20, 0x00, 0, 0]))
+v6 = bytes([0xFD] + [0] * 14 + [7, 0xFD] + [0] * 14 + [1]) + struct.pack(">HH", 1, 50051)
+noop = bytes([0x04, 0, 3, 0, 0, 0])
+write("proxy_header", "v2-tcp6-tlv", V2 + bytes([0x21, 0x21]) + struct.pack(">H", len(v6 + noop)) + v6 + noop)
+
 # config: a selector byte (password and quoting), a split byte, then YAML text.
 source = (ROOT / "src/config.rs").read_text()
 default = re.search(r'DEFAULT_CONFIG: &str = r#"(.*?)"#;', source, re.S)

@@ -33,6 +33,11 @@ pub struct Target {
     /// TLS key-exchange groups to offer, as a Talos release does.
     #[arg(long, value_name = "GROUPS", value_enum, default_value_t = KeyExchange::Go124)]
     kx: KeyExchange,
+    /// Begin each connection with a PROXY protocol v2 header carrying its own source
+    /// address, as a load balancer would: for a server whose trustedProxies holds this
+    /// client's address.
+    #[arg(long)]
+    proxy_v2: bool,
 }
 
 impl Target {
@@ -41,6 +46,9 @@ impl Target {
         options.ca_file = self.ca;
         options.source_ip = self.source_ip;
         options.key_exchange = self.kx;
+        options.proxy_v2 = self
+            .proxy_v2
+            .then_some(talos_kms_server::client::ProxyV2::OwnAddress);
         KmsClient::new(options)
     }
 }

@@ -55,6 +55,20 @@ pub struct ClientOptions {
     pub source_ip: Option<IpAddr>,
     pub key_exchange: KeyExchange,
     pub timeout: Duration,
+    /// Begin each connection with a PROXY protocol v2 header, as a load balancer does: for
+    /// testing and measuring a server's `trustedProxies` (the client's address must be one).
+    pub proxy_v2: Option<ProxyV2>,
+}
+
+/// What the PROXY v2 header of [`ClientOptions::proxy_v2`] says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyV2 {
+    /// The connection's own source address and port.
+    OwnAddress,
+    /// This client address (with the connection's own source port).
+    Carrying(IpAddr),
+    /// The LOCAL command: no client address, as a load balancer's health check.
+    Local,
 }
 
 impl ClientOptions {
@@ -65,6 +79,7 @@ impl ClientOptions {
             source_ip: None,
             key_exchange: KeyExchange::default(),
             timeout: TALOS_CALL_TIMEOUT,
+            proxy_v2: None,
         }
     }
 }
@@ -347,8 +362,19 @@ impl KmsClient {
         if let Some(source) = self.options.source_ip {
             socket.bind(SocketAddr::new(source, 0))?;
         }
-        let stream = socket.connect(address).await?;
+        let mut stream = socket.connect(address).await?;
         stream.set_nodelay(true)?;
+        if let Some(proxy) = self.options.proxy_v2 {
+            use tokio::io::AsyncWriteExt;
+            let own = stream.local_addr()?;
+            let source = match proxy {
+                ProxyV2::OwnAddress => Some(own),
+                ProxyV2::Carrying(ip) => Some(SocketAddr::new(ip, own.port())),
+                ProxyV2::Local => None,
+            };
+            let header = crate::listener::proxy_protocol::v2_header(source, address);
+            stream.write_all(&header).await?;
+        }
         Ok(stream)
     }
 }

@@ -33,6 +33,9 @@ pub struct ListenerLimits {
     pub max_header_list_size: u32,
     /// The gRPC message limit: far above any valid request, far below tonic's 4 MiB default.
     pub max_message_size: usize,
+    /// `trustedProxies`: load balancers whose connections begin with a PROXY protocol
+    /// header carrying the client's address (see `proxied`). Empty: no header is read.
+    pub trusted_proxies: crate::policy::Networks,
 }
 
 impl Default for ListenerLimits {
@@ -47,6 +50,7 @@ impl Default for ListenerLimits {
             max_streams_per_connection: 128,
             max_header_list_size: 16 * 1024,
             max_message_size: 4096,
+            trusted_proxies: crate::policy::Networks::default(),
         }
     }
 }

@@ -19,6 +19,8 @@
 mod handshake_failures;
 mod limits;
 pub mod metrics;
+mod proxied;
+pub mod proxy_protocol;
 mod refusals;
 pub mod slots;
 mod write_batch;
@@ -85,6 +87,9 @@ pub struct Listener {
     pub limits: ListenerLimits,
     /// Where connections may come from at all; `None`: anywhere.
     pub connection_networks: Option<Networks>,
+    /// `trustedProxies`: load balancers whose connections begin with a PROXY header
+    /// carrying the client's address. Empty: no header is ever read.
+    pub trusted_proxies: Networks,
     pub health: Health,
     pub metrics: Arc<Metrics>,
     /// For connections refused by the allow-list.
@@ -94,8 +99,11 @@ pub struct Listener {
 }
 
 struct Handler {
+    /// The client: the TCP peer, or the address a trusted proxy's PROXY header carried.
     peer: SocketAddr,
     slot: SlotHandle,
+    /// Set when `trustedProxies` is, with whether this connection comes from one.
+    proxies: Option<(Arc<proxied::Proxies>, bool)>,
     tls: TlsAcceptor,
     handshakes: Arc<Semaphore>,
     handshake_failures: Arc<HandshakeFailures>,
@@ -119,6 +127,15 @@ impl Listener {
             Arc::clone(&self.audit),
             self.shutdown.clone(),
         ));
+        let proxies = (!self.trusted_proxies.is_empty()).then(|| {
+            Arc::new(proxied::Proxies {
+                trusted: std::mem::take(&mut self.trusted_proxies),
+                connection_networks: self.connection_networks.clone(),
+                refusals: Arc::clone(&self.refusals),
+                audit: Arc::clone(&self.audit),
+                metrics: Arc::clone(&self.metrics),
+            })
+        });
         let mut backoff = Duration::from_millis(10);
         loop {
             let accepted = tokio::select! {
@@ -138,14 +155,21 @@ impl Listener {
                 }
             };
             let ip = address_of(peer);
-            if !allowed(self.connection_networks.as_ref(), ip) {
+            // A trusted proxy's connections are filtered and counted by the address their
+            // header carries, once it is read; its own address is not capped per address.
+            let from_proxy = proxies.as_ref().is_some_and(|p| p.trusted.contains(ip));
+            if !from_proxy && !allowed(self.connection_networks.as_ref(), ip) {
                 // Closed before a byte is read or written: no handshake, nothing learned.
                 reset(socket);
                 self.metrics.connection_refused("network");
                 self.closed_early(ip, Kind::Network);
                 continue;
             }
-            match self.slots.make_room_for(ip) {
+            match if from_proxy {
+                Room::Free
+            } else {
+                self.slots.make_room_for(ip)
+            } {
                 Room::Free => {}
                 Room::EvictedOwn => {
                     self.metrics.connection_dropped("per_address");
@@ -176,6 +200,7 @@ impl Listener {
             let handler = Handler {
                 peer,
                 slot,
+                proxies: proxies.as_ref().map(|p| (Arc::clone(p), from_proxy)),
                 tls: self.tls.clone(),
                 handshakes: Arc::clone(&self.handshakes),
                 handshake_failures: Arc::clone(&self.handshake_failures),
@@ -219,30 +244,75 @@ impl Listener {
     /// Logs (the first of each address and kind a minute) and, for the allow-list, audits
     /// a connection closed by the listener; the caller counted it.
     fn closed_early(&self, ip: IpAddr, kind: Kind) {
-        if !self.refusals.record(ip, kind) {
-            tracing::debug!(peer = %ip, reason = kind.label(), "connection closed");
-            return;
+        closed_early(&self.refusals, &self.audit, ip, kind, None);
+    }
+}
+
+/// Logs (the first of each address and kind a minute) and, for the allow-list, audits a
+/// connection closed by the listener; the caller counted it. `via`: the trusted proxy whose
+/// PROXY header carried `ip`.
+fn closed_early(
+    refusals: &Refusals,
+    audit: &AuditLog,
+    ip: IpAddr,
+    kind: Kind,
+    via: Option<IpAddr>,
+) {
+    if !refusals.record(ip, kind) {
+        tracing::debug!(peer = %ip, reason = kind.label(), "connection closed");
+        return;
+    }
+    match via {
+        Some(proxy) => {
+            tracing::warn!(peer = %ip, %proxy, reason = kind.label(), "{}", kind.message())
         }
-        tracing::warn!(peer = %ip, reason = kind.label(), "{}", kind.message());
-        if kind == Kind::Network {
-            let line = refusals::refused_connection(
-                Some(ip),
-                "closed before TLS: the address is outside sealAllowedNetworks and \
+        None => tracing::warn!(peer = %ip, reason = kind.label(), "{}", kind.message()),
+    }
+    if kind == Kind::Network {
+        let carried = via.map_or(String::new(), |proxy| {
+            format!(" (the address a PROXY header from the trusted proxy {proxy} carried)")
+        });
+        let line = refusals::refused_connection(
+            Some(ip),
+            format!(
+                "closed before TLS: the address{carried} is outside sealAllowedNetworks and \
                  unsealAllowedNetworks; more from it are counted in one line a minute"
-                    .into(),
-            );
-            // Refusing needs no audit line; a failing trail is reported by the audit log.
-            let _ = self.audit.write(&line);
-        }
+            ),
+        );
+        // Refusing needs no audit line; a failing trail is reported by the audit log.
+        let _ = audit.write(&line);
     }
 }
 
 impl Handler {
-    async fn run(mut self, socket: TcpStream, first_look: Busy) {
+    async fn run(mut self, mut socket: TcpStream, first_look: Busy) {
         let idle = self.limits.idle_timeout;
+        let deadline = tokio::time::Instant::now() + self.limits.handshake_timeout;
+        let first_look = match self.proxies.take() {
+            None => first_look,
+            Some((proxies, trusted)) => {
+                let reading = busy_until_waiting(
+                    proxied::preamble(&mut socket, self.peer, trusted),
+                    first_look,
+                );
+                let read = tokio::select! {
+                    read = tokio::time::timeout_at(deadline, reading) => read,
+                    closed = self.slot.until_closed(idle) => {
+                        closed_waiting(&self.metrics, self.peer, closed, "before its PROXY header");
+                        return;
+                    }
+                    _ = stopped(&mut self.shutdown) => return,
+                };
+                match proxies.admit(read, &socket, self.peer, &self.slot) {
+                    Some(client) => self.peer = client,
+                    None => return,
+                }
+                self.slot.busy()
+            }
+        };
         let handshaking = handshake(socket, &self.tls, &self.handshakes, &self.slot, first_look);
         let tls = tokio::select! {
-            result = tokio::time::timeout(self.limits.handshake_timeout, handshaking) => match result {
+            result = tokio::time::timeout_at(deadline, handshaking) => match result {
                 Ok(Ok(Some(tls))) => tls,
                 Ok(Ok(None)) => {
                     tracing::debug!(peer = %self.peer, "client left before its handshake began");
@@ -639,6 +709,11 @@ async fn accept(
 /// at once, and a flood leaves no TIME_WAIT behind.
 fn reset(socket: std::net::TcpStream) {
     let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+}
+
+/// Makes closing a served connection reset it, as [`reset`] does for a refused one.
+fn reset_stream(socket: &TcpStream) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 
 /// The listening socket as [`Listener`] accepts from it.

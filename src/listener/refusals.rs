@@ -21,6 +21,10 @@ pub enum Kind {
     PerAddress,
     /// Every slot taken: the connection that waited longest on its client was closed.
     Full,
+    /// A PROXY protocol header from an address outside `trustedProxies`.
+    ProxyUntrusted,
+    /// A trusted proxy's connection without a valid PROXY header.
+    ProxyInvalid,
 }
 
 impl Kind {
@@ -30,6 +34,8 @@ impl Kind {
             Kind::Network => "network",
             Kind::PerAddress => "per_address",
             Kind::Full => "evicted",
+            Kind::ProxyUntrusted => "proxy_untrusted",
+            Kind::ProxyInvalid => "proxy_invalid",
         }
     }
 
@@ -51,6 +57,19 @@ impl Kind {
                  longest on its client to admit a new one (raise maxConnections if this \
                  happens without an attack); more are summed up once a minute"
             }
+            Kind::ProxyUntrusted => {
+                "PROXY protocol header from an address that is not in trustedProxies: \
+                 connection closed; add the load balancer's address to trustedProxies, or \
+                 stop sending PROXY headers to this server; more from this address are \
+                 summed up once a minute"
+            }
+            Kind::ProxyInvalid => {
+                "a trusted proxy's connection did not begin with a valid PROXY protocol \
+                 header: connection closed; make the load balancer send one on every \
+                 connection (HAProxy: `send-proxy-v2` on the server line), or remove its \
+                 address from trustedProxies; more from this address are summed up once a \
+                 minute"
+            }
         }
     }
 
@@ -59,6 +78,8 @@ impl Kind {
             Kind::Network => "refused (network)",
             Kind::PerAddress => "over maxConnectionsPerAddress",
             Kind::Full => "evicted (all slots taken)",
+            Kind::ProxyUntrusted => "PROXY header from an untrusted address",
+            Kind::ProxyInvalid => "no valid PROXY header from a trusted proxy",
         }
     }
 }

@@ -38,14 +38,30 @@ pub struct Slots {
 #[derive(Default)]
 struct Registry {
     next_id: u64,
-    open: HashMap<u64, Arc<Slot>>,
+    /// Each open connection, with the address it is counted by: its TCP peer's, or the
+    /// client's that a trusted proxy's PROXY header carried ([`SlotHandle::move_to`]).
+    open: HashMap<u64, (IpAddr, Arc<Slot>)>,
     per_address: HashMap<IpAddr, usize>,
+}
+
+impl Registry {
+    fn count(&mut self, ip: IpAddr) {
+        *self.per_address.entry(ip).or_default() += 1;
+    }
+
+    fn uncount(&mut self, ip: IpAddr) {
+        if let Some(held) = self.per_address.get_mut(&ip) {
+            *held -= 1;
+            if *held == 0 {
+                self.per_address.remove(&ip);
+            }
+        }
+    }
 }
 
 /// One open connection's state, shared by its handler and the requests it serves.
 pub struct Slot {
     id: u64,
-    ip: IpAddr,
     epoch: Instant,
     /// Busy count (calls in flight, handshake work), plus [`CLOSING`].
     state: AtomicU64,
@@ -121,7 +137,7 @@ impl Slots {
         let about_to_close = registry
             .open
             .values()
-            .any(|slot| slot.state.load(Ordering::Acquire) == CLOSING);
+            .any(|(_, slot)| slot.state.load(Ordering::Acquire) == CLOSING);
         if about_to_close {
             return Eviction::Pending;
         }
@@ -140,15 +156,15 @@ impl Slots {
             let oldest = registry
                 .open
                 .values()
-                .filter(|slot| only.is_none_or(|ip| slot.ip == ip))
-                .filter(|slot| slot.state.load(Ordering::Acquire) == 0)
-                .map(|slot| (slot.since.load(Ordering::Relaxed), slot))
-                .filter(|(since, _)| now.saturating_sub(*since) >= waited_enough)
-                .min_by_key(|(since, slot)| (*since, slot.id))?
-                .1;
-            if oldest.claim() {
-                oldest.evicted.notify_one();
-                return Some(oldest.ip);
+                .filter(|(ip, _)| only.is_none_or(|only| *ip == only))
+                .filter(|(_, slot)| slot.state.load(Ordering::Acquire) == 0)
+                .map(|(ip, slot)| (slot.since.load(Ordering::Relaxed), *ip, slot))
+                .filter(|(since, _, _)| now.saturating_sub(*since) >= waited_enough)
+                .min_by_key(|(since, _, slot)| (*since, slot.id))?;
+            let (_, ip, slot) = oldest;
+            if slot.claim() {
+                slot.evicted.notify_one();
+                return Some(ip);
             }
         }
         None
@@ -162,14 +178,13 @@ impl Slots {
         registry.next_id += 1;
         let slot = Arc::new(Slot {
             id,
-            ip,
             epoch: self.epoch,
             state: AtomicU64::new(1),
             since: AtomicU64::new(self.now_us()),
             evicted: Notify::new(),
         });
-        registry.open.insert(id, Arc::clone(&slot));
-        *registry.per_address.entry(ip).or_default() += 1;
+        registry.open.insert(id, (ip, Arc::clone(&slot)));
+        registry.count(ip);
         drop(registry);
         Registered {
             first_look: Busy(Arc::clone(&slot)),
@@ -221,13 +236,31 @@ impl std::ops::Deref for SlotHandle {
 impl Drop for SlotHandle {
     fn drop(&mut self) {
         let mut registry = lock(&self.slots.registry);
-        registry.open.remove(&self.slot.id);
-        if let Some(held) = registry.per_address.get_mut(&self.slot.ip) {
-            *held -= 1;
-            if *held == 0 {
-                registry.per_address.remove(&self.slot.ip);
-            }
+        if let Some((ip, _)) = registry.open.remove(&self.slot.id) {
+            registry.uncount(ip);
         }
+    }
+}
+
+impl SlotHandle {
+    /// Counts the connection by `ip` (canonical) from now on, under the per-address cap:
+    /// the client address a trusted proxy's PROXY header carried. The proxy's own address,
+    /// which many nodes share, then holds nothing for it. Room is made as for a new
+    /// connection from `ip` ([`Slots::make_room_for`]); on [`Room::None`] nothing moves and
+    /// the caller closes the connection.
+    pub fn move_to(&self, ip: IpAddr) -> Room {
+        let room = self.slots.make_room_for(ip);
+        if room == Room::None {
+            return room;
+        }
+        let mut registry = lock(&self.slots.registry);
+        let Some((held, _)) = registry.open.get_mut(&self.slot.id) else {
+            return room;
+        };
+        let old = std::mem::replace(held, ip);
+        registry.uncount(old);
+        registry.count(ip);
+        room
     }
 }
 
@@ -414,6 +447,27 @@ mod tests {
         drop((held, more));
         assert_eq!(slots.held_by(a), 0);
         assert_eq!(slots.held_by(b), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_proxied_connection_moves_to_the_share_of_the_address_its_header_carried() {
+        let slots = Arc::new(Slots::new(2, IDLE));
+        let (proxy, node) = (ip("10.0.0.5"), ip("10.0.0.1"));
+        // Many nodes behind one proxy: its address is never capped, only theirs.
+        let through: Vec<SlotHandle> = (0..4).map(|_| waiting(&slots, "10.0.0.5")).collect();
+        assert_eq!(slots.held_by(proxy), 4);
+        assert_eq!(through[0].move_to(node), Room::Free);
+        assert_eq!(through[1].move_to(node), Room::Free);
+        assert_eq!((slots.held_by(proxy), slots.held_by(node)), (2, 2));
+        let _calls: Vec<Busy> = through[..2].iter().map(|slot| slot.busy()).collect();
+        assert_eq!(through[2].move_to(node), Room::None, "the node's cap holds");
+        assert_eq!((slots.held_by(proxy), slots.held_by(node)), (2, 2));
+        drop(_calls);
+        age().await;
+        assert_eq!(through[2].move_to(node), Room::EvictedOwn);
+        assert_eq!(slots.held_by(node), 3, "the evicted one is still closing");
+        drop(through);
+        assert_eq!((slots.held_by(proxy), slots.held_by(node)), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,7 @@
 //! Test fixtures: real servers on loopback with real TLS and real database files.
 #![allow(dead_code)]
 
+pub mod haproxy;
 pub mod postgres;
 pub mod store_contract;
 
