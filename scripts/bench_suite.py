@@ -5,10 +5,20 @@ Usage: scripts/bench_suite.py [--quick] [--out bench-results] [--runs N]
                               [--reference KMS_SERVER [--only-reference]]
                               [--baseline OLD_BINARY [--only-baseline]]
                               [--only-refused]
+                              [--database {sqlite,postgres,both} [--only-database]]
 
 --baseline measures a build of this server from before a change (e.g. `git worktree add
 /tmp/before HEAD~1 && cargo build --release` there) side by side with this one: server CPU per
 fresh-connection call, alternating, the way the request path's cost is checked.
+
+--database chooses the store of the suite's servers: sqlite (the default), postgres (a
+throwaway PostgreSQL cluster started here, as tests/common/postgres.rs starts one: initdb and
+postgres from the machine's PostgreSQL, in the work directory, on loopback, as `nobody` when
+run as root, stopped and removed at the end), or both: the suite on SQLite, and the
+comparison of the two stores (issue 16) side by side, alternating: durable seals and unseals
+at concurrency 32 and fresh unseals at concurrency 8, on fresh connections, two servers of
+this build on the same 1,000 volumes, with PostgreSQL's own CPU per call.
+--only-database measures only that comparison (with --database both).
 
 --only-refused measures only what a connection refused by the allow-lists (closed before TLS)
 costs the server, against a bare TLS handshake on the same server (also part of a full run).
@@ -21,8 +31,12 @@ directory that is removed at the end.
 import argparse
 import json
 import os
+import pwd
 import re
+import secrets
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -88,10 +102,16 @@ CONFIGURED = ('sealAllowedNetworks: ["127.0.0.0/8", "::1"]\nunsealAllowedNetwork
 
 
 class Server(Listening):
+    """`database` is an SQLite path, or a `Postgres.Database` (a URL and its config lines)."""
+
     def __init__(self, work, cert, database, log_level="WARN", cpus=None, binary=BIN, policy=UNLIMITED):
-        self.config = os.path.join(work, os.path.basename(database) + ".yaml")
+        if isinstance(database, Postgres.Database):
+            name, store = database.name, f'database: "{database.url}"\n{database.config}'
+        else:
+            name, store = os.path.basename(database), f"database: {database}\n"
+        self.config = os.path.join(work, name + ".yaml")
         with open(self.config, "w") as f:
-            f.write(f"database: {database}\nserverCertFile: {cert[0]}\nserverKeyFile: {cert[1]}\n"
+            f.write(f"{store}serverCertFile: {cert[0]}\nserverKeyFile: {cert[1]}\n"
                     f"port: 0\nbindAddress: 127.0.0.1\nkmsLogLevel: {log_level}\nrootLogLevel: WARNING\n"
                     f"{policy}")
         started = time.monotonic()
@@ -117,6 +137,171 @@ class ReferenceServer(Listening):
             f.write(os.urandom(32))
         self.start([binary, "--kms-api-endpoint", "127.0.0.1:0", "--key-path", key,
                     "--tls-enable", "--tls-cert-path", cert[0], "--tls-key-path", cert[1]])
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster, started as tests/common/postgres.rs starts one: `initdb`
+    and `postgres` from the machine's PostgreSQL (Debian's `postgresql` package), in a
+    directory of `work`, listening on 127.0.0.1 only, role `kms` with password
+    authentication (scram-sha-256) over TCP; as `nobody` when run as root (initdb refuses
+    root). Every wait is bounded; `stop` shuts it down (fast) and removes nothing else."""
+
+    # The tests' settings; everything else is PostgreSQL's default (fsync and
+    # synchronous_commit on: a seal is durable before it is answered).
+    SETTINGS = ["listen_addresses=127.0.0.1", "max_connections=100", "shared_buffers=32MB"]
+    # What `settings` reports, besides the version.
+    SHOWN = ["shared_buffers", "max_connections", "fsync", "synchronous_commit", "wal_sync_method",
+             "full_page_writes", "wal_level", "commit_delay", "max_wal_size", "checkpoint_timeout",
+             "work_mem", "autovacuum"]
+
+    class Database:
+        """A database of the cluster as a server's config names it."""
+
+        def __init__(self, name, url, config):
+            self.name, self.url, self.config = name, url, config
+
+    def __init__(self, work):
+        self.proc = None
+        self.bin = self.find_bin()
+        if self.bin is None:
+            raise RuntimeError("no initdb and postgres binaries found: install PostgreSQL "
+                               "(Debian: apt-get install postgresql)")
+        self.owner = None
+        self.dir = tempfile.mkdtemp(prefix="pg-", dir=work)
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            self.owner = (nobody.pw_uid, nobody.pw_gid)
+            # `nobody` must reach its directory; nothing in `work` becomes listable.
+            os.chmod(work, 0o711)
+            os.chown(self.dir, *self.owner)
+        self.work = work
+        password = secrets.token_hex(16)
+        pwfile = os.path.join(self.dir, "pwfile")
+        self.write_owned(pwfile, password + "\n")
+        # The servers read the password from a file of their own (`passwordFile`).
+        self.password_file = os.path.join(work, "pg-password")
+        with open(os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(password + "\n")
+        self.data = os.path.join(self.dir, "data")
+        self.run("initdb", "-D", self.data, "-U", "postgres", "--auth-local=trust",
+                 "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8", f"--pwfile={pwfile}")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.log = os.path.join(self.dir, "postgres.log")
+        self.write_owned(self.log, "")
+        argv = [os.path.join(self.bin, "postgres"), "-D", self.data, "-p", str(self.port), "-k", self.dir]
+        for setting in self.SETTINGS:
+            argv += ["-c", setting]
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=log, cwd=self.dir, **self.as_owner())
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited ({self.proc.returncode}): {self.log_tail()}")
+            ready = subprocess.run([os.path.join(self.bin, "pg_isready"), "-h", self.dir, "-p", str(self.port),
+                                    "-U", "postgres", "-d", "postgres"], capture_output=True,
+                                   cwd=self.dir, **self.as_owner())
+            if ready.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not accept connections within 60 s: {self.log_tail()}")
+            time.sleep(0.1)
+        self.sql("postgres", f"CREATE ROLE kms LOGIN PASSWORD '{password}'")
+
+    @staticmethod
+    def find_bin():
+        candidates = []
+        try:
+            out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+            if out.returncode == 0:
+                candidates.append(out.stdout.strip())
+        except FileNotFoundError:
+            pass
+        if os.path.isdir("/usr/lib/postgresql"):
+            candidates += [os.path.join("/usr/lib/postgresql", v, "bin")
+                           for v in sorted(os.listdir("/usr/lib/postgresql"), key=lambda v: (len(v), v), reverse=True)]
+        candidates += os.environ.get("PATH", "").split(os.pathsep)
+        for directory in candidates:
+            if all(os.path.isfile(os.path.join(directory, p)) for p in ("initdb", "postgres", "pg_isready", "psql")):
+                return directory
+        return None
+
+    def as_owner(self):
+        env = {"LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        if self.owner is None:
+            return {"env": env}
+        return {"env": env, "user": self.owner[0], "group": self.owner[1], "extra_groups": []}
+
+    def write_owned(self, path, text):
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(text)
+        if self.owner:
+            os.chown(path, *self.owner)
+
+    def run(self, program, *args):
+        out = subprocess.run([os.path.join(self.bin, program), *args], capture_output=True, text=True,
+                             cwd=self.dir, **self.as_owner())
+        if out.returncode != 0:
+            raise RuntimeError(f"{program} failed: {out.stderr.strip()}")
+        return out.stdout.strip()
+
+    def sql(self, database, sql):
+        """Runs SQL as the superuser, over the Unix socket."""
+        return self.run("psql", "-h", self.dir, "-p", str(self.port), "-U", "postgres", "-d", database,
+                        "-v", "ON_ERROR_STOP=1", "-At", "-c", sql)
+
+    def database(self, name):
+        """A new database owned by `kms`, for a server whose config is named `name`."""
+        db = re.sub(r"[^a-z0-9_]", "_", name.lower())
+        self.sql("postgres", f"CREATE DATABASE {db} OWNER kms")
+        # sslmode=disable: loopback, as the tests connect; the store pool at its default size.
+        return Postgres.Database(name, f"postgres://kms@127.0.0.1:{self.port}/{db}?sslmode=disable",
+                                 f"passwordFile: {self.password_file}\n"
+                                 f"auditLog: {os.path.join(self.work, name + '-audit.jsonl')}\n")
+
+    def cpu_s(self):
+        """CPU seconds (user + system) of the whole cluster so far: the postmaster with its
+        exited children, and every live child (backends, WAL writer, checkpointer...)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            # fields[0] is the state (field 3 of stat): ppid is field 4, utime..cstime 14-17.
+            if int(entry) == self.proc.pid:
+                total += sum(int(v) for v in fields[11:15])
+            elif int(fields[1]) == self.proc.pid:
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+
+    def settings(self):
+        version = self.sql("postgres", "SHOW server_version")
+        shown = ", ".join(f"`{name}={self.sql('postgres', f'SHOW {name}')}`" for name in self.SHOWN)
+        return f"PostgreSQL {version} ({self.bin}); {shown}"
+
+    def log_tail(self):
+        try:
+            with open(self.log) as f:
+                return f.read()[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)  # fast shutdown: clients disconnected, no recovery needed
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def listening_port(pid):
@@ -167,7 +352,14 @@ def main():
     parser.add_argument("--only-baseline", action="store_true", help="measure the baseline comparison only")
     parser.add_argument("--only-refused", action="store_true",
                         help="measure only a refused connection against a handshake")
+    parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="sqlite",
+                        help="the suite's store: SQLite files, or databases of a throwaway PostgreSQL "
+                             "cluster; both: the suite on SQLite and the two stores compared side by side")
+    parser.add_argument("--only-database", action="store_true",
+                        help="measure only the comparison of PostgreSQL with SQLite (needs --database both)")
     opts = parser.parse_args()
+    if opts.only_database and opts.database != "both":
+        parser.error("--only-database compares the two stores: give --database both")
     seconds = 1 if opts.quick else 5
     runs = 1 if opts.quick else opts.runs
     million = 20_000 if opts.quick else 1_000_000
@@ -183,8 +375,20 @@ def main():
         results.flush()
         return record
 
+    # A SIGTERM stops the run through the `finally`s, which stop PostgreSQL and remove its files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = tempfile.mkdtemp(prefix="kms-bench-")
+    pg = None
     try:
+        if opts.database != "sqlite":
+            pg = Postgres(work)
+
+        def db(name):
+            """The store of a suite's server: an SQLite file in `work`, or a new PostgreSQL database."""
+            if opts.database == "postgres":
+                return pg.database(name.removesuffix(".db"))
+            return os.path.join(work, name)
+
         ca = os.path.join(work, "ca.pem")
         certs = {
             "p256": make_cert(work, "p256", ["ecparam", "-name", "prime256v1", "-genkey", "-noout"]),
@@ -197,15 +401,17 @@ def main():
         if opts.baseline:
             against_baseline(opts.baseline, work, certs["p256"], ca, runs, seconds, keep, summary)
         if opts.only_refused:
-            refused(work, certs["p256"], ca, runs, seconds, keep, summary)
-        if opts.only_reference or opts.only_baseline or opts.only_refused:
+            refused(work, certs["p256"], ca, runs, seconds, keep, summary, db)
+        if opts.database == "both":
+            against_sqlite(pg, work, certs["p256"], ca, runs, seconds, keep, summary)
+        if opts.only_reference or opts.only_baseline or opts.only_refused or opts.only_database:
             return finish(opts, results, results_path, summary)
 
         # Handshake floor per certificate key type and key-exchange group.
         summary.append("## Handshake floor (server CPU per handshake, median)\n")
         summary.append("| certificate | X25519 | X25519MLKEM768 |\n|---|---|---|")
         for name, cert in certs.items():
-            server = Server(work, cert, os.path.join(work, f"floor-{name}.db"))
+            server = Server(work, cert, db(f"floor-{name}.db"))
             row = []
             for kx in ("x25519", "x25519mlkem768"):
                 cpu = [keep(bench(server, ca, "--mode", "handshake", "--kx", kx, "--concurrency", 8,
@@ -216,7 +422,7 @@ def main():
             summary.append(f"| {name} | {row[0]} | {row[1]} |")
 
         # Target 1: fresh unseal against the bare handshake, same server, alternating.
-        server = Server(work, certs["p256"], os.path.join(work, "main.db"))
+        server = Server(work, certs["p256"], db("main.db"))
         ratios = []
         for r in range(runs):
             hs = keep(bench(server, ca, "--mode", "handshake", "--concurrency", 8, "--duration", seconds,
@@ -267,8 +473,13 @@ def main():
         sh(BIN, "fill", "--database", big_db, "--records", str(million))
         fill_s = time.monotonic() - started
         by_size = {}
-        for label, db in (("1k", small_db), (f"{million // 1000}k", big_db)):
-            server = Server(work, certs["p256"], db)
+        for label, filled in (("1k", small_db), (f"{million // 1000}k", big_db)):
+            if opts.database == "postgres":
+                target = pg.database(f"filled-{label}")
+                sh(BIN, "db", "migrate", "--from", filled, "--to", target.url, "--to-password-file",
+                   pg.password_file)
+                filled = target
+            server = Server(work, certs["p256"], filled)
             time.sleep(0.5)
             idle = server.rss_kib()
             reps = [keep(bench(server, ca, "--mode", "unseal", "--connection", "shared", "--concurrency", 32,
@@ -292,7 +503,7 @@ def main():
         summary.append(f"importing a {count:,}-record legacy JSON file took {time.monotonic() - started:.1f} s")
 
         # Target 5: the storm, with the server's peak memory.
-        server = Server(work, certs["p256"], os.path.join(work, "storm.db"))
+        server = Server(work, certs["p256"], db("storm.db"))
         nodes = 200 if opts.quick else 2000
         storm = keep(bench(server, ca, "--mode", "storm", "--nodes", nodes, "--volumes", 2, experiment="storm"))
         peak = server.rss_kib("VmHWM")
@@ -302,14 +513,16 @@ def main():
                        f"{storm['timeouts']} timed out, {storm['other_errors']} other errors, "
                        f"{storm['volumes_left_locked']} left locked; p99 {storm['latency']['p99_us'] / 1000:.1f} ms; "
                        f"server peak RSS {peak / 1024:.1f} MiB")
-        overload(work, ca, runs, opts.quick, keep, summary)
-        refused(work, certs["p256"], ca, runs, seconds, keep, summary)
+        overload(work, ca, runs, opts.quick, keep, summary, db)
+        refused(work, certs["p256"], ca, runs, seconds, keep, summary, db)
     finally:
+        if pg is not None:
+            pg.stop()
         shutil.rmtree(work, ignore_errors=True)
     finish(opts, results, results_path, summary)
 
 
-def overload(work, ca, runs, quick, keep, summary):
+def overload(work, ca, runs, quick, keep, summary, db):
     """A storm the server cannot absorb within Talos's deadline: a slow server (one core,
     RSA-4096 signatures) against a client with a core of its own. Calls must time out; what
     is measured is how much of the server's work still goes to calls that succeed."""
@@ -320,7 +533,7 @@ def overload(work, ca, runs, quick, keep, summary):
     nodes = 1000 if quick else 8000
     storms = []
     for r in range(runs):
-        server = Server(work, cert, os.path.join(work, f"overload-{r}.db"), cpus="0")
+        server = Server(work, cert, db(f"overload-{r}.db"), cpus="0")
         try:
             floor = keep(bench(server, ca, "--mode", "handshake", "--concurrency", 16, "--duration", 3,
                                cpus="1", experiment="overload-floor", run=r))
@@ -344,11 +557,11 @@ def overload(work, ca, runs, quick, keep, summary):
                                for s in storms))
 
 
-def refused(work, cert, ca, runs, seconds, keep, summary):
+def refused(work, cert, ca, runs, seconds, keep, summary, db):
     """What a connection from outside the allow-lists costs the server (accepted, counted and
     closed before any TLS byte), against a bare TLS handshake on the same server, alternating:
     a flood of refused connections must cost far less than one of handshakes."""
-    server = Server(work, cert, os.path.join(work, "refused.db"),
+    server = Server(work, cert, db("refused.db"),
                     policy=UNLIMITED + "sealAllowedNetworks: [127.0.0.1/32]\nunsealAllowedNetworks: [127.0.0.1/32]\n")
     pairs = []
     try:
@@ -461,13 +674,95 @@ def against_baseline(binary, work, cert, ca, runs, seconds, keep, summary):
     summary.append("")
 
 
+def against_sqlite(pg, work, cert, ca, runs, seconds, keep, summary):
+    """Issue 16: two servers of this build, one on SQLite and one on the throwaway PostgreSQL
+    cluster, measured alternately in one run (which goes first alternates too), on fresh
+    connections. Both unseal the same 1,000 volumes (`fill` bound to 127.0.0.1, copied to
+    PostgreSQL with `db migrate`, unsealed with --volumes-from), so that no run seals anything
+    before its measured phase and PostgreSQL's CPU around a run is the CPU of its calls."""
+    source = os.path.join(work, "compare-sqlite.db")
+    volumes = os.path.join(work, "compare-volumes.jsonl")
+    sh(BIN, "fill", "--database", source, "--records", "1000", "--ip", "127.0.0.1", "--volumes", volumes)
+    target = pg.database("compare-postgres")
+    sh(BIN, "db", "migrate", "--from", source, "--to", target.url, "--to-password-file", pg.password_file)
+    servers = {}
+    try:
+        servers["SQLite"] = Server(work, cert, source)
+        servers["PostgreSQL"] = Server(work, cert, target)
+        experiments = [
+            # (label, bench arguments, measure calls/s, target on calls/s, target on server CPU)
+            ("durable seals, c=32", ["--mode", "seal", "--concurrency", 32], (0.8, None), None),
+            ("unseals, c=32", ["--mode", "unseal", "--concurrency", 32, "--volumes-from", volumes],
+             (0.9, None), None),
+            ("unseals, c=8", ["--mode", "unseal", "--concurrency", 8, "--volumes-from", volumes],
+             None, (0.9, 1.1)),
+        ]
+        rows = []
+        for label, args, rate_target, cpu_target in experiments:
+            figures = {name: {"rate": [], "cpu": [], "pg": []} for name in servers}
+            ratios = {"rate": [], "cpu": []}
+            for r in range(runs):
+                order = list(servers) if r % 2 == 0 else list(servers)[::-1]
+                round_ = {}
+                for name in order:
+                    before = pg.cpu_s()
+                    record = bench(servers[name], ca, *args, "--duration", seconds,
+                                   experiment="database", against=name, run=r)
+                    pg_cpu = pg.cpu_s() - before
+                    if record["errors"] or record["mismatches"]:
+                        raise RuntimeError(f"{name}: calls failed: {record['errors']} {record.get('first_error')}")
+                    record["postgres_cpu_us_per_call"] = pg_cpu * 1e6 / record["calls_ok"]
+                    keep(record)
+                    round_[name] = record
+                    figures[name]["rate"].append(record["calls_per_s"])
+                    figures[name]["cpu"].append(record["server_cpu_us_per_call"])
+                    figures[name]["pg"].append(record["postgres_cpu_us_per_call"])
+                pg_round, lite_round = round_["PostgreSQL"], round_["SQLite"]
+                ratios["rate"].append(pg_round["calls_per_s"] / lite_round["calls_per_s"])
+                ratios["cpu"].append(pg_round["server_cpu_us_per_call"] / lite_round["server_cpu_us_per_call"])
+            med = {name: {k: statistics.median(v) for k, v in f.items()} for name, f in figures.items()}
+            lite, post = med["SQLite"], med["PostgreSQL"]
+
+            def verdict(ratio, bounds):
+                low, high = bounds
+                if high is None:
+                    return f"≥ {low}x: " + ("met" if ratio >= low else "**not met**")
+                return f"{low}–{high}x: " + ("met" if low <= ratio <= high else "**not met**")
+
+            if rate_target:
+                ratio = statistics.median(ratios["rate"])
+                rows.append(f"| {label}: calls/s | {lite['rate']:.0f} | {post['rate']:.0f} | **{ratio:.2f}x** | "
+                            f"{verdict(ratio, rate_target)} | " + ", ".join(f"{x:.2f}" for x in ratios["rate"]) + " |")
+            ratio = statistics.median(ratios["cpu"])
+            rows.append(f"| {label}: server CPU per call | {lite['cpu']:.0f} µs | {post['cpu']:.0f} µs | "
+                        + (f"**{ratio:.2f}x**" if cpu_target else f"{ratio:.2f}x") + " | "
+                        + (verdict(ratio, cpu_target) if cpu_target else "") + " | "
+                        + ", ".join(f"{x:.2f}" for x in ratios["cpu"]) + " |")
+            rows.append(f"| {label}: PostgreSQL's CPU per call | ({lite['pg']:.0f} µs idle) | {post['pg']:.0f} µs | | | "
+                        + ", ".join(f"{x:.0f}" for x in figures["PostgreSQL"]["pg"]) + " µs |")
+            rows.append(f"| {label}: server + PostgreSQL CPU per call | {lite['cpu']:.0f} µs | "
+                        f"{post['cpu'] + post['pg']:.0f} µs | {(post['cpu'] + post['pg']) / lite['cpu']:.2f}x | | |")
+    finally:
+        for server in servers.values():
+            server.stop()
+    summary.append("## PostgreSQL against SQLite (fresh connections, same run, alternating, medians)\n")
+    summary.append(f"{pg.settings()}; the server's store pool at its default size; "
+                   "`sslmode=disable` on loopback; the same 2 cores as server and client.\n")
+    summary.append("| measurement | SQLite | PostgreSQL | ratio PG/SQLite | target | runs' ratios |\n"
+                   "|---|---|---|---|---|---|")
+    summary.extend(rows)
+    summary.append("\nPostgreSQL's CPU: user + system time of the postmaster, its children and its exited "
+                   "children (/proc) around each run, divided by the run's calls; in the SQLite column, "
+                   "what the idle cluster spent meanwhile.\n")
+
+
 def finish(opts, results, results_path, summary):
     results.close()
     text = "\n".join(summary) + "\n"
     with open(os.path.join(opts.out, "summary.md"), "w") as f:
         f.write(text)
     print(text)
-    if not (opts.only_reference or opts.only_baseline or opts.only_refused):
+    if not (opts.only_reference or opts.only_baseline or opts.only_refused or opts.only_database):
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_plot.py"), results_path, opts.out],
                        check=True)
 
