@@ -196,10 +196,6 @@ impl Policy {
         }
     }
 
-    pub fn rules(&self) -> &Rules {
-        &self.rules
-    }
-
     /// Whether a seal of a passphrase of `passphrase_len` bytes for `node` from `ip` (bound
     /// into it as `ip_text`) may go on.
     pub async fn admit_seal(
