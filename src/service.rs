@@ -82,11 +82,6 @@ fn peer_of<T>(request: &Request<T>) -> Result<SocketAddr, Status> {
         .ok_or_else(|| Status::internal("the connection's peer address is unknown"))
 }
 
-fn store_unavailable(error: &store::StoreError) -> Status {
-    tracing::error!(%error, "key store failure");
-    Status::unavailable("the key store is unavailable; nothing was changed, retry later")
-}
-
 fn audit_unavailable() -> Status {
     Status::unavailable("the audit trail cannot be written; nothing was changed, retry later")
 }
@@ -133,8 +128,7 @@ impl KMSService for KmsService {
                 last_access: None,
             };
             let inserted = self.store.insert(record).await.map_err(|e| {
-                let status = store_unavailable(&e);
-                self.refused(event.clone(), Reason::StoreUnavailable, status)
+                self.refused_by_policy(event.clone(), Refusal::store_unavailable(&e))
             })?;
             match inserted {
                 Inserted::Stored(id) => {
@@ -169,10 +163,10 @@ impl KMSService for KmsService {
             let status = Status::invalid_argument("malformed sealed blob");
             return Err(self.refused(event, Reason::Invalid, status));
         };
-        let found = self.store.find_by_nonce(&blob.nonce).await.map_err(|e| {
-            let status = store_unavailable(&e);
-            self.refused(event.clone(), Reason::StoreUnavailable, status)
-        })?;
+        let found =
+            self.store.find_by_nonce(&blob.nonce).await.map_err(|e| {
+                self.refused_by_policy(event.clone(), Refusal::store_unavailable(&e))
+            })?;
 
         // Every failure below answers OK with random bytes in the time of a real attempt;
         // only the log and the audit trail tell why.

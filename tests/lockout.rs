@@ -70,21 +70,6 @@ async fn connect_from(source: &str, port: u16) -> std::io::Result<TcpStream> {
     socket.connect(SocketAddr::new(ip("127.0.0.1"), port)).await
 }
 
-fn client_tls(ca: &Path) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(talos_kms_server::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
-}
-
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// A completed TLS handshake from `source`; `None` if the server closed it first.
@@ -153,28 +138,6 @@ async fn trickle<S: AsyncRead + AsyncWrite + Unpin>(
             _ = tokio::time::sleep_until(deadline) => return false,
         }
     }
-}
-
-/// The Prometheus text of the server's metrics listener (`metricsAddress: 127.0.0.1:0`).
-async fn scrape(server: &ServerProcess) -> String {
-    let address = server
-        .startup_log
-        .iter()
-        .find(|line| line.contains("serving metrics"))
-        .and_then(|line| line.split("address=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the metrics address is logged")
-        .to_string();
-    let mut tcp = TcpStream::connect(address).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: kms\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut response))
-        .await
-        .unwrap()
-        .unwrap();
-    response
 }
 
 /// A counter's value in a scrape, 0 when absent.
@@ -288,7 +251,7 @@ async fn more_silent_sockets_than_slots_do_not_lock_out_a_node() {
 
     node_seals_and_unseals(port, &pki.ca).await;
 
-    let metrics = scrape(&server).await;
+    let metrics = scrape(&server.metrics_address(), None);
     assert!(
         counter(
             &metrics,
@@ -359,7 +322,7 @@ async fn one_address_with_calls_in_flight_holds_only_its_share() {
 
     node_seals_and_unseals(port, &pki.ca).await;
 
-    let metrics = scrape(&server).await;
+    let metrics = scrape(&server.metrics_address(), None);
     let turned_away = counter(
         &metrics,
         r#"talos_kms_connections_refused_total{reason="per_address"}"#,
@@ -428,7 +391,7 @@ async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["calls_ok"], 20, "{report}");
 
-    let metrics = scrape(&server).await;
+    let metrics = scrape(&server.metrics_address(), None);
     assert_eq!(
         counter(
             &metrics,

@@ -13,12 +13,6 @@ use std::time::{Duration, Instant};
 const SERVING: u8 = 1;
 const NOT_SERVING: u8 = 2;
 
-/// The status in a HealthCheckResponse frame: `[flag, len(4), 0x08, status]`.
-fn status_of(frame: &[u8]) -> u8 {
-    assert!(frame.len() >= 7 && frame[5] == 0x08, "{frame:?}");
-    frame[6]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_until_the_database_is_gone_and_watch_says_so() {
     let dir = tempfile::tempdir().unwrap();
@@ -41,7 +35,7 @@ async fn health_is_serving_until_the_database_is_gone_and_watch_says_so() {
     .await;
     let mut stream = watch.into_body();
     let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert_eq!(status_of(&first), SERVING);
+    assert_eq!(health_status(&first), SERVING);
 
     std::fs::remove_file(dir.path().join("kms.db")).unwrap();
     let next = tokio::time::timeout(Duration::from_secs(10), stream.frame())
@@ -51,7 +45,7 @@ async fn health_is_serving_until_the_database_is_gone_and_watch_says_so() {
         .unwrap()
         .into_data()
         .unwrap();
-    assert_eq!(status_of(&next), NOT_SERVING);
+    assert_eq!(health_status(&next), NOT_SERVING);
     assert_eq!(grpc_health(port, &pki.ca).await, NOT_SERVING);
 }
 
@@ -112,18 +106,7 @@ async fn metrics_count_calls_and_failed_handshakes_and_pass_promtool() {
         .handshake()
         .await;
 
-    let (body, openmetrics) = tokio::task::spawn_blocking(move || {
-        let prometheus =
-            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
-        (scrape(&address, None), scrape(&address, Some(prometheus)))
-    })
-    .await
-    .unwrap();
-    assert!(
-        openmetrics.ends_with("# EOF\n"),
-        "OpenMetrics when asked for it"
-    );
-    for expected in [
+    let expected = [
         r#"talos_kms_calls_total{action="seal",outcome="ok",reason=""} 1"#,
         r#"talos_kms_calls_total{action="unseal",outcome="ok",reason=""} 1"#,
         r#"talos_kms_calls_total{action="unseal",outcome="refused",reason="wrong_key_or_binding"} 1"#,
@@ -132,7 +115,29 @@ async fn metrics_count_calls_and_failed_handshakes_and_pass_promtool() {
         "talos_kms_certificate_expiry_timestamp_seconds",
         "talos_kms_build_info",
         "talos_kms_store_up 1",
-    ] {
+    ];
+    // The server reads the refusing client's alert after the client has gone, and reports
+    // the store's health every 2 s: scrape until both have happened (10 s at most).
+    let (body, openmetrics) = tokio::task::spawn_blocking(move || {
+        let prometheus =
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut body = scrape(&address, None);
+        while !expected.iter().all(|line| body.contains(line))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+            body = scrape(&address, None);
+        }
+        (body, scrape(&address, Some(prometheus)))
+    })
+    .await
+    .unwrap();
+    assert!(
+        openmetrics.ends_with("# EOF\n"),
+        "OpenMetrics when asked for it"
+    );
+    for expected in expected {
         assert!(body.contains(expected), "{expected} missing from:\n{body}");
     }
     let Some(checked) = promtool(&["check", "metrics"], Some(&body)) else {

@@ -285,26 +285,13 @@ async fn a_seal_storm_survives_a_replica_killed_and_postgres_crashing() {
         "{:?}",
         sealed_during.map(|data| data.len())
     );
-    let mut health = SERVING;
-    while outage.elapsed() < Duration::from_secs(20) {
-        health = grpc_health(ports[1], &pki.ca).await;
-        if health == NOT_SERVING {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let limit = Duration::from_secs(20).saturating_sub(outage.elapsed());
+    let health = wait_for_health(ports[1], &pki.ca, NOT_SERVING, limit).await;
     assert_eq!(health, NOT_SERVING, "health during the outage");
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     pg.restart();
-    let back = Instant::now();
-    while back.elapsed() < Duration::from_secs(30) {
-        health = grpc_health(ports[1], &pki.ca).await;
-        if health == SERVING {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let health = wait_for_health(ports[1], &pki.ca, SERVING, Duration::from_secs(30)).await;
     assert_eq!(health, SERVING, "health once PostgreSQL is back");
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);

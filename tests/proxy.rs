@@ -12,7 +12,6 @@ use common::postgres::PgCluster;
 use common::*;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 use talos_kms_server::client::{ClientOptions, KmsClient, ProxyV2};
 use talos_kms_server::listener::proxy_protocol::v2_header;
@@ -227,23 +226,7 @@ async fn health_after(port: u16, ca: &Path, source: &str, prefix: &[u8], piece: 
     .unwrap();
     let response = sender.send_request(request).await.unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert!(body.len() >= 7 && body[5] == 0x08, "{body:?}");
-    body[6]
-}
-
-fn client_tls(ca: &Path) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(talos_kms_server::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
+    health_status(&body)
 }
 
 fn v2_carrying(client: &str, port: u16) -> Vec<u8> {

@@ -154,7 +154,8 @@ impl Refusal {
         Self { reason, status }
     }
 
-    fn store(error: &StoreError) -> Self {
+    /// The store failed: the caller must retry, never be told anything else.
+    pub fn store_unavailable(error: &StoreError) -> Self {
         tracing::error!(%error, "key store failure");
         Self::new(
             Reason::StoreUnavailable,
@@ -212,7 +213,7 @@ impl Policy {
             .store
             .node_summary(node, ip_text)
             .await
-            .map_err(|e| Refusal::store(&e))?;
+            .map_err(|e| Refusal::store_unavailable(&e))?;
         let max = self.rules.max_records_per_node;
         if max > 0 && summary.records >= max {
             tracing::warn!(node = ?node, ip = ip_text, records = summary.records,
@@ -310,7 +311,11 @@ impl Policy {
 
     async fn in_window(&self, operation: Operation) -> Result<(), Refusal> {
         let now = store::now();
-        let windows = self.store.windows().await.map_err(|e| Refusal::store(&e))?;
+        let windows = self
+            .store
+            .windows()
+            .await
+            .map_err(|e| Refusal::store_unavailable(&e))?;
         if windows
             .iter()
             .any(|w| w.operation == operation && now < w.closes_at)
@@ -333,7 +338,7 @@ impl Policy {
             .store
             .approval(operation, node, ip)
             .await
-            .map_err(|e| Refusal::store(&e))?;
+            .map_err(|e| Refusal::store_unavailable(&e))?;
         if let Some(approval) = &known {
             if approval.allows(now) {
                 return Ok(());
@@ -348,7 +353,7 @@ impl Policy {
             .store
             .note_pending(operation, node, ip, now, self.rules.max_pending)
             .await
-            .map_err(|e| Refusal::store(&e))?;
+            .map_err(|e| Refusal::store_unavailable(&e))?;
         let Some(pending) = noted else {
             tracing::warn!(%operation, node = ?node, ip,
                 "refused without recording: maxPendingApprovals requests are pending");
@@ -396,7 +401,7 @@ impl Policy {
                 .store
                 .created_since(since)
                 .await
-                .map_err(|e| Refusal::store(&e))?;
+                .map_err(|e| Refusal::store_unavailable(&e))?;
             let mut hourly = lock(&self.hourly);
             *hourly = HourlyCount {
                 read_at: Some(Instant::now()),

@@ -360,6 +360,22 @@ pub async fn run_ok(args: &[&str]) -> String {
     text(&output.stdout)
 }
 
+/// A Talos-like client's TLS: 1.3 only, offering `h2`, trusting the CAs in `ca`.
+pub fn client_tls(ca: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
 /// A TLS 1.3 connection offering `h2`, trusting the CAs in `ca`, as `127.0.0.1`.
 pub async fn tls_connect(
     port: u16,
@@ -374,17 +390,6 @@ pub async fn tls_connect_from(
     ca: &Path,
     source: Option<IpAddr>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     if let Some(source) = source {
         socket.bind(SocketAddr::new(source, 0)).unwrap();
@@ -394,7 +399,7 @@ pub async fn tls_connect_from(
         .await
         .unwrap();
     tcp.set_nodelay(true).unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(client_tls(ca))
         .connect(
             rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
             tcp,
@@ -442,7 +447,23 @@ pub async fn grpc_health(port: u16, ca: &Path) -> u8 {
     )
     .await;
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    // A HealthCheckResponse frame: [flag, len(4), 0x08, status].
-    assert!(body.len() >= 7 && body[5] == 0x08, "{body:?}");
-    body[6]
+    health_status(&body)
+}
+
+/// The status in a HealthCheckResponse frame: `[flag, len(4), 0x08, status]`.
+pub fn health_status(frame: &[u8]) -> u8 {
+    assert!(frame.len() >= 7 && frame[5] == 0x08, "{frame:?}");
+    frame[6]
+}
+
+/// Asks health every 200 ms until it answers `wanted` or `limit` passes; the last answer.
+pub async fn wait_for_health(port: u16, ca: &Path, wanted: u8, limit: Duration) -> u8 {
+    let started = std::time::Instant::now();
+    loop {
+        let health = grpc_health(port, ca).await;
+        if health == wanted || started.elapsed() >= limit {
+            return health;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
