@@ -78,6 +78,8 @@ class Listening:
         self.proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited ({self.proc.returncode}) before listening")
             self.port = listening_port(self.proc.pid)
             if self.port:
                 return
@@ -91,7 +93,7 @@ class Listening:
 
 # A benchmark is one address making thousands of calls a second: far above what the default
 # rate limits and quotas let one address do (README, "Policy"). Builds from before the policy
-# keys existed get no policy lines (they would refuse the unknown keys).
+# keys existed get no policy lines (they refuse the unknown keys; see `against_baseline`).
 UNLIMITED = ("rateLimitPerAddress: {perSecond: 0}\nrateLimitGlobal: {perSecond: 0}\n"
              "maxNewRecordsPerHour: 0\nmaxConnectionsPerAddress: 4096\n")
 # The policy configured but never reached: allow-lists and token buckets evaluated per call.
@@ -261,11 +263,9 @@ class Postgres:
                                  f"passwordFile: {self.password_file}\n"
                                  f"auditLog: {os.path.join(self.work, name + '-audit.jsonl')}\n")
 
-    def cpu_s(self):
-        """CPU seconds (user + system) of the whole cluster so far: the postmaster with its
-        exited children, and every live child (backends, WAL writer, checkpointer...)."""
-        tick = os.sysconf("SC_CLK_TCK")
-        total = 0
+    def processes(self):
+        """(pid, /proc stat fields after the name) of the postmaster and its live children
+        (backends, WAL writer, checkpointer...)."""
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -274,12 +274,23 @@ class Postgres:
                     fields = f.read().rsplit(")", 1)[1].split()
             except (FileNotFoundError, ProcessLookupError):
                 continue
-            # fields[0] is the state (field 3 of stat): ppid is field 4, utime..cstime 14-17.
-            if int(entry) == self.proc.pid:
-                total += sum(int(v) for v in fields[11:15])
-            elif int(fields[1]) == self.proc.pid:
-                total += int(fields[11]) + int(fields[12])
-        return total / tick
+            # fields[0] is the state (field 3 of stat): ppid is field 4.
+            if int(entry) == self.proc.pid or int(fields[1]) == self.proc.pid:
+                yield int(entry), fields
+
+    def cpu_s(self):
+        """CPU seconds (user + system) of the whole cluster so far: the postmaster with its
+        exited children, and every live child."""
+        total = 0
+        for pid, fields in self.processes():
+            # utime, stime, cutime, cstime are fields 14-17 of stat.
+            total += sum(int(v) for v in fields[11:15 if pid == self.proc.pid else 13])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def pin(self, cpus):
+        """Moves the cluster to `cpus` (a set); backends forked later inherit the postmaster's."""
+        for pid, _ in self.processes():
+            set_affinity(pid, cpus)
 
     def settings(self):
         version = self.sql("postgres", "SHOW server_version")
@@ -323,6 +334,15 @@ def listening_port(pid):
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     return None
+
+
+def set_affinity(pid, cpus):
+    """Moves every thread of a running process to `cpus` (a set)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except ProcessLookupError:
+            pass
 
 
 def pinned(cpus):
@@ -632,13 +652,21 @@ def target2(reference_binary, work, cert, ca, runs, seconds, keep, summary):
     summary.append("")
 
 
+def baseline_server(binary, work, cert):
+    """The baseline build, without the policy's limits, or without the keys if it predates them."""
+    try:
+        return Server(work, cert, os.path.join(work, "baseline.db"), binary=binary)
+    except RuntimeError:
+        return Server(work, cert, os.path.join(work, "baseline-old.db"), binary=binary, policy="")
+
+
 def against_baseline(binary, work, cert, ca, runs, seconds, keep, summary):
     """This build against an older one: server CPU per call on fresh connections, alternating
     in one run (the machine drifts more between runs than a change costs)."""
     servers = {"this build": Server(work, cert, os.path.join(work, "current.db")),
                "this build, allow-lists and rate limits": Server(
                    work, cert, os.path.join(work, "configured.db"), policy=CONFIGURED),
-               "baseline": Server(work, cert, os.path.join(work, "baseline.db"), binary=binary, policy="")}
+               "baseline": baseline_server(binary, work, cert)}
     variants = [name for name in servers if name != "baseline"]
     experiments = [
         ("fresh unseal, c=8", ["--mode", "unseal", "--concurrency", 8, "--nodes", 1000]),
@@ -697,8 +725,22 @@ def against_sqlite(pg, work, cert, ca, runs, seconds, keep, summary):
             ("unseals, c=8", ["--mode", "unseal", "--concurrency", 8, "--volumes-from", volumes],
              None, (0.9, 1.1)),
         ]
+        # The same unseals with the server alone on core 0 and the client and PostgreSQL on
+        # core 1: PostgreSQL's backends no longer preempt the server (as on a database host of
+        # its own), while the server still pays for every round trip.
+        everywhere = os.sched_getaffinity(0)
+        if len(everywhere) >= 2:
+            own, rest = sorted(everywhere)[:1], sorted(everywhere)[1:]
+            experiments.append(("unseals, c=8, server on a core of its own",
+                                ["--mode", "unseal", "--concurrency", 8, "--volumes-from", volumes],
+                                None, (0.9, 1.1), (set(own), set(rest))))
         rows = []
-        for label, args, rate_target, cpu_target in experiments:
+        for label, args, rate_target, cpu_target, *layout in experiments:
+            server_cpus, other_cpus = layout[0] if layout else (everywhere, everywhere)
+            for server in servers.values():
+                set_affinity(server.proc.pid, server_cpus)
+            pg.pin(other_cpus)
+            client_cpus = ",".join(map(str, sorted(other_cpus))) if layout else None
             figures = {name: {"rate": [], "cpu": [], "pg": []} for name in servers}
             ratios = {"rate": [], "cpu": []}
             for r in range(runs):
@@ -706,8 +748,8 @@ def against_sqlite(pg, work, cert, ca, runs, seconds, keep, summary):
                 round_ = {}
                 for name in order:
                     before = pg.cpu_s()
-                    record = bench(servers[name], ca, *args, "--duration", seconds,
-                                   experiment="database", against=name, run=r)
+                    record = bench(servers[name], ca, *args, "--duration", seconds, cpus=client_cpus,
+                                   experiment="database", against=name, run=r, case=label)
                     pg_cpu = pg.cpu_s() - before
                     if record["errors"] or record["mismatches"]:
                         raise RuntimeError(f"{name}: calls failed: {record['errors']} {record.get('first_error')}")
@@ -745,9 +787,11 @@ def against_sqlite(pg, work, cert, ca, runs, seconds, keep, summary):
     finally:
         for server in servers.values():
             server.stop()
+        pg.pin(os.sched_getaffinity(0))
     summary.append("## PostgreSQL against SQLite (fresh connections, same run, alternating, medians)\n")
     summary.append(f"{pg.settings()}; the server's store pool at its default size; "
-                   "`sslmode=disable` on loopback; the same 2 cores as server and client.\n")
+                   "`sslmode=disable` on loopback; server, client and PostgreSQL share the "
+                   "machine's cores, but in the last rows, where the server has one to itself.\n")
     summary.append("| measurement | SQLite | PostgreSQL | ratio PG/SQLite | target | runs' ratios |\n"
                    "|---|---|---|---|---|---|")
     summary.extend(rows)

@@ -4,8 +4,12 @@ mod common;
 
 use common::*;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use talos_kms_server::client::ClientError;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::Code;
 
 const LOCAL2: &str = "127.0.0.2";
@@ -322,4 +326,264 @@ async fn a_seal_from_127_0_0_2_is_recorded_with_that_address() {
         .query_row("SELECT ip FROM records", [], |r| r.get(0))
         .unwrap();
     assert_eq!(ip, LOCAL2);
+}
+
+/// A seal waits for its commit, and the server's HTTP/2 SETTINGS wait with it: its whole
+/// reply leaves in as many TLS records as an unseal's, which is answered at once. A record
+/// more is one more to encrypt, send, and have the client acknowledge.
+#[tokio::test]
+async fn a_seal_answers_in_as_few_tls_records_as_an_unseal() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
+    let passphrase = random_passphrase();
+    let request = |data: &[u8]| talos_kms_server::proto::Request {
+        node_uuid: NODE.into(),
+        data: data.to_vec(),
+    };
+
+    // A commit slower than the server's hold (a loaded machine) splits a reply: the least of
+    // three seals counts.
+    let mut seal_records = usize::MAX;
+    let mut sealed = Vec::new();
+    for _ in 0..3 {
+        let (answer, records) = one_call_counting_records(
+            server.port(),
+            &server.pki.ca,
+            talos_kms_server::proto::SEAL_PATH,
+            &request(&passphrase).encode_to_vec(),
+        )
+        .await;
+        sealed = talos_kms_server::proto::Response::decode(&answer[..])
+            .unwrap()
+            .data;
+        seal_records = seal_records.min(records);
+    }
+    let (unsealed, unseal_records) = one_call_counting_records(
+        server.port(),
+        &server.pki.ca,
+        talos_kms_server::proto::UNSEAL_PATH,
+        &request(&sealed).encode_to_vec(),
+    )
+    .await;
+    let unsealed = talos_kms_server::proto::Response::decode(&unsealed[..])
+        .unwrap()
+        .data;
+    assert_eq!(
+        unsealed, passphrase,
+        "the raw calls seal and unseal for real"
+    );
+    assert_eq!(
+        seal_records, unseal_records,
+        "a seal's reply took more TLS records than an unseal's"
+    );
+    server.running.shutdown().await.unwrap();
+}
+
+/// Makes one call the way Talos does (its request leaves with the TLS Finished), and returns
+/// the answer's message and how many TLS records reached the client after its request.
+async fn one_call_counting_records(
+    port: u16,
+    ca: &std::path::Path,
+    path: &str,
+    message: &[u8],
+) -> (Vec<u8>, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let (tcp, records) = RecordCounter::new(tcp);
+    let mut tls = tokio_rustls::TlsConnector::from(client_tls(ca))
+        .connect(
+            rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+
+    let mut block = vec![0x83, 0x87]; // :method POST, :scheme https
+    for (name_index, value) in [(4u8, path), (1, "127.0.0.1")] {
+        block.extend([name_index, value.len() as u8]); // literal with an indexed name
+        block.extend(value.as_bytes());
+    }
+    block.extend([0x0f, 0x10, 16]); // content-type (static index 31)
+    block.extend(b"application/grpc");
+    block.extend([0x00, 2]);
+    block.extend(b"te");
+    block.push(8);
+    block.extend(b"trailers");
+    let mut body = vec![0];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    out.extend(frame(0x1, 0x4, 1, &block)); // HEADERS, END_HEADERS
+    out.extend(frame(0x0, 0x1, 1, &body)); // DATA, END_STREAM
+    tls.write_all(&out).await.unwrap();
+    records.start_counting();
+    tls.get_mut().0.uncork();
+    tls.flush().await.unwrap();
+
+    let mut answer = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut header = [0u8; 9];
+        tokio::time::timeout_at(deadline, tls.read_exact(&mut header))
+            .await
+            .expect("the answer within 10 s")
+            .unwrap();
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let (kind, flags) = (header[3], header[4]);
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; length];
+        tls.read_exact(&mut payload).await.unwrap();
+        if stream != 1 {
+            continue;
+        }
+        match kind {
+            0x0 => answer.extend(payload),
+            0x1 if flags & 0x1 != 0 => break, // trailers
+            0x3 | 0x7 => panic!("the call was reset"),
+            _ => {}
+        }
+    }
+    assert!(answer.len() > 5, "no answer");
+    (answer[5..].to_vec(), records.counted())
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// A TCP stream that counts the TLS records it reads once told to, and holds its writes
+/// from the server's first flight until uncorked, so that the client's Finished and its
+/// request leave in one write.
+struct RecordCounter {
+    tcp: tokio::net::TcpStream,
+    /// None until the server's first bytes arrive.
+    corked: Option<bool>,
+    held: Vec<u8>,
+    counts: Arc<Counts>,
+    /// The current record's header as far as it has been read, then its body left to skip.
+    header: Vec<u8>,
+    body_left: usize,
+}
+
+#[derive(Default)]
+struct Counts {
+    counting: AtomicBool,
+    records: AtomicUsize,
+}
+
+struct CountHandle(Arc<Counts>);
+
+impl CountHandle {
+    fn start_counting(&self) {
+        self.0.counting.store(true, Ordering::SeqCst);
+    }
+
+    fn counted(&self) -> usize {
+        self.0.records.load(Ordering::SeqCst)
+    }
+}
+
+impl RecordCounter {
+    fn new(tcp: tokio::net::TcpStream) -> (RecordCounter, CountHandle) {
+        let counts = Arc::new(Counts::default());
+        let counter = RecordCounter {
+            tcp,
+            corked: None,
+            held: Vec::new(),
+            counts: Arc::clone(&counts),
+            header: Vec::new(),
+            body_left: 0,
+        };
+        (counter, CountHandle(counts))
+    }
+
+    /// What was held leaves with the next flush, and later writes go straight out.
+    fn uncork(&mut self) {
+        self.corked = Some(false);
+    }
+
+    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.held.is_empty() {
+            let written = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.held))?;
+            self.held.drain(..written);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn count(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let skipped = self.body_left.min(bytes.len());
+                self.body_left -= skipped;
+                bytes = &bytes[skipped..];
+                continue;
+            }
+            let taken = (5 - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..taken]);
+            bytes = &bytes[taken..];
+            if self.header.len() == 5 {
+                if self.header[0] == 23 && self.counts.counting.load(Ordering::SeqCst) {
+                    self.counts.records.fetch_add(1, Ordering::SeqCst);
+                }
+                self.body_left = u16::from_be_bytes([self.header[3], self.header[4]]) as usize;
+                self.header.clear();
+            }
+        }
+    }
+}
+
+impl AsyncRead for RecordCounter {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.tcp).poll_read(cx, buf))?;
+        let read = buf.filled()[before..].to_vec();
+        if !read.is_empty() && this.corked.is_none() {
+            this.corked = Some(true);
+        }
+        this.count(&read);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for RecordCounter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.corked == Some(true) {
+            this.held.extend_from_slice(data);
+            return Poll::Ready(Ok(data.len()));
+        }
+        ready!(this.poll_send_held(cx))?;
+        Pin::new(&mut this.tcp).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.corked == Some(true) {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(this.poll_send_held(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
 }

@@ -14,7 +14,9 @@
 //! A Talos call is one request on a fresh connection, arriving with the client's TLS
 //! Finished. The handler answers it within the poll that reads it ([`InlineFirst`]) and
 //! sends everything that poll queued in one write ([`write_batch`]): the server's HTTP/2
-//! SETTINGS, its acknowledgement of the client's, and the response leave together.
+//! SETTINGS, its acknowledgement of the client's, and the response leave together. A call
+//! that must wait (a seal's commit, a PostgreSQL round trip) holds that write back until
+//! its answer joins it.
 
 mod handshake_failures;
 mod limits;
@@ -55,6 +57,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tonic::codegen::Service;
+use write_batch::{Answering, Hold, Unanswered};
 
 /// HTTP/2's initial flow-control window (RFC 9113 §6.9.2).
 const SPEC_WINDOW_SIZE: u32 = 65_535;
@@ -335,11 +338,13 @@ impl Handler {
         };
 
         self.metrics.handshake();
+        let unanswered = Unanswered::default();
         let service = WithPeer {
             inner: self.grpc,
             health: self.health,
             peer: Peer(self.peer),
             slot: Arc::clone(&self.slot),
+            unanswered: unanswered.clone(),
         };
         let mut http2 = hyper::server::conn::http2::Builder::new(InlineFirst);
         http2
@@ -356,7 +361,7 @@ impl Handler {
             http2.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
         tokio::pin!(connection);
         let closing = tokio::select! {
-            result = sending(connection.as_mut(), &batch) => {
+            result = sending(connection.as_mut(), &batch, &unanswered) => {
                 if let Err(error) = result {
                     tracing::debug!(peer = %self.peer, %error, "connection ended with an error");
                 }
@@ -372,7 +377,7 @@ impl Handler {
                 // Nothing was in flight: the GOAWAY leaves, and the connection closes without
                 // waiting for an answer that a client holding a slot would never send.
                 closed_waiting(&self.metrics, self.peer, closed, "after its handshake");
-                let mut sent = pin!(sending(connection.as_mut(), &batch));
+                let mut sent = pin!(sending(connection.as_mut(), &batch, &unanswered));
                 let finished =
                     std::future::poll_fn(|cx| Poll::Ready(sent.as_mut().poll(cx).is_ready())).await;
                 if !finished && self.slot.is_busy() {
@@ -392,7 +397,7 @@ impl Handler {
                 let from = tokio::time::Instant::now();
                 tokio::select! {
                     biased;
-                    _ = sending(connection.as_mut(), &batch) => {}
+                    _ = sending(connection.as_mut(), &batch, &unanswered) => {}
                     _ = self.slot.idle_for(idle, from) => {}
                 }
             }
@@ -528,13 +533,19 @@ fn client_left(socket: &TcpStream) -> bool {
     }
 }
 
-/// Drives the connection, sending what each poll queued before the task sleeps.
+/// Drives the connection, sending what each poll queued before the task sleeps, unless it
+/// waits for an answer being computed (see [`write_batch`]).
 async fn sending<C: Future, IO: tokio::io::AsyncWrite + Unpin>(
     mut connection: Pin<&mut C>,
     batch: &write_batch::WriteBatch<IO>,
+    unanswered: &Unanswered,
 ) -> C::Output {
+    let mut hold = Hold::new(unanswered);
     std::future::poll_fn(|cx| {
         let polled = connection.as_mut().poll(cx);
+        if polled.is_pending() && hold.poll_wait(cx, batch) {
+            return Poll::Pending;
+        }
         batch.send(cx);
         polled
     })
@@ -575,6 +586,7 @@ struct WithPeer {
     health: Health,
     peer: Peer,
     slot: Arc<Slot>,
+    unanswered: Unanswered,
 }
 
 impl Service<http::Request<Incoming>> for WithPeer {
@@ -603,7 +615,11 @@ impl Service<http::Request<Incoming>> for WithPeer {
             request.extensions_mut().insert(self.peer);
             AnswerKind::Grpc(self.inner.call(request))
         };
-        Answer { kind, in_flight }
+        Answer {
+            kind,
+            in_flight,
+            answering: Some(self.unanswered.call()),
+        }
     }
 }
 
@@ -625,6 +641,7 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
 pub struct Answer<F, H> {
     kind: AnswerKind<F, H>,
     in_flight: Option<Busy>,
+    answering: Option<Answering>,
 }
 
 /// The KMS's or the health service's answer, or an HTTP refusal ready at once.
@@ -661,6 +678,7 @@ where
         };
         if polled.is_ready() {
             this.in_flight = None;
+            this.answering = None;
         }
         polled
     }

@@ -8,18 +8,29 @@
 //!
 //! [`BatchedIo`] is the stream hyper sees: reads pass through, writes are queued and
 //! `poll_flush` is a no-op. [`WriteBatch::send`] writes the queue out; the handler calls it
-//! after every poll of the connection, so nothing queued waits for a later event.
+//! after every poll of the connection, so nothing queued waits for a later event, but for
+//! one: while a call's answer waits on the store (a seal's commit, an unseal's PostgreSQL
+//! round trip), the SETTINGS queued before it wait too ([`Hold`]), up to [`ANSWER_HOLD`].
+//! Sent alone, they cost a record, a `writev`, and the client's acknowledgement to read.
 
 use crate::locking::lock;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Queued bytes beyond which writes wait for the queue to drain: bounds a connection's
 /// memory when the peer does not read.
 const MAX_QUEUED: usize = 64 * 1024;
+
+/// The longest the queue waits for an answer: longer than a commit's `fdatasync` or a
+/// PostgreSQL round trip on a busy machine, short enough that a stalled store does not
+/// hold a client's PING acknowledgement for long.
+pub const ANSWER_HOLD: Duration = Duration::from_millis(50);
 
 struct Shared<IO> {
     io: IO,
@@ -71,6 +82,69 @@ impl<IO: AsyncWrite + Unpin> Shared<IO> {
         self.failed = Some(kind);
         self.queued = Vec::new();
         Poll::Ready(Err(kind.into()))
+    }
+}
+
+impl<IO> WriteBatch<IO> {
+    /// A write was refused for a full queue (or the stream failed): the queue must go now.
+    fn must_send(&self) -> bool {
+        let shared = lock(&self.0);
+        shared.refused || shared.failed.is_some()
+    }
+}
+
+/// The calls of one connection whose answers are still being computed.
+#[derive(Clone, Default)]
+pub struct Unanswered(Arc<AtomicUsize>);
+
+/// One call being answered; dropped when its answer is ready.
+pub struct Answering(Arc<AtomicUsize>);
+
+impl Unanswered {
+    pub fn call(&self) -> Answering {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        Answering(Arc::clone(&self.0))
+    }
+
+    fn any(&self) -> bool {
+        self.0.load(Ordering::Acquire) > 0
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether what a poll queued waits for an answer still being computed.
+pub struct Hold {
+    unanswered: Unanswered,
+    until: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Hold {
+    pub fn new(unanswered: &Unanswered) -> Hold {
+        Hold {
+            unanswered: unanswered.clone(),
+            until: None,
+        }
+    }
+
+    /// True while the queue should wait: a call is unanswered and has been for less than
+    /// [`ANSWER_HOLD`]; the task is woken when that time is up.
+    pub fn poll_wait<IO>(&mut self, cx: &mut Context<'_>, batch: &WriteBatch<IO>) -> bool {
+        if !self.unanswered.any() {
+            self.until = None;
+            return false;
+        }
+        if batch.must_send() {
+            return false;
+        }
+        let until = self
+            .until
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(ANSWER_HOLD)));
+        until.as_mut().poll(cx).is_pending()
     }
 }
 
@@ -225,5 +299,82 @@ mod tests {
         write_then_send(&mut io, &batch, &[b"into the void"]).await;
         let error = io.write_all(b"more").await.expect_err("the peer is gone");
         assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    /// One poll of the connection as the handler drives it: sends unless `hold` waits.
+    async fn end_of_poll_holding<IO: AsyncWrite + Unpin>(batch: &WriteBatch<IO>, hold: &mut Hold) {
+        std::future::poll_fn(|cx| {
+            if !hold.poll_wait(cx, batch) {
+                batch.send(cx);
+            }
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    /// Whatever `far` has received so far, without waiting.
+    fn received(far: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        let mut got = vec![0; 256];
+        let mut buf = ReadBuf::new(&mut got);
+        let waker = std::task::Waker::noop();
+        match Pin::new(far).poll_read(&mut Context::from_waker(waker), &mut buf) {
+            Poll::Ready(Ok(())) => buf.filled().to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settings_wait_for_an_answer_being_computed_and_leave_with_it() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let (mut io, batch) = batched(near);
+        let unanswered = Unanswered::default();
+        let mut hold = Hold::new(&unanswered);
+
+        let call = unanswered.call();
+        io.write_all(b"SETTINGS+ACK").await.expect("queue");
+        end_of_poll_holding(&batch, &mut hold).await;
+        tokio::time::advance(ANSWER_HOLD / 2).await;
+        end_of_poll_holding(&batch, &mut hold).await;
+        assert_eq!(received(&mut far), b"", "sent before the answer");
+
+        io.write_all(b"+RESPONSE").await.expect("queue");
+        drop(call);
+        end_of_poll_holding(&batch, &mut hold).await;
+        assert_eq!(received(&mut far), b"SETTINGS+ACK+RESPONSE");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_takes_too_long_does_not_hold_the_rest() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let (mut io, batch) = batched(near);
+        let unanswered = Unanswered::default();
+        let mut hold = Hold::new(&unanswered);
+
+        let _stuck = unanswered.call();
+        io.write_all(b"SETTINGS+ACK").await.expect("queue");
+        end_of_poll_holding(&batch, &mut hold).await;
+        assert_eq!(received(&mut far), b"");
+        tokio::time::advance(ANSWER_HOLD).await;
+        end_of_poll_holding(&batch, &mut hold).await;
+        assert_eq!(received(&mut far), b"SETTINGS+ACK");
+        io.write_all(b"PING-ACK").await.expect("queue");
+        end_of_poll_holding(&batch, &mut hold).await;
+        assert_eq!(
+            received(&mut far),
+            b"PING-ACK",
+            "held again after the hold ran out"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_waits_when_no_answer_is_being_computed() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let (mut io, batch) = batched(near);
+        let unanswered = Unanswered::default();
+        let mut hold = Hold::new(&unanswered);
+        drop(unanswered.call());
+        io.write_all(b"PING-ACK").await.expect("queue");
+        end_of_poll_holding(&batch, &mut hold).await;
+        assert_eq!(received(&mut far), b"PING-ACK");
     }
 }

@@ -344,7 +344,9 @@ async fn write_accesses(
     written.map(drop)
 }
 
-const RECORD_COLUMNS: &str = "id, node_uuid, ip, ciphertext, created_at, last_access, revoked_at";
+/// A literal, not a `format!`: it is the key of the statement cache on every unseal.
+const FIND_BY_NONCE: &str = "SELECT id, node_uuid, ip, ciphertext, created_at, last_access, \
+                             revoked_at FROM records WHERE nonce = $1";
 const INFO_COLUMNS: &str = "id, node_uuid, ip, created_at, last_access, revoked_at";
 const APPROVAL_COLUMNS: &str = "id, operation, node_uuid, ip, state, first_seen, last_seen, \
                                 attempts, approved_until, decided_at";
@@ -485,13 +487,9 @@ impl Store for PgStore {
     }
 
     async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
-        let nonce = nonce.to_vec();
+        let nonce = &nonce[..];
         self.with(|client| async move {
-            let statement = client
-                .prepare_cached(&format!(
-                    "SELECT {RECORD_COLUMNS} FROM records WHERE nonce = $1"
-                ))
-                .await?;
+            let statement = client.prepare_cached(FIND_BY_NONCE).await?;
             Ok(client
                 .query_opt(&statement, &[&nonce])
                 .await?
