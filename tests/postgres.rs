@@ -791,10 +791,12 @@ async fn both_stores_answer_every_call_alike() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_contract_holds_on_postgres() {
     let Some(pg) = PgCluster::start() else { return };
-    for name in ["summaries", "windows", "approvals"] {
+    for name in ["lookups", "summaries", "windows", "approvals"] {
         pg.create_database(name);
     }
     let options = |name: &str| pg_options(&pg.url(name, ""));
+    let store = PgStore::open(&options("lookups")).await.unwrap();
+    store_contract::lookups_at_once_each_find_their_own(&store).await;
     let store = PgStore::open(&options("summaries")).await.unwrap();
     store_contract::node_summaries_and_hourly_counts(&store).await;
     let store = PgStore::open(&options("windows")).await.unwrap();

@@ -12,6 +12,12 @@ fn store() -> (tempfile::TempDir, SqliteStore) {
 }
 
 #[tokio::test]
+async fn lookups_at_once_each_find_their_own() {
+    let (_dir, store) = store();
+    store_contract::lookups_at_once_each_find_their_own(&store).await;
+}
+
+#[tokio::test]
 async fn node_summaries_and_hourly_counts() {
     let (_dir, store) = store();
     store_contract::node_summaries_and_hourly_counts(&store).await;

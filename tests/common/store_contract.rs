@@ -16,6 +16,47 @@ fn record(nonce: u8, node: &str, ip: &str, created_at: i64) -> NewRecord {
     }
 }
 
+/// Unseals arrive together (a cluster booting): each lookup gets its own record, the same
+/// blob looked up twice at once is found twice, and an unknown nonce is found nowhere.
+pub async fn lookups_at_once_each_find_their_own(store: &dyn Store) {
+    for nonce in 1..=20u8 {
+        let ip = format!("10.0.1.{nonce}");
+        store
+            .insert(record(nonce, "node-l", &ip, 1_000))
+            .await
+            .unwrap();
+    }
+    let wanted: Vec<u8> = (1..=20).chain([7, 7, 99]).collect();
+    let mut lookups: Vec<_> = wanted
+        .iter()
+        .map(|&nonce| Box::pin(async move { store.find_by_nonce(&[nonce; 12]).await.unwrap() }))
+        .collect();
+    // All polled together, so that they are in flight at once.
+    let mut found: Vec<_> = lookups.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (lookup, slot) in lookups.iter_mut().zip(found.iter_mut()) {
+            if slot.is_none()
+                && let std::task::Poll::Ready(record) = lookup.as_mut().poll(cx)
+            {
+                *slot = Some(record);
+            }
+        }
+        if found.iter().all(Option::is_some) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    let found = found.into_iter().flatten();
+    for (nonce, record) in wanted.iter().zip(found) {
+        match record {
+            Some(record) => assert_eq!(record.ip, format!("10.0.1.{nonce}")),
+            None => assert_eq!(*nonce, 99, "record {nonce} not found"),
+        }
+    }
+}
+
 pub async fn node_summaries_and_hourly_counts(store: &dyn Store) {
     let now = 1_000_000;
     for (nonce, node, ip, at) in [

@@ -4,14 +4,16 @@
 //! it back. Seals that arrive together are written by one `INSERT` in autocommit
 //! (`seals.rs`): PostgreSQL answers it only once its commit is flushed
 //! (`synchronous_commit` is turned back on for our sessions when the server has it off),
-//! and each seal is answered after that. Last-access times are kept in memory and written
-//! every 2 seconds, as with SQLite.
+//! and each seal is answered after that. Unseal lookups that arrive together are one
+//! `SELECT` (`lookups.rs`). Last-access times are kept in memory and written every 2
+//! seconds, as with SQLite.
 //!
 //! Nothing is kept between calls but the pool: a connection that broke (PostgreSQL
 //! restarted, a failover) is dropped when it is next taken and a new one made, so the
 //! server reconnects by itself. Every call has a deadline; meanwhile calls fail with
 //! [`StoreError::Postgres`] (`UNAVAILABLE` to nodes) and health checks report it.
 
+mod lookups;
 mod migrations;
 mod options;
 mod seals;
@@ -51,6 +53,8 @@ pub struct PgStore {
     flusher: tokio::task::JoinHandle<()>,
     seals: tokio::sync::mpsc::UnboundedSender<(NewRecord, seals::Reply)>,
     sealer: tokio::task::JoinHandle<()>,
+    lookups: tokio::sync::mpsc::UnboundedSender<(SealNonce, lookups::Reply)>,
+    finder: tokio::task::JoinHandle<()>,
 }
 
 /// What a look at a PostgreSQL database finds, for `check`.
@@ -92,6 +96,13 @@ impl PgStore {
             queue,
             CALL_DEADLINE,
         ));
+        let (lookups, queue) = tokio::sync::mpsc::unbounded_channel();
+        let finder = tokio::spawn(lookups::answer_batches(
+            options.clone(),
+            pool.clone(),
+            queue,
+            CALL_DEADLINE,
+        ));
         Ok(PgStore {
             options: options.clone(),
             pool,
@@ -100,6 +111,8 @@ impl PgStore {
             flusher,
             seals,
             sealer,
+            lookups,
+            finder,
         })
     }
 
@@ -181,6 +194,7 @@ impl Drop for PgStore {
     fn drop(&mut self) {
         self.flusher.abort();
         self.sealer.abort();
+        self.finder.abort();
     }
 }
 
@@ -344,12 +358,32 @@ async fn write_accesses(
     written.map(drop)
 }
 
-/// A literal, not a `format!`: it is the key of the statement cache on every unseal.
-const FIND_BY_NONCE: &str = "SELECT id, node_uuid, ip, ciphertext, created_at, last_access, \
-                             revoked_at FROM records WHERE nonce = $1";
 const INFO_COLUMNS: &str = "id, node_uuid, ip, created_at, last_access, revoked_at";
 const APPROVAL_COLUMNS: &str = "id, operation, node_uuid, ip, state, first_seen, last_seen, \
                                 attempts, approved_until, decided_at";
+
+/// A record from the columns of `lookups::FIND_BY_NONCES`.
+fn record_of(row: &Row) -> Record {
+    Record {
+        id: row.get(0),
+        node_uuid: row.get(1),
+        ip: row.get(2),
+        ciphertext: row.get(3),
+        created_at: row.get(4),
+        last_access: row.get(5),
+        revoked_at: row.get(6),
+    }
+}
+
+fn clone_error(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Postgres { database, problem } => StoreError::Postgres {
+            database: database.clone(),
+            problem: problem.clone(),
+        },
+        other => StoreError::Write(other.to_string()),
+    }
+}
 
 fn info_of(row: &Row) -> RecordInfo {
     RecordInfo {
@@ -487,23 +521,19 @@ impl Store for PgStore {
     }
 
     async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
-        let nonce = &nonce[..];
-        self.with(|client| async move {
-            let statement = client.prepare_cached(FIND_BY_NONCE).await?;
-            Ok(client
-                .query_opt(&statement, &[&nonce])
-                .await?
-                .map(|row| Record {
-                    id: row.get(0),
-                    node_uuid: row.get(1),
-                    ip: row.get(2),
-                    ciphertext: row.get(3),
-                    created_at: row.get(4),
-                    last_access: row.get(5),
-                    revoked_at: row.get(6),
-                }))
-        })
-        .await
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.lookups
+            .send((*nonce, reply))
+            .map_err(|_| StoreError::WriterStopped)?;
+        // The batch has its own deadline; this one only guards against a stuck finder.
+        match tokio::time::timeout(CALL_DEADLINE + Duration::from_secs(2), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StoreError::WriterStopped),
+            Err(_) => Err(self.options.error(format!(
+                "no answer within {} s; is PostgreSQL up and reachable?",
+                CALL_DEADLINE.as_secs()
+            ))),
+        }
     }
 
     fn record_access(&self, id: RecordId, at: UnixTime) {

@@ -1,0 +1,71 @@
+//! Unseal lookups in batches, as seals are written: the lookups that arrive while the
+//! previous batch is answered go together in one `SELECT ... WHERE nonce = ANY($1)`. At
+//! high load PostgreSQL's fixed cost per statement, and the server's per round trip, is
+//! shared; a lone lookup is still one statement.
+
+use super::{PgOptions, describe, get, record_of};
+use crate::sealing::SealNonce;
+use crate::store::{Record, StoreError};
+use deadpool_postgres::Pool;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Lookups in one statement at most.
+const MAX_BATCH: usize = 128;
+
+pub type Reply = oneshot::Sender<Result<Option<Record>, StoreError>>;
+
+const FIND_BY_NONCES: &str = "SELECT id, node_uuid, ip, ciphertext, created_at, last_access, \
+                              revoked_at, nonce FROM records WHERE nonce = ANY($1)";
+
+/// Collects lookups from `queue` and answers them, until every sender is gone.
+pub async fn answer_batches(
+    options: PgOptions,
+    pool: Pool,
+    mut queue: mpsc::UnboundedReceiver<(SealNonce, Reply)>,
+    deadline: Duration,
+) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        answer(&options, &pool, std::mem::take(&mut batch), deadline).await;
+    }
+}
+
+async fn answer(
+    options: &PgOptions,
+    pool: &Pool,
+    batch: Vec<(SealNonce, Reply)>,
+    deadline: Duration,
+) {
+    let nonces: Vec<&[u8]> = batch.iter().map(|(nonce, _)| &nonce[..]).collect();
+    let rows = super::deadline(options, deadline, async {
+        let client = get(options, pool, deadline).await?;
+        let statement = client
+            .prepare_cached(FIND_BY_NONCES)
+            .await
+            .map_err(|e| describe(options, &e))?;
+        client
+            .query(&statement, &[&nonces])
+            .await
+            .map_err(|e| describe(options, &e))
+    })
+    .await;
+    match rows {
+        Ok(rows) => {
+            // By row, not by record: the same blob may be unsealed twice in one batch.
+            let found: HashMap<&[u8], &tokio_postgres::Row> = rows
+                .iter()
+                .map(|row| (row.get::<_, &[u8]>(7), row))
+                .collect();
+            for (nonce, reply) in batch {
+                let _ = reply.send(Ok(found.get(&nonce[..]).map(|row| record_of(row))));
+            }
+        }
+        Err(error) => {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(super::clone_error(&error)));
+            }
+        }
+    }
+}
