@@ -87,6 +87,8 @@ bindAddress: "0.0.0.0"
 #                               # after TLS; a call in flight is never cut
 # handshakeTimeout: 10s         # Talos gives each call 10 s
 # maxConnectionAge: 5m          # then asked to close (GOAWAY); calls in flight finish
+# callTimeout: 30s              # a seal or unseal unanswered this long (its request never
+#                               # finished) is answered DEADLINE_EXCEEDED; nodes give up sooner
 # maxHandshakesAtOnce: 4        # TLS computations at once; default two per core
 # maxStreamsPerConnection: 128  # calls at once on one connection (Talos makes one)
 # maxHeaderListSize: 16384      # bytes of request headers; a gRPC call needs a few hundred
@@ -140,6 +142,7 @@ struct RawConfig {
     handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connection_age: Option<String>,
+    call_timeout: Option<String>,
     max_streams_per_connection: Option<u32>,
     max_header_list_size: Option<u32>,
     max_message_size: Option<usize>,
@@ -511,6 +514,7 @@ fn listener_limits(raw: &RawConfig) -> Result<ListenerLimits, String> {
             "maxConnectionAge",
             defaults.max_connection_age,
         )?,
+        call_timeout: duration(&raw.call_timeout, "callTimeout", defaults.call_timeout)?,
         max_streams_per_connection: match raw.max_streams_per_connection {
             Some(0) => return Err("maxStreamsPerConnection must be at least 1".into()),
             Some(streams) => streams,
@@ -606,6 +610,7 @@ mod tests {
                     "idleTimeout",
                     "handshakeTimeout",
                     "maxConnectionAge",
+                    "callTimeout",
                     "maxHandshakesAtOnce",
                     "maxStreamsPerConnection",
                     "maxHeaderListSize",

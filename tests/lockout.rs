@@ -508,3 +508,126 @@ async fn a_call_in_flight_is_never_cut_by_the_idle_timeout() {
         .await
         .expect("the Watch reports NOT_SERVING within 10 s");
 }
+
+/// A request body that sends its first bytes and then never ends.
+struct Unfinished(Option<Bytes>);
+
+impl hyper::body::Body for Unfinished {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.0.take() {
+            Some(bytes) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// A seal from `source` whose request never ends: a gRPC frame header announcing 100
+/// bytes, and then nothing more. `None` when the connection was refused.
+async fn unfinished_call_from(
+    source: &str,
+    port: u16,
+    config: &Arc<rustls::ClientConfig>,
+) -> Option<http::Response<hyper::body::Incoming>> {
+    let tls = tls_from(source, port, config).await?;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .ok()?;
+    tokio::spawn(connection);
+    let request = http::Request::post(format!(
+        "https://127.0.0.1:{port}{}",
+        talos_kms_server::proto::SEAL_PATH
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(Unfinished(Some(Bytes::from_static(&[0, 0, 0, 0, 100]))))
+    .unwrap();
+    tokio::time::timeout(CLOSED_WITHIN, sender.send_request(request))
+        .await
+        .ok()?
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    // Without the call timeout, every slot would stay busy for as long as the attacker likes.
+    let (server, pki) = start_server(
+        dir.path(),
+        "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\ncallTimeout: 2s\n",
+    );
+    let port = server.addr.port();
+    let config = client_tls(&pki.ca);
+    let mut attack = JoinSet::new();
+    for _ in 0..64 {
+        let config = Arc::clone(&config);
+        attack.spawn(async move { unfinished_call_from(ATTACKER, port, &config).await });
+    }
+
+    node_seals_and_unseals(port, &pki.ca).await;
+
+    let mut cut = 0;
+    while let Some(done) = attack.join_next().await {
+        if let Some(response) = done.unwrap() {
+            let status = response
+                .headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap().to_string());
+            assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED");
+            cut += 1;
+        }
+    }
+    assert!(cut > 0, "no attacker call was answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watch_streams_are_bounded_server_wide() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, pki) = start_server(dir.path(), "maxConnectionsPerAddress: 1000\n");
+    let port = server.addr.port();
+    let config = client_tls(&pki.ca);
+    let max = talos_kms_server::listener::MAX_WATCHES;
+    let mut watches = Vec::new();
+    for _ in 0..max {
+        let watch = watch_from("127.0.0.1", port, &config)
+            .await
+            .expect("a Watch within the bound");
+        assert_eq!(
+            watch.headers().get("grpc-status"),
+            None,
+            "the Watch streams"
+        );
+        watches.push(watch);
+    }
+    let refused = watch_from("127.0.0.1", port, &config)
+        .await
+        .expect("an answer");
+    assert_eq!(
+        refused.headers().get("grpc-status").unwrap(),
+        "8",
+        "RESOURCE_EXHAUSTED beyond {max} Watches"
+    );
+    // A Watch that ends gives its place back.
+    drop(watches.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let watch = watch_from("127.0.0.1", port, &config).await.unwrap();
+        if watch.headers().get("grpc-status").is_none() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place of a closed Watch was not given back within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node_seals_and_unseals(port, &pki.ca).await;
+}

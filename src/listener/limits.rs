@@ -26,6 +26,10 @@ pub struct ListenerLimits {
     /// A connection still open after this is asked to close (HTTP/2 GOAWAY; calls in flight
     /// finish), whatever it does.
     pub max_connection_age: Duration,
+    /// A seal or unseal still unanswered after this is answered DEADLINE_EXCEEDED: a node
+    /// gives up sooner and the store answers within 10 s, so only a request its client never
+    /// finishes sending takes longer, holding a slot no one may take back.
+    pub call_timeout: Duration,
     /// Talos makes one call per connection; clients that share one (`bench`, tools) get
     /// room for concurrency, as grpc-go servers give them.
     pub max_streams_per_connection: u32,
@@ -47,6 +51,7 @@ impl Default for ListenerLimits {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(5),
             max_connection_age: Duration::from_secs(300),
+            call_timeout: Duration::from_secs(30),
             max_streams_per_connection: 128,
             max_header_list_size: 16 * 1024,
             max_message_size: 4096,

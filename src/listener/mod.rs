@@ -74,6 +74,11 @@ type Grpc = KMSServiceServer<KmsService>;
 pub type Health =
     tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
 const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
+const WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
+/// Health `Watch` streams served at once, server-wide. Each holds its connection busy (never
+/// closed for a node) while it lasts, so without a bound a few addresses could hold every
+/// slot; monitoring needs a handful.
+pub const MAX_WATCHES: usize = 64;
 
 pub struct Listener {
     /// The listening socket, accepted from directly: see [`accept`].
@@ -113,6 +118,7 @@ struct Handler {
     limits: ListenerLimits,
     grpc: Grpc,
     health: Health,
+    watches: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     _finished: mpsc::Sender<()>,
@@ -124,6 +130,7 @@ impl Listener {
     pub async fn run(mut self) {
         let grpc = KMSServiceServer::from_arc(Arc::clone(&self.service))
             .max_decoding_message_size(self.limits.max_message_size);
+        let watches = Arc::new(Semaphore::new(MAX_WATCHES));
         tokio::spawn(summarize(
             Arc::clone(&self.handshake_failures),
             Arc::clone(&self.refusals),
@@ -210,6 +217,7 @@ impl Listener {
                 limits: self.limits.clone(),
                 grpc: grpc.clone(),
                 health: self.health.clone(),
+                watches: Arc::clone(&watches),
                 metrics: Arc::clone(&self.metrics),
                 shutdown: self.shutdown.clone(),
                 _finished: self.finished.clone(),
@@ -345,6 +353,8 @@ impl Handler {
             peer: Peer(self.peer),
             slot: Arc::clone(&self.slot),
             unanswered: unanswered.clone(),
+            watches: self.watches,
+            call_timeout: self.limits.call_timeout,
         };
         let mut http2 = hyper::server::conn::http2::Builder::new(InlineFirst);
         http2
@@ -587,6 +597,8 @@ struct WithPeer {
     peer: Peer,
     slot: Arc<Slot>,
     unanswered: Unanswered,
+    watches: Arc<Semaphore>,
+    call_timeout: Duration,
 }
 
 impl Service<http::Request<Incoming>> for WithPeer {
@@ -603,22 +615,38 @@ impl Service<http::Request<Incoming>> for WithPeer {
 
     fn call(&mut self, mut request: http::Request<Incoming>) -> Self::Future {
         let in_flight = Some(self.slot.busy());
+        let mut watch = None;
         let kind = if !is_grpc(request.headers()) {
             // The gRPC spec's answer, so that no other HTTP/2 client mistakes a gRPC error
             // (status 200) for success; nothing is sealed or unsealed.
             let mut refused = http::Response::new(tonic::body::Body::empty());
             *refused.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
             AnswerKind::Refused(Some(refused))
+        } else if request.uri().path() == WATCH_PATH {
+            match Arc::clone(&self.watches).try_acquire_owned() {
+                Ok(permit) => {
+                    watch = Some(permit);
+                    AnswerKind::Health(self.health.call(request))
+                }
+                Err(_) => AnswerKind::Refused(Some(
+                    tonic::Status::resource_exhausted(format!(
+                        "{MAX_WATCHES} health Watch streams are open already; use Check, or \
+                         close a Watch"
+                    ))
+                    .into_http(),
+                )),
+            }
         } else if request.uri().path().starts_with(HEALTH_PATH) {
             AnswerKind::Health(self.health.call(request))
         } else {
             request.extensions_mut().insert(self.peer);
-            AnswerKind::Grpc(self.inner.call(request))
+            AnswerKind::Grpc(self.inner.call(request), Deadline::new(self.call_timeout))
         };
         Answer {
             kind,
             in_flight,
             answering: Some(self.unanswered.call()),
+            watch,
         }
     }
 }
@@ -642,13 +670,37 @@ pub struct Answer<F, H> {
     kind: AnswerKind<F, H>,
     in_flight: Option<Busy>,
     answering: Option<Answering>,
+    /// A Watch's place among [`MAX_WATCHES`], held while its stream lasts.
+    watch: Option<OwnedSemaphorePermit>,
 }
 
-/// The KMS's or the health service's answer, or an HTTP refusal ready at once.
+/// The KMS's or the health service's answer, or a refusal ready at once.
 enum AnswerKind<F, H> {
-    Grpc(F),
+    Grpc(F, Deadline),
     Health(H),
     Refused(Option<http::Response<tonic::body::Body>>),
+}
+
+/// `callTimeout` for one call, armed only once the call has to wait: an unseal answered in
+/// its first poll never touches the timer.
+struct Deadline {
+    after: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Deadline {
+    fn new(after: Duration) -> Deadline {
+        Deadline { after, timer: None }
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let after = self.after;
+        self.timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+    }
 }
 
 impl<F, H> Future for Answer<F, H>
@@ -661,13 +713,28 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
-            AnswerKind::Grpc(call) => Pin::new(call).poll(cx),
+            AnswerKind::Grpc(call, deadline) => match Pin::new(call).poll(cx) {
+                // A request that never ends would hold its slot, busy and never evicted.
+                Poll::Pending if deadline.poll_expired(cx) => {
+                    Poll::Ready(Ok(tonic::Status::deadline_exceeded(format!(
+                        "the call did not finish within {} (callTimeout)",
+                        humantime::format_duration(deadline.after)
+                    ))
+                    .into_http()))
+                }
+                polled => polled,
+            },
             AnswerKind::Health(call) => match Pin::new(call).poll(cx) {
                 Poll::Ready(Ok(response)) => {
                     let busy = this.in_flight.take();
-                    Poll::Ready(Ok(
-                        response.map(|body| tonic::body::Body::new(BusyBody { body, _busy: busy }))
-                    ))
+                    let watch = this.watch.take();
+                    Poll::Ready(Ok(response.map(|body| {
+                        tonic::body::Body::new(BusyBody {
+                            body,
+                            _busy: busy,
+                            _watch: watch,
+                        })
+                    })))
                 }
                 other => other,
             },
@@ -679,15 +746,18 @@ where
         if polled.is_ready() {
             this.in_flight = None;
             this.answering = None;
+            this.watch = None;
         }
         polled
     }
 }
 
-/// A streamed answer's body, keeping its connection busy until it ends.
+/// A streamed answer's body, keeping its connection busy (and a Watch its place) until it
+/// ends.
 struct BusyBody {
     body: tonic::body::Body,
     _busy: Option<Busy>,
+    _watch: Option<OwnedSemaphorePermit>,
 }
 
 impl hyper::body::Body for BusyBody {
