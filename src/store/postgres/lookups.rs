@@ -3,13 +3,15 @@
 //! high load PostgreSQL's fixed cost per statement, and the server's per round trip, is
 //! shared; a lone lookup is still one statement.
 
-use super::{PgOptions, describe, get, record_of};
+use super::PgOptions;
+use super::connection::{clone_error, deadline, describe, get};
 use crate::sealing::SealNonce;
 use crate::store::{Record, StoreError};
 use deadpool_postgres::Pool;
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Row;
 
 /// Lookups in one statement at most.
 const MAX_BATCH: usize = 128;
@@ -24,23 +26,18 @@ pub async fn answer_batches(
     options: PgOptions,
     pool: Pool,
     mut queue: mpsc::UnboundedReceiver<(SealNonce, Reply)>,
-    deadline: Duration,
+    limit: Duration,
 ) {
     let mut batch = Vec::new();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        answer(&options, &pool, std::mem::take(&mut batch), deadline).await;
+        answer(&options, &pool, std::mem::take(&mut batch), limit).await;
     }
 }
 
-async fn answer(
-    options: &PgOptions,
-    pool: &Pool,
-    batch: Vec<(SealNonce, Reply)>,
-    deadline: Duration,
-) {
+async fn answer(options: &PgOptions, pool: &Pool, batch: Vec<(SealNonce, Reply)>, limit: Duration) {
     let nonces: Vec<&[u8]> = batch.iter().map(|(nonce, _)| &nonce[..]).collect();
-    let rows = super::deadline(options, deadline, async {
-        let client = get(options, pool, deadline).await?;
+    let rows = deadline(options, limit, async {
+        let client = get(options, pool, limit).await?;
         let statement = client
             .prepare_cached(FIND_BY_NONCES)
             .await
@@ -54,7 +51,7 @@ async fn answer(
     match rows {
         Ok(rows) => {
             // By row, not by record: the same blob may be unsealed twice in one batch.
-            let found: HashMap<&[u8], &tokio_postgres::Row> = rows
+            let found: HashMap<&[u8], &Row> = rows
                 .iter()
                 .map(|row| (row.get::<_, &[u8]>(7), row))
                 .collect();
@@ -64,8 +61,21 @@ async fn answer(
         }
         Err(error) => {
             for (_, reply) in batch {
-                let _ = reply.send(Err(super::clone_error(&error)));
+                let _ = reply.send(Err(clone_error(&error)));
             }
         }
+    }
+}
+
+/// A record from the columns of [`FIND_BY_NONCES`].
+fn record_of(row: &Row) -> Record {
+    Record {
+        id: row.get(0),
+        node_uuid: row.get(1),
+        ip: row.get(2),
+        ciphertext: row.get(3),
+        created_at: row.get(4),
+        last_access: row.get(5),
+        revoked_at: row.get(6),
     }
 }

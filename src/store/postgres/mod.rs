@@ -13,6 +13,8 @@
 //! server reconnects by itself. Every call has a deadline; meanwhile calls fail with
 //! [`StoreError::Postgres`] (`UNAVAILABLE` to nodes) and health checks report it.
 
+mod columns;
+mod connection;
 mod lookups;
 mod migrations;
 mod options;
@@ -28,7 +30,9 @@ use super::{
 use crate::locking::lock;
 use crate::sealing::SealNonce;
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use columns::Columns;
+use connection::{CALL_DEADLINE, Client, deadline, describe, get, pool};
+use deadpool_postgres::Pool;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -37,10 +41,6 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
-/// How long a call waits for a free connection of the pool.
-const POOL_WAIT: Duration = Duration::from_secs(5);
-/// The whole of one store call, connection included: a node's call has 10 s.
-const CALL_DEADLINE: Duration = Duration::from_secs(8);
 /// Health checks ask often; a store that takes longer than this is not healthy.
 const HEALTH_DEADLINE: Duration = Duration::from_secs(3);
 
@@ -66,8 +66,6 @@ pub struct PgInspection {
     pub server_version: String,
     pub tls: bool,
 }
-
-type Client = deadpool_postgres::Object;
 
 impl PgStore {
     /// Connects (waiting at most the connect timeout), brings the schema up to date and
@@ -198,118 +196,6 @@ impl Drop for PgStore {
     }
 }
 
-fn pool(options: &PgOptions) -> Result<Pool, StoreError> {
-    let manager = Manager::from_config(
-        options.client_config()?,
-        options.tls()?,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(options.pool_size)
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(POOL_WAIT))
-        .create_timeout(Some(CALL_DEADLINE))
-        .recycle_timeout(Some(Duration::from_secs(2)))
-        .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
-            Box::pin(async move {
-                // A seal is acknowledged once its INSERT returns: that must mean flushed.
-                let setting: String = client
-                    .query_one("SHOW synchronous_commit", &[])
-                    .await
-                    .map_err(deadpool_postgres::HookError::Backend)?
-                    .get(0);
-                if setting == "off" {
-                    client
-                        .batch_execute("SET synchronous_commit = on")
-                        .await
-                        .map_err(deadpool_postgres::HookError::Backend)?;
-                }
-                Ok(())
-            })
-        }))
-        .build()
-        .map_err(|e| options.error(format!("cannot make the connection pool: {e}")))
-}
-
-async fn get(options: &PgOptions, pool: &Pool, limit: Duration) -> Result<Client, StoreError> {
-    use deadpool_postgres::PoolError;
-    match tokio::time::timeout(limit, pool.get()).await {
-        Err(_) => Err(options.error(format!(
-            "no connection within {} s; is PostgreSQL up and reachable?",
-            limit.as_secs()
-        ))),
-        Ok(Ok(client)) => Ok(client),
-        Ok(Err(PoolError::Backend(e))) => Err(describe(options, &e)),
-        Ok(Err(PoolError::PostCreateHook(deadpool_postgres::HookError::Backend(e)))) => {
-            Err(describe(options, &e))
-        }
-        Ok(Err(PoolError::Timeout(_))) => Err(options.error(format!(
-            "every one of the {} pooled connections stayed busy; PostgreSQL is slow or \
-             unreachable (raise pool_max_size if it is only busy)",
-            options.pool_size
-        ))),
-        Ok(Err(e)) => Err(options.error(e.to_string())),
-    }
-}
-
-async fn deadline<T>(
-    options: &PgOptions,
-    limit: Duration,
-    work: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(limit, work).await {
-        Ok(result) => result,
-        Err(_) => Err(options.error(format!(
-            "no answer within {} s; is PostgreSQL up and reachable?",
-            limit.as_secs()
-        ))),
-    }
-}
-
-/// A PostgreSQL error in words, with the usual fixes; never the password.
-fn describe(options: &PgOptions, error: &tokio_postgres::Error) -> StoreError {
-    use std::error::Error;
-    if let Some(db) = error.as_db_error() {
-        let fix = match db.code().code() {
-            // invalid_password, invalid_authorization_specification
-            "28P01" | "28000" => {
-                "; check the user and its password (URL, passwordFile or PGPASSWORD) and \
-                 pg_hba.conf"
-            }
-            // invalid_catalog_name
-            "3D000" => "; create it first: CREATE DATABASE ... OWNER <the server's user>",
-            // insufficient_privilege
-            "42501" => "; the server's user must own the database (or its tables)",
-            _ => "",
-        };
-        return options.error(format!("{}{fix}", db.message()));
-    }
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    if text.contains("invalid peer certificate") || text.contains("InvalidCertificate") {
-        text.push_str(&format!(
-            "; PostgreSQL's certificate is not trusted for sslmode={}: set sslrootcert= to the \
-             CA that signed it (the public roots are used otherwise){}",
-            options.sslmode.as_str(),
-            if options.sslmode == SslMode::VerifyFull {
-                ", and make sure it names the host in the URL"
-            } else {
-                ""
-            }
-        ));
-    } else if text.contains("server does not support TLS") {
-        text.push_str("; turn on ssl in postgresql.conf, or use sslmode=prefer or disable");
-    }
-    options.error(text)
-}
-
 /// Writes the buffered access times every 2 s, for as long as the store lives.
 async fn flush_accesses_every(
     options: PgOptions,
@@ -361,29 +247,6 @@ async fn write_accesses(
 const INFO_COLUMNS: &str = "id, node_uuid, ip, created_at, last_access, revoked_at";
 const APPROVAL_COLUMNS: &str = "id, operation, node_uuid, ip, state, first_seen, last_seen, \
                                 attempts, approved_until, decided_at";
-
-/// A record from the columns of `lookups::FIND_BY_NONCES`.
-fn record_of(row: &Row) -> Record {
-    Record {
-        id: row.get(0),
-        node_uuid: row.get(1),
-        ip: row.get(2),
-        ciphertext: row.get(3),
-        created_at: row.get(4),
-        last_access: row.get(5),
-        revoked_at: row.get(6),
-    }
-}
-
-fn clone_error(error: &StoreError) -> StoreError {
-    match error {
-        StoreError::Postgres { database, problem } => StoreError::Postgres {
-            database: database.clone(),
-            problem: problem.clone(),
-        },
-        other => StoreError::Write(other.to_string()),
-    }
-}
 
 fn info_of(row: &Row) -> RecordInfo {
     RecordInfo {
@@ -449,38 +312,6 @@ fn params(values: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
         .iter()
         .map(|value| value.as_ref() as &(dyn ToSql + Sync))
         .collect()
-}
-
-/// Column arrays of records, for one `INSERT ... SELECT FROM unnest(...)`.
-struct Columns {
-    nonces: Vec<Vec<u8>>,
-    nodes: Vec<String>,
-    ips: Vec<String>,
-    ciphertexts: Vec<Vec<u8>>,
-    created: Vec<i64>,
-    accessed: Vec<Option<i64>>,
-}
-
-impl Columns {
-    fn of<'a>(records: impl Iterator<Item = &'a NewRecord>) -> Columns {
-        let mut columns = Columns {
-            nonces: Vec::new(),
-            nodes: Vec::new(),
-            ips: Vec::new(),
-            ciphertexts: Vec::new(),
-            created: Vec::new(),
-            accessed: Vec::new(),
-        };
-        for record in records {
-            columns.nonces.push(record.nonce.to_vec());
-            columns.nodes.push(record.node_uuid.clone());
-            columns.ips.push(record.ip.clone());
-            columns.ciphertexts.push(record.ciphertext.clone());
-            columns.created.push(record.created_at);
-            columns.accessed.push(record.last_access);
-        }
-        columns
-    }
 }
 
 /// Moves the identity sequence of `table` past its highest id, after rows were added with

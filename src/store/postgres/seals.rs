@@ -2,10 +2,12 @@
 //! together in one `INSERT ... SELECT FROM unnest(...)`, one statement and one commit for
 //! all, and each is answered once that commit returned. One batch commits at a time: the
 //! busier PostgreSQL is, the larger the batches grow. (Measured with `bench`, durable seals
-//! at c=32 on 2 cores shared with PostgreSQL: 0.86x SQLite's rate with one batch at a time,
-//! 0.75x with four at once; PostgreSQL's CPU per seal is what limits it.)
+//! at c=32 on 2 cores shared with PostgreSQL: 0.86–0.90x SQLite's rate with one batch at a time,
+//! 0.75–0.80x with four at once; PostgreSQL's CPU per seal is what limits it.)
 
-use super::{PgOptions, describe, get};
+use super::PgOptions;
+use super::columns::Columns;
+use super::connection::{clone_error, deadline, describe, get};
 use crate::store::{Inserted, NewRecord, StoreError};
 use deadpool_postgres::Pool;
 use std::collections::HashSet;
@@ -22,20 +24,15 @@ pub async fn write_batches(
     options: PgOptions,
     pool: Pool,
     mut queue: mpsc::UnboundedReceiver<(NewRecord, Reply)>,
-    deadline: Duration,
+    limit: Duration,
 ) {
     let mut batch = Vec::new();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        write(&options, &pool, std::mem::take(&mut batch), deadline).await;
+        write(&options, &pool, std::mem::take(&mut batch), limit).await;
     }
 }
 
-async fn write(
-    options: &PgOptions,
-    pool: &Pool,
-    batch: Vec<(NewRecord, Reply)>,
-    deadline: Duration,
-) {
+async fn write(options: &PgOptions, pool: &Pool, batch: Vec<(NewRecord, Reply)>, limit: Duration) {
     // A nonce twice in one batch: the second is taken, as if it came later.
     let mut seen = HashSet::with_capacity(batch.len());
     let mut rows = Vec::with_capacity(batch.len());
@@ -47,17 +44,18 @@ async fn write(
         }
     }
     let records: Vec<&NewRecord> = rows.iter().map(|(record, _)| record).collect();
-    let columns = super::Columns::of(records.into_iter());
-    let result = super::deadline(options, deadline, async {
-        let client = get(options, pool, deadline).await?;
+    let columns = Columns::of(records.into_iter());
+    let result = deadline(options, limit, async {
+        let client = get(options, pool, limit).await?;
         let statement = client
             .prepare_cached(
-                // The NOT EXISTS spares an id for a taken nonce: ids stay without gaps.
+                // Only the unique index decides whether a nonce is taken (a taken one costs an
+                // id, and nonces are random). A NOT EXISTS here was planned once, while the
+                // table was small, as a scan of the whole table, and kept: every batch then
+                // read every record until autovacuum's first ANALYZE.
                 "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
                  SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[],
                                       $5::bigint[], $6::bigint[])
-                               AS new (nonce, node_uuid, ip, ciphertext, created_at, last_access)
-                 WHERE NOT EXISTS (SELECT 1 FROM records WHERE records.nonce = new.nonce)
                  ON CONFLICT (nonce) DO NOTHING
                  RETURNING id, nonce",
             )
@@ -95,7 +93,7 @@ async fn write(
         }
         Err(error) => {
             for (_, reply) in rows {
-                let _ = reply.send(Err(super::clone_error(&error)));
+                let _ = reply.send(Err(clone_error(&error)));
             }
         }
     }

@@ -1,0 +1,35 @@
+//! Records as column arrays, for one `INSERT ... SELECT FROM unnest(...)` of many.
+
+use crate::store::NewRecord;
+
+/// Column arrays of records, for one `INSERT ... SELECT FROM unnest(...)`.
+pub(super) struct Columns {
+    pub nonces: Vec<Vec<u8>>,
+    pub nodes: Vec<String>,
+    pub ips: Vec<String>,
+    pub ciphertexts: Vec<Vec<u8>>,
+    pub created: Vec<i64>,
+    pub accessed: Vec<Option<i64>>,
+}
+
+impl Columns {
+    pub fn of<'a>(records: impl Iterator<Item = &'a NewRecord>) -> Columns {
+        let mut columns = Columns {
+            nonces: Vec::new(),
+            nodes: Vec::new(),
+            ips: Vec::new(),
+            ciphertexts: Vec::new(),
+            created: Vec::new(),
+            accessed: Vec::new(),
+        };
+        for record in records {
+            columns.nonces.push(record.nonce.to_vec());
+            columns.nodes.push(record.node_uuid.clone());
+            columns.ips.push(record.ip.clone());
+            columns.ciphertexts.push(record.ciphertext.clone());
+            columns.created.push(record.created_at);
+            columns.accessed.push(record.last_access);
+        }
+        columns
+    }
+}
