@@ -17,7 +17,9 @@ postgres from the machine's PostgreSQL, in the work directory, on loopback, as `
 run as root, stopped and removed at the end), or both: the suite on SQLite, and the
 comparison of the two stores (issue 16) side by side, alternating: durable seals and unseals
 at concurrency 32 and fresh unseals at concurrency 8, on fresh connections, two servers of
-this build on the same 1,000 volumes, with PostgreSQL's own CPU per call.
+this build on the same 1,000 volumes, with PostgreSQL's own CPU per call; then the fresh
+unseals again with both servers started on one core and the client and PostgreSQL on the
+others.
 --only-database measures only that comparison (with --database both).
 
 --only-refused measures only what a connection refused by the allow-lists (closed before TLS)
@@ -714,9 +716,16 @@ def against_sqlite(pg, work, cert, ca, runs, seconds, keep, summary):
     target = pg.database("compare-postgres")
     sh(BIN, "db", "migrate", "--from", source, "--to", target.url, "--to-password-file", pg.password_file)
     servers = {}
+
+    def start_servers(cpus):
+        """Both servers, started on `cpus` (a runtime sizes itself to the cores it is given)."""
+        for server in servers.values():
+            server.stop()
+        listed = ",".join(map(str, sorted(cpus))) if cpus else None
+        servers["SQLite"] = Server(work, cert, source, cpus=listed)
+        servers["PostgreSQL"] = Server(work, cert, target, cpus=listed)
+
     try:
-        servers["SQLite"] = Server(work, cert, source)
-        servers["PostgreSQL"] = Server(work, cert, target)
         experiments = [
             # (label, bench arguments, measure calls/s, target on calls/s, target on server CPU)
             ("durable seals, c=32", ["--mode", "seal", "--concurrency", 32], (0.8, None), None),
@@ -725,9 +734,9 @@ def against_sqlite(pg, work, cert, ca, runs, seconds, keep, summary):
             ("unseals, c=8", ["--mode", "unseal", "--concurrency", 8, "--volumes-from", volumes],
              None, (0.9, 1.1)),
         ]
-        # The same unseals with the server alone on core 0 and the client and PostgreSQL on
-        # core 1: PostgreSQL's backends no longer preempt the server (as on a database host of
-        # its own), while the server still pays for every round trip.
+        # The same unseals with the servers started on core 0 alone and the client and
+        # PostgreSQL on core 1: PostgreSQL's backends no longer preempt the server (as with a
+        # database host of its own), while the server still pays for every round trip.
         everywhere = os.sched_getaffinity(0)
         if len(everywhere) >= 2:
             own, rest = sorted(everywhere)[:1], sorted(everywhere)[1:]
@@ -735,10 +744,12 @@ def against_sqlite(pg, work, cert, ca, runs, seconds, keep, summary):
                                 ["--mode", "unseal", "--concurrency", 8, "--volumes-from", volumes],
                                 None, (0.9, 1.1), (set(own), set(rest))))
         rows = []
+        layout_now = "none"
         for label, args, rate_target, cpu_target, *layout in experiments:
-            server_cpus, other_cpus = layout[0] if layout else (everywhere, everywhere)
-            for server in servers.values():
-                set_affinity(server.proc.pid, server_cpus)
+            server_cpus, other_cpus = layout[0] if layout else (None, everywhere)
+            if layout_now != server_cpus:
+                start_servers(server_cpus)
+                layout_now = server_cpus
             pg.pin(other_cpus)
             client_cpus = ",".join(map(str, sorted(other_cpus))) if layout else None
             figures = {name: {"rate": [], "cpu": [], "pg": []} for name in servers}

@@ -262,13 +262,19 @@ async fn more_silent_sockets_than_slots_do_not_lock_out_a_node() {
     drop(sockets);
 }
 
-/// A health `Watch` from `source`: a call the server keeps in flight while it lasts. `None`
-/// when the connection was refused.
-async fn watch_from(
+/// A call to `path` from `source` on a connection of its own; `None` when the connection
+/// was refused or no answer came.
+async fn call_from<B>(
     source: &str,
     port: u16,
     config: &Arc<rustls::ClientConfig>,
-) -> Option<http::Response<hyper::body::Incoming>> {
+    path: &str,
+    body: B,
+) -> Option<http::Response<hyper::body::Incoming>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tls = tls_from(source, port, config).await?;
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -277,21 +283,33 @@ async fn watch_from(
     .await
     .ok()?;
     tokio::spawn(connection);
-    let request = http::Request::post(format!(
-        "https://127.0.0.1:{port}/grpc.health.v1.Health/Watch"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    // An empty HealthCheckRequest: the server as a whole.
-    .body(http_body_util::Full::new(Bytes::from_static(&[
-        0, 0, 0, 0, 0,
-    ])))
-    .unwrap();
-    let response = tokio::time::timeout(CLOSED_WITHIN, sender.send_request(request))
+    let request = http::Request::post(format!("https://127.0.0.1:{port}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    tokio::time::timeout(CLOSED_WITHIN, sender.send_request(request))
         .await
         .ok()?
-        .ok()?;
-    Some(response)
+        .ok()
+}
+
+/// A health `Watch` from `source`: a call the server keeps in flight while it lasts.
+async fn watch_from(
+    source: &str,
+    port: u16,
+    config: &Arc<rustls::ClientConfig>,
+) -> Option<http::Response<hyper::body::Incoming>> {
+    // An empty HealthCheckRequest: the server as a whole.
+    let request = http_body_util::Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]));
+    call_from(
+        source,
+        port,
+        config,
+        "/grpc.health.v1.Health/Watch",
+        request,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,32 +546,21 @@ impl hyper::body::Body for Unfinished {
 }
 
 /// A seal from `source` whose request never ends: a gRPC frame header announcing 100
-/// bytes, and then nothing more. `None` when the connection was refused.
+/// bytes, and then nothing more.
 async fn unfinished_call_from(
     source: &str,
     port: u16,
     config: &Arc<rustls::ClientConfig>,
 ) -> Option<http::Response<hyper::body::Incoming>> {
-    let tls = tls_from(source, port, config).await?;
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
+    let body = Unfinished(Some(Bytes::from_static(&[0, 0, 0, 0, 100])));
+    call_from(
+        source,
+        port,
+        config,
+        talos_kms_server::proto::SEAL_PATH,
+        body,
     )
     .await
-    .ok()?;
-    tokio::spawn(connection);
-    let request = http::Request::post(format!(
-        "https://127.0.0.1:{port}{}",
-        talos_kms_server::proto::SEAL_PATH
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(Unfinished(Some(Bytes::from_static(&[0, 0, 0, 0, 100]))))
-    .unwrap();
-    tokio::time::timeout(CLOSED_WITHIN, sender.send_request(request))
-        .await
-        .ok()?
-        .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use tokio_postgres::Row;
 /// Lookups in one statement at most.
 const MAX_BATCH: usize = 128;
 
-pub type Reply = oneshot::Sender<Result<Option<Record>, StoreError>>;
+type Reply = oneshot::Sender<Result<Option<Record>, StoreError>>;
 
 const FIND_BY_NONCES: &str = "SELECT id, node_uuid, ip, ciphertext, created_at, last_access, \
                               revoked_at, nonce FROM records WHERE nonce = ANY($1)";

@@ -51,9 +51,9 @@ pub struct PgStore {
     created: bool,
     accesses: Arc<Mutex<HashMap<RecordId, UnixTime>>>,
     flusher: tokio::task::JoinHandle<()>,
-    seals: tokio::sync::mpsc::UnboundedSender<(NewRecord, seals::Reply)>,
+    seals: Batches<NewRecord, Inserted>,
     sealer: tokio::task::JoinHandle<()>,
-    lookups: tokio::sync::mpsc::UnboundedSender<(SealNonce, lookups::Reply)>,
+    lookups: Batches<SealNonce, Option<Record>>,
     finder: tokio::task::JoinHandle<()>,
 }
 
@@ -187,6 +187,29 @@ impl PgStore {
         .await
     }
 }
+
+impl PgStore {
+    /// Hands `item` to a batching task (`seals.rs`, `lookups.rs`) and waits for its answer.
+    async fn batched<T, A>(&self, queue: &Batches<T, A>, item: T) -> Result<A, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        queue
+            .send((item, reply))
+            .map_err(|_| StoreError::WriterStopped)?;
+        // The batch has its own deadline; this one only guards against a stuck task.
+        match tokio::time::timeout(CALL_DEADLINE + Duration::from_secs(2), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StoreError::WriterStopped),
+            Err(_) => Err(self.options.error(format!(
+                "no answer within {} s; is PostgreSQL up and reachable?",
+                CALL_DEADLINE.as_secs()
+            ))),
+        }
+    }
+}
+
+/// The queue of a batching task: each item with where its answer goes.
+type Batches<T, A> =
+    tokio::sync::mpsc::UnboundedSender<(T, tokio::sync::oneshot::Sender<Result<A, StoreError>>)>;
 
 impl Drop for PgStore {
     fn drop(&mut self) {
@@ -336,35 +359,11 @@ async fn advance_identity(
 #[async_trait]
 impl Store for PgStore {
     async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.seals
-            .send((record, reply))
-            .map_err(|_| StoreError::WriterStopped)?;
-        // The batch has its own deadline; this one only guards against a stuck writer.
-        match tokio::time::timeout(CALL_DEADLINE + Duration::from_secs(2), answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(StoreError::WriterStopped),
-            Err(_) => Err(self.options.error(format!(
-                "no answer within {} s; is PostgreSQL up and reachable?",
-                CALL_DEADLINE.as_secs()
-            ))),
-        }
+        self.batched(&self.seals, record).await
     }
 
     async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.lookups
-            .send((*nonce, reply))
-            .map_err(|_| StoreError::WriterStopped)?;
-        // The batch has its own deadline; this one only guards against a stuck finder.
-        match tokio::time::timeout(CALL_DEADLINE + Duration::from_secs(2), answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(StoreError::WriterStopped),
-            Err(_) => Err(self.options.error(format!(
-                "no answer within {} s; is PostgreSQL up and reachable?",
-                CALL_DEADLINE.as_secs()
-            ))),
-        }
+        self.batched(&self.lookups, *nonce).await
     }
 
     fn record_access(&self, id: RecordId, at: UnixTime) {

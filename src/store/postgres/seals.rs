@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 /// Seals in one statement at most.
 const MAX_BATCH: usize = 256;
 
-pub type Reply = oneshot::Sender<Result<Inserted, StoreError>>;
+type Reply = oneshot::Sender<Result<Inserted, StoreError>>;
 
 /// Collects seals from `queue` and writes them, until every sender is gone.
 pub async fn write_batches(
