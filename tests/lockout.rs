@@ -569,7 +569,8 @@ async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
     // Without the call timeout, every slot would stay busy for as long as the attacker likes.
     let (server, pki) = start_server(
         dir.path(),
-        "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\ncallTimeout: 2s\n",
+        "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\ncallTimeout: 2s\n\
+         metricsAddress: 127.0.0.1:0\n",
     );
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
@@ -581,7 +582,7 @@ async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
 
     node_seals_and_unseals(port, &pki.ca).await;
 
-    let mut cut = 0;
+    let mut cut = 0u64;
     while let Some(done) = attack.join_next().await {
         if let Some(response) = done.unwrap() {
             let status = response
@@ -593,6 +594,24 @@ async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
         }
     }
     assert!(cut > 0, "no attacker call was answered");
+    // Counted and audited like any refusal.
+    let metrics = scrape(&server.metrics_address(), None);
+    assert!(
+        counter(
+            &metrics,
+            r#"talos_kms_calls_total{action="seal",outcome="refused",reason="call_timeout"}"#
+        ) >= cut,
+        "{metrics}"
+    );
+    let trail = std::fs::read_to_string(dir.path().join("talos-kms-server-audit.jsonl")).unwrap();
+    let lines = trail
+        .lines()
+        .filter(|line| line.contains(r#""reason":"call_timeout""#) && line.contains(ATTACKER))
+        .count();
+    assert!(
+        lines >= cut as usize,
+        "{lines} audit lines for {cut} cut calls"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,8 @@ pub enum Reason {
     Denied,
     /// The node UUID's records are bound to another address and `pinNodeIp` is set.
     Pinned,
+    /// The request never finished arriving within `callTimeout`.
+    CallTimeout,
 }
 
 impl Action {
@@ -99,6 +101,7 @@ impl Reason {
             Reason::PendingApproval => "pending_approval",
             Reason::Denied => "denied",
             Reason::Pinned => "pinned",
+            Reason::CallTimeout => "call_timeout",
         }
     }
 }
@@ -131,6 +134,7 @@ impl std::fmt::Display for Reason {
             Reason::PendingApproval => "pending approval",
             Reason::Denied => "denied",
             Reason::Pinned => "pinned to another address",
+            Reason::CallTimeout => "call timeout",
         })
     }
 }
@@ -171,6 +175,14 @@ impl Event {
         Event {
             peer: Some(peer.to_string()),
             node: Some(cut(node)),
+            ..Event::new(action)
+        }
+    }
+
+    /// A call from `peer` whose request never arrived whole: no node is known.
+    pub fn unread_call(action: Action, peer: &str) -> Event {
+        Event {
+            peer: Some(peer.to_string()),
             ..Event::new(action)
         }
     }

@@ -32,7 +32,7 @@ pub use limits::ListenerLimits;
 pub use refusals::Refusals;
 pub use slots::Slots;
 
-use crate::audit::AuditLog;
+use crate::audit::{self, Action, AuditLog, Event};
 use crate::metrics::Metrics;
 use crate::policy::Networks;
 use crate::proto::KMSServiceServer;
@@ -119,6 +119,7 @@ struct Handler {
     grpc: Grpc,
     health: Health,
     watches: Arc<Semaphore>,
+    audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     _finished: mpsc::Sender<()>,
@@ -218,6 +219,7 @@ impl Listener {
                 grpc: grpc.clone(),
                 health: self.health.clone(),
                 watches: Arc::clone(&watches),
+                audit: Arc::clone(&self.audit),
                 metrics: Arc::clone(&self.metrics),
                 shutdown: self.shutdown.clone(),
                 _finished: self.finished.clone(),
@@ -355,6 +357,11 @@ impl Handler {
             unanswered: unanswered.clone(),
             watches: self.watches,
             call_timeout: self.limits.call_timeout,
+            cuts: Arc::new(Cuts {
+                audit: self.audit,
+                metrics: Arc::clone(&self.metrics),
+                peer: self.peer,
+            }),
         };
         let mut http2 = hyper::server::conn::http2::Builder::new(InlineFirst);
         http2
@@ -599,6 +606,7 @@ struct WithPeer {
     unanswered: Unanswered,
     watches: Arc<Semaphore>,
     call_timeout: Duration,
+    cuts: Arc<Cuts>,
 }
 
 impl Service<http::Request<Incoming>> for WithPeer {
@@ -639,8 +647,19 @@ impl Service<http::Request<Incoming>> for WithPeer {
         } else if request.uri().path().starts_with(HEALTH_PATH) {
             AnswerKind::Health(self.health.call(request))
         } else {
+            let action = match request.uri().path() {
+                crate::proto::SEAL_PATH => Some(Action::Seal),
+                crate::proto::UNSEAL_PATH => Some(Action::Unseal),
+                _ => None,
+            };
             request.extensions_mut().insert(self.peer);
-            AnswerKind::Grpc(self.inner.call(request), Deadline::new(self.call_timeout))
+            let deadline = Deadline {
+                after: self.call_timeout,
+                timer: None,
+                action,
+                cuts: Arc::clone(&self.cuts),
+            };
+            AnswerKind::Grpc(self.inner.call(request), deadline)
         };
         Answer {
             kind,
@@ -686,13 +705,12 @@ enum AnswerKind<F, H> {
 struct Deadline {
     after: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Seal or unseal, by the request's path; `None` for a method the service lacks.
+    action: Option<Action>,
+    cuts: Arc<Cuts>,
 }
 
 impl Deadline {
-    fn new(after: Duration) -> Deadline {
-        Deadline { after, timer: None }
-    }
-
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
         let after = self.after;
         self.timer
@@ -701,6 +719,35 @@ impl Deadline {
             .poll(cx)
             .is_ready()
     }
+
+    /// The answer to a call cut at its deadline, counted and audited like any refusal.
+    fn cut(&self) -> http::Response<tonic::body::Body> {
+        if let Some(action) = self.action {
+            let event = Event::unread_call(action, &crate::sealing::peer_ip_text(&self.cuts.peer))
+                .refused(audit::Reason::CallTimeout);
+            // The answer stands whether or not the line could be written.
+            let _ = self.cuts.audit.write(&event);
+            self.cuts.metrics.call(
+                action.label(),
+                "refused",
+                audit::Reason::CallTimeout.label(),
+                self.after,
+            );
+        }
+        tracing::debug!(peer = %self.cuts.peer, "call cut: its request did not finish within callTimeout");
+        tonic::Status::deadline_exceeded(format!(
+            "the call did not finish within {} (callTimeout)",
+            humantime::format_duration(self.after)
+        ))
+        .into_http()
+    }
+}
+
+/// Where a connection's calls cut by `callTimeout` are counted and audited.
+struct Cuts {
+    audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
+    peer: SocketAddr,
 }
 
 impl<F, H> Future for Answer<F, H>
@@ -715,13 +762,7 @@ where
         let polled = match &mut this.kind {
             AnswerKind::Grpc(call, deadline) => match Pin::new(call).poll(cx) {
                 // A request that never ends would hold its slot, busy and never evicted.
-                Poll::Pending if deadline.poll_expired(cx) => {
-                    Poll::Ready(Ok(tonic::Status::deadline_exceeded(format!(
-                        "the call did not finish within {} (callTimeout)",
-                        humantime::format_duration(deadline.after)
-                    ))
-                    .into_http()))
-                }
+                Poll::Pending if deadline.poll_expired(cx) => Poll::Ready(Ok(deadline.cut())),
                 polled => polled,
             },
             AnswerKind::Health(call) => match Pin::new(call).poll(cx) {
