@@ -186,9 +186,7 @@ impl PgStore {
         })
         .await
     }
-}
 
-impl PgStore {
     /// Hands `item` to a batching task (`seals.rs`, `lookups.rs`) and waits for its answer.
     async fn batched<T, A>(&self, queue: &Batches<T, A>, item: T) -> Result<A, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
