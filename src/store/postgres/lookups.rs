@@ -3,8 +3,8 @@
 //! high load PostgreSQL's fixed cost per statement, and the server's per round trip, is
 //! shared; a lone lookup is still one statement.
 
-use super::PgOptions;
 use super::connection::{clone_error, deadline, describe, get};
+use super::options::PgOptions;
 use crate::sealing::SealNonce;
 use crate::store::{Record, StoreError};
 use deadpool_postgres::Pool;

@@ -5,9 +5,9 @@
 //! at c=32 on 2 cores shared with PostgreSQL: 0.86–0.90x SQLite's rate with one batch at a time,
 //! 0.75–0.80x with four at once; PostgreSQL's CPU per seal is what limits it.)
 
-use super::PgOptions;
 use super::columns::Columns;
 use super::connection::{clone_error, deadline, describe, get};
+use super::options::PgOptions;
 use crate::store::{Inserted, NewRecord, StoreError};
 use deadpool_postgres::Pool;
 use std::collections::HashSet;
