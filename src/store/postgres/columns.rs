@@ -1,15 +1,16 @@
 //! Records as column arrays, for one `INSERT ... SELECT FROM unnest(...)` of many.
 
 use crate::store::NewRecord;
+use tokio_postgres::types::ToSql;
 
 /// Column arrays of records, for one `INSERT ... SELECT FROM unnest(...)`.
 pub(super) struct Columns {
-    pub nonces: Vec<Vec<u8>>,
-    pub nodes: Vec<String>,
-    pub ips: Vec<String>,
-    pub ciphertexts: Vec<Vec<u8>>,
-    pub created: Vec<i64>,
-    pub accessed: Vec<Option<i64>>,
+    nonces: Vec<Vec<u8>>,
+    nodes: Vec<String>,
+    ips: Vec<String>,
+    ciphertexts: Vec<Vec<u8>>,
+    created: Vec<i64>,
+    accessed: Vec<Option<i64>>,
 }
 
 impl Columns {
@@ -31,5 +32,18 @@ impl Columns {
             columns.accessed.push(record.last_access);
         }
         columns
+    }
+
+    /// The statement's parameters `$1` to `$6`: nonce, node, address, ciphertext, created
+    /// and last access.
+    pub fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.nonces,
+            &self.nodes,
+            &self.ips,
+            &self.ciphertexts,
+            &self.created,
+            &self.accessed,
+        ]
     }
 }

@@ -382,14 +382,7 @@ impl Store for PgStore {
                                    AS new (nonce, node_uuid, ip, ciphertext, created_at, last_access)
                      WHERE NOT EXISTS (SELECT 1 FROM records WHERE records.nonce = new.nonce)
                      ON CONFLICT (nonce) DO NOTHING",
-                    &[
-                        &columns.nonces,
-                        &columns.nodes,
-                        &columns.ips,
-                        &columns.ciphertexts,
-                        &columns.created,
-                        &columns.accessed,
-                    ],
+                    &columns.params(),
                 )
                 .await? as usize;
             if let Some(fingerprint) = &fingerprint {

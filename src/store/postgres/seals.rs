@@ -62,17 +62,7 @@ async fn write(options: &PgOptions, pool: &Pool, batch: Vec<(NewRecord, Reply)>,
             .await
             .map_err(|e| describe(options, &e))?;
         client
-            .query(
-                &statement,
-                &[
-                    &columns.nonces,
-                    &columns.nodes,
-                    &columns.ips,
-                    &columns.ciphertexts,
-                    &columns.created,
-                    &columns.accessed,
-                ],
-            )
+            .query(&statement, &columns.params())
             .await
             .map_err(|e| describe(options, &e))
     })
