@@ -197,7 +197,7 @@ impl RunningServer {
         {
             tracing::warn!("calls still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
         }
-        self.store.flush().await?;
+        self.store.close().await?;
         self.audit.sync().await?;
         Ok(())
     }

@@ -490,3 +490,100 @@ async fn export_json_is_the_legacy_format_and_imports_back() {
     }
     stop(server2).await;
 }
+
+/// The journal files SQLite keeps beside a database while it is open.
+fn journal_beside(database: &Path) -> Vec<String> {
+    ["-wal", "-shm"]
+        .iter()
+        .map(|suffix| format!("{}{suffix}", database.display()))
+        .filter(|file| Path::new(file).exists())
+        .collect()
+}
+
+/// The most common backup there is: stop the service, copy the `.db` file. A clean stop
+/// leaves every record in that file, with no journal beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_clean_stop_a_copy_of_the_database_file_alone_unseals_every_record() {
+    let site = Site::new();
+    let server = site.serve();
+    let original = client(&server, &site.ca);
+    let mut sealed = Vec::new();
+    for n in 0..20 {
+        sealed.push(seal(&original, &format!("node-{n}")).await);
+    }
+    original
+        .unseal(&sealed[0].node, &sealed[0].blob)
+        .await
+        .unwrap();
+    assert!(
+        !journal_beside(&site.database()).is_empty(),
+        "a serving database has its journal beside it"
+    );
+    let verified = run_ok(&["db", "verify", s(&site.database())]).await;
+    assert!(
+        verified.contains("warning: ") && verified.contains("-wal is beside it"),
+        "{verified}"
+    );
+    stop(server).await;
+    assert_eq!(journal_beside(&site.database()), Vec::<String>::new());
+
+    let copy = Site::new();
+    std::fs::copy(site.database(), copy.database()).unwrap();
+    let verified = run_ok(&["db", "verify", s(&copy.database())]).await;
+    assert!(verified.contains("sound, 20 records"), "{verified}");
+    assert!(!verified.contains("warning"), "{verified}");
+    let server = copy.serve();
+    let from_copy = client(&server, &copy.ca);
+    for record in &sealed {
+        let passphrase = from_copy.unseal(&record.node, &record.blob).await.unwrap();
+        assert_eq!(
+            passphrase, record.passphrase,
+            "{} from the copy",
+            record.node
+        );
+    }
+    stop(server).await;
+}
+
+/// Every command that writes a database leaves it whole, with no journal to forget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_that_write_a_database_leave_no_journal_beside_it() {
+    let site = Site::new();
+    let filled = site.file("filled.db");
+    run_ok(&["fill", "--database", s(&filled), "--records", "300"]).await;
+    assert_eq!(journal_beside(&filled), Vec::<String>::new(), "fill");
+
+    let legacy = site.file("nodeDbFile.json");
+    run_ok(&["fill", "--legacy-json", s(&legacy), "--records", "300"]).await;
+    let imported = site.file("imported.db");
+    run_ok(&["import-json", "--database", s(&imported), s(&legacy)]).await;
+    assert_eq!(
+        journal_beside(&imported),
+        Vec::<String>::new(),
+        "import-json"
+    );
+
+    let migrated = site.file("migrated.db");
+    run_ok(&["db", "migrate", "--from", s(&filled), "--to", s(&migrated)]).await;
+    assert_eq!(
+        journal_beside(&migrated),
+        Vec::<String>::new(),
+        "db migrate"
+    );
+    assert_eq!(
+        journal_beside(&filled),
+        Vec::<String>::new(),
+        "db migrate's source"
+    );
+
+    let config = s(&site.config);
+    run_ok(&["db", "restore", "--config", config, s(&imported)]).await;
+    assert_eq!(
+        journal_beside(&site.database()),
+        Vec::<String>::new(),
+        "db restore"
+    );
+    let verified = run_ok(&["db", "verify", s(&site.database())]).await;
+    assert!(verified.contains("sound, 300 records"), "{verified}");
+    assert!(!verified.contains("warning"), "{verified}");
+}

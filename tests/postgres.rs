@@ -793,7 +793,7 @@ async fn both_stores_answer_every_call_alike() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_contract_holds_on_postgres() {
     let Some(pg) = PgCluster::start() else { return };
-    for name in ["lookups", "summaries", "windows", "approvals"] {
+    for name in ["lookups", "summaries", "windows", "approvals", "ids"] {
         pg.create_database(name);
     }
     let options = |name: &str| pg_options(&pg.url(name, ""));
@@ -805,6 +805,8 @@ async fn the_store_contract_holds_on_postgres() {
     store_contract::windows_open_move_and_close(&store).await;
     let store = PgStore::open(&options("approvals")).await.unwrap();
     store_contract::approvals_wait_pass_expire_and_deny(&store).await;
+    let store = PgStore::open(&options("ids")).await.unwrap();
+    store_contract::record_ids_are_never_reused(&store).await;
 }
 
 /// Runs the binary with `env` set, to completion (60 s at most).

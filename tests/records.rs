@@ -320,3 +320,81 @@ fn admin_commands_never_create_a_database() {
     );
     assert!(!dir.path().join("kms.db").exists());
 }
+
+/// `--since`/`--until` are times, not text: ages, days, UTC times and offsets all compare
+/// in time order, and what is not a time is refused with the forms that are.
+#[test]
+fn audit_since_and_until_compare_times_and_refuse_what_is_not_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let trail = dir.path().join("audit.jsonl");
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let line = |node: &str, at: String| {
+        format!(
+            "{{\"time\":\"{at}\",\"action\":\"unseal\",\"outcome\":\"ok\",\"peer\":\"10.0.0.1\",\
+             \"node\":\"{node}\"}}\n"
+        )
+    };
+    let lines = [
+        line("old", "2020-06-01T10:00:00.000Z".into()),
+        line("offset", "2020-06-01T12:30:00.000+02:00".into()),
+        line("hours-ago", stamp(now - time::Duration::hours(3))),
+        line("recent", stamp(now - time::Duration::minutes(5))),
+    ];
+    std::fs::write(&trail, lines.concat()).unwrap();
+    let nodes = |filters: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "audit",
+            "--file",
+            trail.to_str().unwrap(),
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(filters);
+        let output = run_binary(&args);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            text(&output.stderr)
+        );
+        text(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["node"].to_string())
+            .map(|n| n.trim_matches('"').to_string())
+            .collect()
+    };
+    assert_eq!(nodes(&["--since", "1h"]), ["recent"]);
+    assert_eq!(nodes(&["--since", "1d"]), ["hours-ago", "recent"]);
+    assert_eq!(nodes(&["--until", "1h"]), ["old", "offset", "hours-ago"]);
+    // 12:30+02:00 is 10:30 UTC: after 10:15 UTC, before 10:45 UTC.
+    assert_eq!(
+        nodes(&["--since", "2020-06-01T10:15"]),
+        ["offset", "hours-ago", "recent"]
+    );
+    assert_eq!(
+        nodes(&["--since", "2020-06-01", "--until", "2020-06-01T10:45:00Z"]),
+        ["old", "offset"]
+    );
+    assert_eq!(nodes(&["--until", "2020-06-01T12:15:00+02:00"]), ["old"]);
+
+    for garbage in ["garbage", "1x", "2020-13-01", "yesterday"] {
+        let output = run_binary(&[
+            "audit",
+            "--file",
+            trail.to_str().unwrap(),
+            "--since",
+            garbage,
+        ]);
+        assert!(!output.status.success(), "--since {garbage} was accepted");
+        let said = text(&output.stderr);
+        assert!(
+            said.contains("is not a time")
+                && said.contains("7d")
+                && said.contains("2026-12-01T10:30"),
+            "--since {garbage}: {said}"
+        );
+    }
+}

@@ -3,7 +3,7 @@
 mod common;
 
 use common::store_contract;
-use talos_kms_server::store::SqliteStore;
+use talos_kms_server::store::{SqliteStore, Store};
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -33,4 +33,38 @@ async fn windows_open_move_and_close() {
 async fn approvals_wait_pass_expire_and_deny() {
     let (_dir, store) = store();
     store_contract::approvals_wait_pass_expire_and_deny(&store).await;
+}
+
+#[tokio::test]
+async fn record_ids_are_never_reused() {
+    let (_dir, store) = store();
+    store_contract::record_ids_are_never_reused(&store).await;
+}
+
+/// The counter lives in the file: a restart does not hand out a purged id again either.
+#[tokio::test]
+async fn a_purged_id_stays_used_across_a_reopen() {
+    let (dir, store) = store();
+    store_contract::record_ids_are_never_reused(&store).await;
+    drop(store);
+    let store = SqliteStore::open(&dir.path().join("kms.db")).unwrap();
+    let everything = talos_kms_server::store::RecordFilter::default();
+    let newest = store.list(&everything, 0, 10).await.unwrap();
+    let highest = newest.iter().map(|r| r.id).max().unwrap();
+    store.delete(&[highest], &everything).await.unwrap();
+    drop(store);
+    let store = SqliteStore::open(&dir.path().join("kms.db")).unwrap();
+    let record = talos_kms_server::store::NewRecord {
+        nonce: [42; 12],
+        node_uuid: "node-k".into(),
+        ip: "10.0.2.4".into(),
+        ciphertext: vec![0; 48],
+        created_at: 1_000,
+        last_access: None,
+    };
+    let id = match store.insert(record).await.unwrap() {
+        talos_kms_server::store::Inserted::Stored(id) => id,
+        other => panic!("{other:?}"),
+    };
+    assert!(id > highest, "id {id} after purging {highest}");
 }

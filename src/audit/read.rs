@@ -12,9 +12,8 @@ pub struct AuditQuery {
     pub record: Option<i64>,
     pub action: Option<Action>,
     pub outcome: Option<Outcome>,
-    /// RFC 3339 UTC prefixes compare in time order: `2026-12-01` or `2026-12-01T10:00`.
-    pub since: Option<String>,
-    pub until: Option<String>,
+    pub since: Option<time::OffsetDateTime>,
+    pub until: Option<time::OffsetDateTime>,
 }
 
 impl AuditQuery {
@@ -27,14 +26,20 @@ impl AuditQuery {
             && (self.record.is_none() || self.record == event.record)
             && (self.action.is_none() || self.action == event.action)
             && (self.outcome.is_none() || self.outcome == event.outcome)
-            && self
-                .since
-                .as_deref()
-                .is_none_or(|since| event.time.as_str() >= since)
-            && self
-                .until
-                .as_deref()
-                .is_none_or(|until| event.time.as_str() < until)
+            && self.within_times(&event.time)
+    }
+
+    /// A line whose time cannot be read is outside every range: its place in time is unknown.
+    fn within_times(&self, time: &str) -> bool {
+        if self.since.is_none() && self.until.is_none() {
+            return true;
+        }
+        let Ok(at) =
+            time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+        else {
+            return false;
+        };
+        self.since.is_none_or(|since| at >= since) && self.until.is_none_or(|until| at < until)
     }
 }
 

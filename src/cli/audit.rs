@@ -1,6 +1,7 @@
 //! `audit`: reads the audit trail (rotated files included, oldest first) and filters it.
 
 use super::Output;
+use super::time_text::parse_point;
 use anyhow::{Context, bail};
 use std::io::Write;
 use std::path::PathBuf;
@@ -31,12 +32,13 @@ pub struct Args {
     /// Only calls answered (ok) or refused.
     #[arg(long, value_enum)]
     outcome: Option<Outcome>,
-    /// From this time on, UTC: a day (2026-12-01) or a time (2026-12-01T10:30).
-    #[arg(long, value_name = "TIME")]
-    since: Option<String>,
-    /// Before this time, UTC, written like --since.
-    #[arg(long, value_name = "TIME")]
-    until: Option<String>,
+    /// From this time on: an age before now (30m, 1h, 7d), a day (2026-12-01, UTC), a UTC
+    /// time (2026-12-01T10:30) or an RFC 3339 time with its offset.
+    #[arg(long, value_name = "TIME", value_parser = parse_point)]
+    since: Option<time::OffsetDateTime>,
+    /// Before this time, written like --since.
+    #[arg(long, value_name = "TIME", value_parser = parse_point)]
+    until: Option<time::OffsetDateTime>,
     /// `text` for people; `json` prints the matching lines as they are stored.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,

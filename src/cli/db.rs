@@ -281,9 +281,13 @@ fn verify(file: &Path, output: Output) -> anyhow::Result<ExitCode> {
                 "schema_version": verification.schema_version,
                 "problems": verification.problems,
                 "more_problems": verification.more_problems,
+                "warnings": verification.warnings,
             })
         ),
         Output::Text => {
+            for warning in &verification.warnings {
+                println!("warning: {warning}");
+            }
             for problem in &verification.problems {
                 println!("problem: {problem}");
             }

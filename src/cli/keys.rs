@@ -4,7 +4,7 @@
 use super::Output;
 use super::admin::{Admin, config_path};
 use super::progress::Progress;
-use super::time_text::{date, parse_age, parse_date};
+use super::time_text::{date, parse_age, parse_date, rfc3339};
 use anyhow::bail;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -380,10 +380,10 @@ fn json(record: &RecordInfo) -> serde_json::Value {
         "id": record.id,
         "node_uuid": record.node_uuid,
         "ip": record.ip,
-        "created": date(Some(record.created_at)),
-        "last_access": record.last_access.map(|at| date(Some(at))),
+        "created": rfc3339(Some(record.created_at)),
+        "last_access": rfc3339(record.last_access),
         "state": state_name(record.state()),
-        "revoked_at": record.revoked_at.map(|at| date(Some(at))),
+        "revoked_at": rfc3339(record.revoked_at),
     })
 }
 

@@ -4,7 +4,7 @@
 
 use super::Output;
 use super::admin::{Admin, config_path};
-use super::time_text::{date, parse_age};
+use super::time_text::{date, parse_age, rfc3339};
 use anyhow::bail;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -143,9 +143,9 @@ fn json(approval: &Approval) -> serde_json::Value {
         "ip": approval.ip,
         "state": approval.state,
         "attempts": approval.attempts,
-        "first_seen": date(Some(approval.first_seen)),
-        "last_seen": date(Some(approval.last_seen)),
-        "approved_until": approval.approved_until.map(|t| date(Some(t))),
-        "decided_at": approval.decided_at.map(|t| date(Some(t))),
+        "first_seen": rfc3339(Some(approval.first_seen)),
+        "last_seen": rfc3339(Some(approval.last_seen)),
+        "approved_until": rfc3339(approval.approved_until),
+        "decided_at": rfc3339(approval.decided_at),
     })
 }

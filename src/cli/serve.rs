@@ -11,7 +11,7 @@ use talos_kms_server::logging;
 use talos_kms_server::metrics::Metrics;
 use talos_kms_server::server::{self, Port, ServerOptions};
 use talos_kms_server::store::legacy_json::{self, TakeOver};
-use talos_kms_server::store::{self, Database, Store};
+use talos_kms_server::store::{self, Database, SqliteStore, Store};
 use talos_kms_server::tls;
 use talos_kms_server::tls::inspect::{CertificateFacts, RENEWAL_WARNING, Validity};
 use talos_kms_server::tls::reload::{self, IdentityFiles, Reload, ReloadingIdentity};
@@ -41,7 +41,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     let metrics_port = config.metrics_address.map(server::bind).transpose()?;
     let opened = store::open(&config.database).await?;
     let store = opened.store;
-    if opened.created {
+    let taking_over = config
+        .node_db_file
+        .as_deref()
+        .filter(|legacy| legacy.exists());
+    if let (true, Some(legacy)) = (opened.created, taking_over) {
+        tracing::info!(
+            database = %config.database,
+            legacy = %legacy.display(),
+            "created a new database to take over the legacy records into"
+        );
+    } else if opened.created {
         let database = match &config.database {
             Database::Sqlite(path) => std::path::absolute(path)
                 .unwrap_or_else(|_| path.clone())
@@ -72,7 +82,27 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         limits: config.limits.clone(),
     };
     serve_until_signal(port, options, OnHangup::Reload(identity), |_| ()).await?;
+    if let Some(path) = config.database.sqlite_path() {
+        report_journal_left(path);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// After a clean stop the database file alone holds every record, unless another program
+/// still had it open: then the operator must know that a copy of the file alone is not enough.
+fn report_journal_left(database: &Path) {
+    let left = SqliteStore::journal_files(database);
+    if left.is_empty() {
+        return;
+    }
+    let files: Vec<String> = left.iter().map(|f| f.display().to_string()).collect();
+    tracing::error!(
+        database = %database.display(),
+        journal = %files.join(", "),
+        "stopped, but the database journal is still beside the database (another command \
+         had it open): recent records may be only in the journal, so copy the database \
+         together with these files, or use `db backup`, never the database file alone"
+    );
 }
 
 /// Logs what a reload did, once, and counts it.

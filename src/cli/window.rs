@@ -3,7 +3,7 @@
 
 use super::Output;
 use super::admin::{Admin, config_path};
-use super::time_text::{date, parse_age};
+use super::time_text::{date, parse_age, rfc3339};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use talos_kms_server::audit::Event;
@@ -126,8 +126,8 @@ async fn status(admin: &Admin, output: Output) -> anyhow::Result<()> {
                 "operation": operation,
                 "policy": mode.as_str(),
                 "window_open": open,
-                "opened_at": window.map(|w| date(Some(w.opened_at))),
-                "closes_at": window.map(|w| date(Some(w.closes_at))),
+                "opened_at": window.and_then(|w| rfc3339(Some(w.opened_at))),
+                "closes_at": window.and_then(|w| rfc3339(Some(w.closes_at))),
             })),
             Output::Text => {
                 let state = match window {

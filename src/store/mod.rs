@@ -222,6 +222,8 @@ pub enum StoreError {
     Write(String),
     #[error("the database writer has stopped")]
     WriterStopped,
+    #[error("the database was closed")]
+    Closed,
     /// The file at the configured path is no longer the one the server has open; nothing is
     /// read from or written to it until a restart.
     #[error("database {path} {problem}; refusing every call until the server is restarted")]
@@ -284,6 +286,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes everything buffered (access times).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Flushes and closes: an SQLite file is left whole with no journal beside it, so that
+    /// a copy of the file alone holds every record. Nothing may be asked of the store after.
+    async fn close(&self) -> Result<(), StoreError> {
+        self.flush().await
+    }
 
     /// How many records the node has, and which addresses other than `ip` its active ones
     /// are bound to. Every seal asks: one indexed query when the answer is "none".

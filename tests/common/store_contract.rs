@@ -2,7 +2,7 @@
 //! each backend (SQLite here; PostgreSQL where it is available).
 
 use talos_kms_server::store::{
-    Approval, ApprovalState, Decision, NewRecord, Operation, Store, Window,
+    Approval, ApprovalState, Decision, Inserted, NewRecord, Operation, RecordFilter, Store, Window,
 };
 
 fn record(nonce: u8, node: &str, ip: &str, created_at: i64) -> NewRecord {
@@ -234,5 +234,38 @@ pub async fn approvals_wait_pass_expire_and_deny(store: &dyn Store) {
             .await
             .unwrap()
             .is_some()
+    );
+}
+
+/// A purged id never comes back: an old audit line's `record` or a `keys revoke` taken from
+/// it must not name another node's record.
+pub async fn record_ids_are_never_reused(store: &dyn Store) {
+    let stored = |inserted| match inserted {
+        Inserted::Stored(id) => id,
+        Inserted::NonceTaken => panic!("fresh nonces are free"),
+    };
+    let first = stored(
+        store
+            .insert(record(1, "node-i", "10.0.2.1", 1_000))
+            .await
+            .unwrap(),
+    );
+    let newest = stored(
+        store
+            .insert(record(2, "node-i", "10.0.2.2", 1_000))
+            .await
+            .unwrap(),
+    );
+    let everything = RecordFilter::default();
+    assert_eq!(store.delete(&[newest], &everything).await.unwrap(), 1);
+    let next = stored(
+        store
+            .insert(record(3, "node-j", "10.0.2.3", 1_000))
+            .await
+            .unwrap(),
+    );
+    assert!(
+        next > newest,
+        "id {next} after purging {newest} (first was {first})"
     );
 }

@@ -74,6 +74,8 @@ pub struct Verification {
     pub problems: Vec<String>,
     /// Problems found beyond the ones listed.
     pub more_problems: u64,
+    /// What does not make the file unsound but matters to whoever copies it.
+    pub warnings: Vec<String>,
 }
 
 impl Verification {
@@ -84,6 +86,7 @@ impl Verification {
             records: 0,
             problems: Vec::new(),
             more_problems: 0,
+            warnings: Vec::new(),
         }
     }
 
@@ -169,6 +172,14 @@ impl SqliteStore {
     /// application id and schema version, and every record's fields.
     pub fn verify(file: &Path, progress: ProgressFn<'_>) -> Verification {
         let mut verification = Verification::new(file);
+        if with_suffix(file, "-wal").exists() {
+            verification.warnings.push(format!(
+                "{} is beside it: recent records may be only in that journal, so a copy of \
+                 this file alone is not a backup; use `db backup`, or stop the server (a clean \
+                 stop folds the journal into the file) before copying",
+                with_suffix(file, "-wal").display()
+            ));
+        }
         match open_read_only(file, true) {
             Ok(conn) => {
                 // One snapshot for every check, even while a server writes beside it.

@@ -80,6 +80,46 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (operation, node_uuid, ip)
     );
 ",
+    // Ids never come back after a purge: an old audit line's id must not name another
+    // node's record (or approval). SQLite can only add AUTOINCREMENT by rebuilding a table.
+    "
+    CREATE TABLE records_autoincrement (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        nonce       BLOB    NOT NULL UNIQUE CHECK (length(nonce) = 12),
+        node_uuid   TEXT    NOT NULL,
+        ip          TEXT    NOT NULL,
+        ciphertext  BLOB    NOT NULL,
+        created_at  INTEGER NOT NULL,
+        last_access INTEGER,
+        revoked_at  INTEGER
+    );
+    INSERT INTO records_autoincrement
+        SELECT id, nonce, node_uuid, ip, ciphertext, created_at, last_access, revoked_at
+        FROM records;
+    DROP TABLE records;
+    ALTER TABLE records_autoincrement RENAME TO records;
+    CREATE INDEX records_by_node ON records (node_uuid);
+    CREATE INDEX records_by_creation ON records (created_at);
+    CREATE TABLE approvals_autoincrement (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        operation      TEXT    NOT NULL CHECK (operation IN ('seal', 'unseal')),
+        node_uuid      TEXT    NOT NULL,
+        ip             TEXT    NOT NULL,
+        state          TEXT    NOT NULL CHECK (state IN ('pending', 'approved', 'denied')),
+        first_seen     INTEGER NOT NULL,
+        last_seen      INTEGER NOT NULL,
+        attempts       INTEGER NOT NULL,
+        approved_until INTEGER,
+        decided_at     INTEGER,
+        UNIQUE (operation, node_uuid, ip)
+    );
+    INSERT INTO approvals_autoincrement
+        SELECT id, operation, node_uuid, ip, state, first_seen, last_seen, attempts,
+               approved_until, decided_at
+        FROM approvals;
+    DROP TABLE approvals;
+    ALTER TABLE approvals_autoincrement RENAME TO approvals;
+",
 ];
 
 const READERS: usize = 4;
@@ -93,7 +133,8 @@ pub struct SqliteStore {
     /// Whether [`SqliteStore::open`] created the file: an empty database should never be a
     /// surprise.
     created: bool,
-    readers: Box<[Mutex<Connection>]>,
+    /// `None` once closed.
+    readers: Box<[Mutex<Option<Connection>>]>,
     next_reader: AtomicUsize,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     accesses: Arc<Mutex<HashMap<RecordId, UnixTime>>>,
@@ -154,7 +195,7 @@ impl SqliteStore {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 reader.busy_timeout(BUSY_TIMEOUT)?;
-                Ok(Mutex::new(reader))
+                Ok(Mutex::new(Some(reader)))
             })
             .collect::<Result<Vec<_>, rusqlite::Error>>()
             .map_err(|e| open_error(e.to_string()))?;
@@ -202,10 +243,37 @@ impl SqliteStore {
         let count = self.readers.len();
         for i in 0..count {
             if let Ok(reader) = self.readers[(start + i) % count].try_lock() {
-                return Ok(query(&reader)?);
+                return Ok(query(reader.as_ref().ok_or(StoreError::Closed)?)?);
             }
         }
-        Ok(query(&lock(&self.readers[start % count]))?)
+        let reader = lock(&self.readers[start % count]);
+        Ok(query(reader.as_ref().ok_or(StoreError::Closed)?)?)
+    }
+
+    /// Closes the readers first and the writer last: only the last connection to close
+    /// checkpoints the journal into the file and removes it, and a read-only one cannot.
+    fn close_connections(&self) {
+        for reader in &self.readers {
+            lock(reader).take();
+        }
+        lock(&self.jobs).take();
+        if let Some(writer) = lock(&self.writer).take() {
+            let _ = writer.join();
+        }
+    }
+
+    /// The journal files beside the database. After the last user closed it cleanly there
+    /// are none, so that a copy of the database file alone holds every record.
+    pub fn journal_files(path: &Path) -> Vec<PathBuf> {
+        ["-wal", "-shm"]
+            .iter()
+            .map(|suffix| {
+                let mut name = path.as_os_str().to_owned();
+                name.push(suffix);
+                PathBuf::from(name)
+            })
+            .filter(|file| file.exists())
+            .collect()
     }
 }
 
@@ -326,10 +394,7 @@ fn schema_state(conn: &Connection) -> Result<usize, StoreError> {
 impl Drop for SqliteStore {
     /// Closing the queue makes the writer flush buffered access times and stop.
     fn drop(&mut self) {
-        lock(&self.jobs).take();
-        if let Some(writer) = lock(&self.writer).take() {
-            let _ = writer.join();
-        }
+        self.close_connections();
     }
 }
 
@@ -401,6 +466,13 @@ impl Store for SqliteStore {
         let (reply, answer) = oneshot::channel();
         self.submit(Job::Flush(reply))?;
         answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.flush().await?;
+        // Blocks while the writer checkpoints: once, at the very end.
+        self.close_connections();
+        Ok(())
     }
 
     async fn list(
@@ -913,6 +985,7 @@ fn write_loop(
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 commit_batch(&mut conn, Vec::new(), &accesses, true, file);
+                checkpoint(&conn, file);
                 return;
             }
         }
@@ -930,6 +1003,30 @@ fn write_loop(
         if !batch.is_empty() || flush_accesses {
             commit_batch(&mut conn, batch, &accesses, flush_accesses, file);
         }
+    }
+}
+
+/// Moves every committed page from the journal into the database file before the writer's
+/// connection, the last one, closes (which then removes the journal files).
+fn checkpoint(conn: &Connection, file: &OpenedFile) {
+    if file.not_lost().is_err() {
+        return;
+    }
+    let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        row.get::<_, i64>(0)
+    });
+    match result {
+        Ok(0) => {}
+        Ok(_) => tracing::warn!(
+            "the database journal could not be moved into {} at close: a reader still had \
+             it open",
+            file.path.display()
+        ),
+        Err(e) => tracing::error!(
+            problem = %describe(&e),
+            "the database journal could not be moved into {} at close",
+            file.path.display()
+        ),
     }
 }
 
