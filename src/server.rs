@@ -57,8 +57,40 @@ pub struct RunningServer {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The OS error is part of the sentence, so it is not chained as a source too.
-    #[error("cannot listen on {addr}: {problem}")]
-    Bind { addr: SocketAddr, problem: String },
+    #[error("cannot listen on {addr} ({purpose}): {problem}")]
+    Bind {
+        addr: SocketAddr,
+        purpose: Purpose,
+        problem: String,
+    },
+}
+
+/// What a port is for, so that a failure to listen names the config key to change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// `bindAddress` and `port`.
+    Kms,
+    /// `metricsAddress`.
+    Metrics,
+}
+
+impl Purpose {
+    /// The config keys that set the port and the address.
+    fn keys(self) -> (&'static str, &'static str) {
+        match self {
+            Purpose::Kms => ("port", "bindAddress"),
+            Purpose::Metrics => ("metricsAddress", "metricsAddress"),
+        }
+    }
+}
+
+impl std::fmt::Display for Purpose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Purpose::Kms => "the KMS port",
+            Purpose::Metrics => "the metrics port, `metricsAddress`",
+        })
+    }
 }
 
 /// A bound port, not yet served: binding comes before anything is written to disk, so a
@@ -69,10 +101,11 @@ pub struct Port {
 }
 
 /// Binds the listening socket.
-pub fn bind(addr: SocketAddr) -> Result<Port, ServerError> {
+pub fn bind(addr: SocketAddr, purpose: Purpose) -> Result<Port, ServerError> {
     let bind_error = |source: std::io::Error| ServerError::Bind {
         addr,
-        problem: describe_bind_error(addr, &source),
+        purpose,
+        problem: describe_bind_error(addr, purpose, &source),
     };
     let tcp = listen(addr).map_err(bind_error)?;
     let local_addr = tcp.local_addr().map_err(bind_error)?;
@@ -81,7 +114,7 @@ pub fn bind(addr: SocketAddr) -> Result<Port, ServerError> {
 
 /// Binds and starts serving; returns once the port accepts connections.
 pub fn start(bind_addr: SocketAddr, options: ServerOptions) -> Result<RunningServer, ServerError> {
-    bind(bind_addr)?.serve(options)
+    bind(bind_addr, Purpose::Kms)?.serve(options)
 }
 
 impl Port {
@@ -94,6 +127,7 @@ impl Port {
         let addr = self.local_addr;
         let tcp = crate::listener::accepting(self.tcp).map_err(|error| ServerError::Bind {
             addr,
+            purpose: Purpose::Kms,
             problem: os_error::plain(&error),
         })?;
         let (stop, shutdown) = watch::channel(false);
@@ -162,21 +196,23 @@ impl Port {
 }
 
 /// The OS's words, and what to do about the usual causes.
-pub fn describe_bind_error(addr: SocketAddr, error: &std::io::Error) -> String {
+pub fn describe_bind_error(addr: SocketAddr, purpose: Purpose, error: &std::io::Error) -> String {
+    let (port_key, address_key) = purpose.keys();
     let fix = match error.kind() {
-        std::io::ErrorKind::AddrInUse => {
+        std::io::ErrorKind::AddrInUse => format!(
             " (another process listens there: is the server already running? \
-             `ss -ltnp` shows who; or choose another `port`)"
-        }
-        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+             `ss -ltnp` shows who; or choose another port in `{port_key}`)"
+        ),
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
             " (ports below 1024 need the CAP_NET_BIND_SERVICE capability, e.g. \
-             `AmbientCapabilities=CAP_NET_BIND_SERVICE` in the systemd unit; or use 50051)"
-        }
-        std::io::ErrorKind::AddrNotAvailable => {
-            " (no interface of this host has that address: check `bindAddress`, or use \
+             `AmbientCapabilities=CAP_NET_BIND_SERVICE` in the systemd unit; or choose a port \
+             above 1023 in `{port_key}`)"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            " (no interface of this host has that address: check `{address_key}`, or use \
              0.0.0.0 or ::)"
-        }
-        _ => "",
+        ),
+        _ => String::new(),
     };
     format!("{}{fix}", os_error::plain(error))
 }

@@ -205,6 +205,69 @@ fn a_port_in_use_warns() {
     assert!(line_with(&checked.stdout, &["WARNING", "in use"]).is_some());
 }
 
+/// A busy metrics port fails `serve`: `check` says so, and both name `metricsAddress`.
+#[test]
+fn a_metrics_port_in_use_warns_and_serve_names_metrics_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let (_taken, port) = taken_port();
+    let config = write_config(
+        dir.path(),
+        &pki,
+        "127.0.0.1",
+        &format!("metricsAddress: 127.0.0.1:{port}\n"),
+    );
+    let checked = check(&config, &[]);
+    assert_eq!(checked.code, Some(2), "{}", checked.stdout);
+    assert!(
+        line_with(
+            &checked.stdout,
+            &["WARNING", "metrics", "in use", "`metricsAddress`"]
+        )
+        .is_some(),
+        "{}",
+        checked.stdout
+    );
+    let served = run_binary(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(served.status.code(), Some(1));
+    let said = text(&served.stderr);
+    assert!(
+        said.contains("metricsAddress") && !said.contains("`port`"),
+        "{said}"
+    );
+}
+
+/// `check` walks the path: a database under a regular file can never be created.
+#[test]
+fn a_database_under_a_file_is_a_problem_for_check_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let database = dir.path().join("kms.db").display().to_string();
+    let under_a_file = format!("{}/kms.db", pki.ca.display());
+    edit_config(&config, &database, &under_a_file);
+    let checked = check(&config, &[]);
+    assert_eq!(checked.code, Some(1), "{}", checked.stdout);
+    assert!(
+        line_with(
+            &checked.stdout,
+            &["PROBLEM", "is a file, not a directory", "`database`"]
+        )
+        .is_some(),
+        "{}",
+        checked.stdout
+    );
+    assert!(
+        !checked.stdout.contains("does not exist yet"),
+        "{}",
+        checked.stdout
+    );
+    let served = run_binary(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(served.status.code(), Some(1));
+    let said = text(&served.stderr);
+    assert!(said.contains("is a file, not a directory"), "{said}");
+}
+
 #[test]
 fn a_key_or_config_readable_by_everyone_warns() {
     let dir = tempfile::tempdir().unwrap();

@@ -84,6 +84,12 @@ async fn legacy_records_are_taken_over_and_keep_unsealing_over_ipv4_and_ipv6() {
         &format!("nodeDbFile: {}\n", legacy_file.display()),
     );
     let server = ServerProcess::start(&config).unwrap();
+    let startup = server.startup_log.join("\n");
+    assert!(
+        startup.contains("created a new database to take over the legacy records into")
+            && !startup.contains("restore the database from a backup"),
+        "a take-over says what it does, not that a database may be missing: {startup}"
+    );
     let port = server.addr.port();
     for seal in &seals {
         let host = if seal.ip_text == "127.0.0.1" {

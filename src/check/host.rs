@@ -3,7 +3,7 @@
 
 use super::{Level, Report};
 use crate::os_error;
-use crate::server::describe_bind_error;
+use crate::server::{Purpose, describe_bind_error};
 use std::fs::Metadata;
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -31,17 +31,21 @@ pub fn readable_by_others(report: &mut Report, topic: &'static str, path: &Path)
 }
 
 /// Binds the port for a moment, as `serve` would, to learn whether it can.
-pub fn listen(report: &mut Report, addr: SocketAddr) {
+pub fn listen(report: &mut Report, addr: SocketAddr, purpose: Purpose) {
+    let topic = match purpose {
+        Purpose::Kms => "listen",
+        Purpose::Metrics => "metrics",
+    };
     if addr.port() == 0 {
-        report.add("listen", Level::Ok, format!("{addr}: any free port"));
+        report.add(topic, Level::Ok, format!("{addr}: any free port"));
         return;
     }
     match std::net::TcpListener::bind(addr) {
         Ok(_) => {
-            report.add("listen", Level::Ok, format!("{addr}: free"));
+            report.add(topic, Level::Ok, format!("{addr}: free"));
             if addr.port() < 1024 && rustix::process::geteuid().is_root() {
                 report.add(
-                    "listen",
+                    topic,
                     Level::Info,
                     "checked as root: a service user needs the CAP_NET_BIND_SERVICE \
                      capability for a port below 1024",
@@ -49,20 +53,20 @@ pub fn listen(report: &mut Report, addr: SocketAddr) {
             }
         }
         Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => report.add(
-            "listen",
+            topic,
             Level::Warning,
             format!(
                 "{addr}: in use; if that is this server running, fine; otherwise `serve` \
                  fails: {}",
-                describe_bind_error(addr, &error)
+                describe_bind_error(addr, purpose, &error)
             ),
         ),
         Err(error) => report.add(
-            "listen",
+            topic,
             Level::Problem,
             format!(
                 "{addr}: `serve` cannot listen there: {}",
-                describe_bind_error(addr, &error)
+                describe_bind_error(addr, purpose, &error)
             ),
         ),
     }
@@ -72,6 +76,19 @@ pub fn listen(report: &mut Report, addr: SocketAddr) {
 /// server's user may write (SQLite writes `-wal` and `-shm` files beside the database).
 /// False when it cannot.
 pub fn database_location(report: &mut Report, path: &Path) -> bool {
+    if let Some(file) = file_above(path) {
+        report.add(
+            "database",
+            Level::Problem,
+            format!(
+                "{}: {} is a file, not a directory, so nothing can be created under it; set \
+                 `database` to a path in a directory",
+                path.display(),
+                file.display()
+            ),
+        );
+        return false;
+    }
     let Some(existing) = nearest_existing(path) else {
         report.add(
             "database",
@@ -141,6 +158,14 @@ pub fn note_if_checked_as_root(report: &mut Report) {
              as to check its permissions",
         );
     }
+}
+
+/// A file (not a directory) where the path needs a directory.
+pub fn file_above(path: &Path) -> Option<&Path> {
+    path.ancestors()
+        .skip(1)
+        .filter(|p| !p.as_os_str().is_empty())
+        .find(|p| p.metadata().is_ok_and(|m| !m.is_dir()))
 }
 
 fn nearest_existing(path: &Path) -> Option<PathBuf> {

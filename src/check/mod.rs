@@ -10,6 +10,7 @@ mod host;
 
 use crate::config::{Config, ConfigError};
 use crate::policy::Mode;
+use crate::server::Purpose;
 use crate::store::legacy_json;
 use crate::store::{Database, PgStore, SqliteStore};
 use serde::Serialize;
@@ -102,7 +103,10 @@ pub async fn run(config_path: &Path, options: &CheckOptions) -> Report {
         format!("{}: valid", config.path.display()),
     );
     host::readable_by_others(&mut report, "config", &config.path);
-    host::listen(&mut report, config.listen);
+    host::listen(&mut report, config.listen, Purpose::Kms);
+    if let Some(metrics) = config.metrics_address {
+        host::listen(&mut report, metrics, Purpose::Metrics);
+    }
     certificate::check(&mut report, &config, options).await;
     database(&mut report, &config).await;
     policy(&mut report, &config);

@@ -58,7 +58,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     write_private(&key_file, pki.key_pem.as_bytes())
         .with_context(|| format!("cannot write {}", key_file.display()))?;
     let identity = tls::load_identity(&cert_file, &key_file, None)?;
-    let port = server::bind(args.listen)?;
+    let port = server::bind(args.listen, server::Purpose::Kms)?;
     let store = Arc::new(SqliteStore::open(&dir.path().join("demo.db"))?);
     let audit = Arc::new(AuditLog::open(&dir.path().join("audit.jsonl"), None)?);
     let options = ServerOptions {

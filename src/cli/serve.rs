@@ -9,7 +9,7 @@ use talos_kms_server::audit::AuditLog;
 use talos_kms_server::config::Config;
 use talos_kms_server::logging;
 use talos_kms_server::metrics::Metrics;
-use talos_kms_server::server::{self, Port, ServerOptions};
+use talos_kms_server::server::{self, Port, Purpose, ServerOptions};
 use talos_kms_server::store::legacy_json::{self, TakeOver};
 use talos_kms_server::store::{self, Database, SqliteStore, Store};
 use talos_kms_server::tls;
@@ -37,8 +37,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     }
     let identity = Arc::new(ReloadingIdentity::new(files, pair));
     // Bound before the database is touched: a start that fails leaves nothing behind.
-    let port = server::bind(config.listen)?;
-    let metrics_port = config.metrics_address.map(server::bind).transpose()?;
+    let port = server::bind(config.listen, Purpose::Kms)?;
+    let metrics_port = config
+        .metrics_address
+        .map(|address| server::bind(address, Purpose::Metrics))
+        .transpose()?;
     let opened = store::open(&config.database).await?;
     let store = opened.store;
     let taking_over = config

@@ -44,6 +44,9 @@ pub struct ReloadingIdentity {
     /// A digest of the files' content last read, good or not, so that a broken pair is
     /// reported once per change rather than once per file event.
     last_read: Mutex<Option<[u8; 32]>>,
+    /// A digest of the files the pair in use was read from: a SIGHUP that finds the same
+    /// content again reloads nothing new, and says so.
+    served: Mutex<Option<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for ReloadingIdentity {
@@ -61,6 +64,7 @@ impl ReloadingIdentity {
             files,
             current: RwLock::new(first),
             last_read: Mutex::new(digest),
+            served: Mutex::new(digest),
         }
     }
 
@@ -103,6 +107,11 @@ impl ReloadingIdentity {
             Validity::Valid => {}
         }
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = pair;
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        if digest.is_some() && *served == digest {
+            return Reload::Unchanged;
+        }
+        *served = digest;
         Reload::Reloaded(facts)
     }
 }

@@ -913,7 +913,12 @@ fn conditions(filter: &RecordFilter, after: RecordId) -> (String, Vec<rusqlite::
 fn create_private_file(path: &Path) -> Result<bool, StoreError> {
     let io_error = |e: std::io::Error| StoreError::Open {
         path: path.display().to_string(),
-        problem: e.to_string(),
+        problem: match e.kind() {
+            std::io::ErrorKind::NotADirectory => "a part of its path is a file, not a \
+                directory, so it cannot be created; set `database` to a path in a directory"
+                .into(),
+            _ => e.to_string(),
+        },
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
         && !parent.exists()
