@@ -250,65 +250,74 @@ impl Config {
     }
 
     fn parse_text(path: &Path, text: &str) -> Result<Config, String> {
-        let raw: RawConfig = if text.trim().is_empty() {
+        if text.trim().is_empty() {
             return Err("is empty; see the commented default in the README".into());
-        } else {
-            // Without the source snippet: it would quote neighbouring lines, such as the password.
-            serde_saphyr::from_str(text).map_err(|e| e.without_snippet().to_string())?
-        };
-        let policy = policy_rules(&raw)?;
-        let limits = listener_limits(&raw)?;
+        }
+        let raw = parse_raw(text)?;
+        let mut problems = Problems::default();
+        let config = Self::validate(path, raw, &mut problems);
+        match (config, problems.0.as_slice()) {
+            (Some(config), []) => Ok(config),
+            (_, [one]) => Err(one.clone()),
+            (_, many) => Err(format!(
+                "{} problems:\n  - {}",
+                many.len(),
+                many.join("\n  - ")
+            )),
+        }
+    }
+
+    /// Every check runs, so that one start names every problem of the file.
+    fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Option<Config> {
+        let policy = policy_rules(&raw, problems);
+        let limits = listener_limits(&raw, problems);
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let node_db_file = raw.node_db_file.map(resolve);
         let database = match (raw.database, &node_db_file) {
-            (Some(database), _) => Database::parse(&database, base)?,
-            (None, Some(legacy)) => Database::Sqlite(
+            (Some(database), _) => problems.check(Database::parse(&database, base)),
+            (None, Some(legacy)) => Some(Database::Sqlite(
                 legacy
                     .parent()
                     .unwrap_or(Path::new("."))
                     .join(DEFAULT_DATABASE_NAME),
-            ),
-            (None, None) => {
-                return Err(
-                    "set `database` (path of the embedded database, or a postgres:// URL) or \
-                     `nodeDbFile`"
-                        .into(),
-                );
-            }
+            )),
+            (None, None) => problems.check(Err(
+                "set `database` (path of the embedded database, or a postgres:// URL) or \
+                 `nodeDbFile`"
+                    .into(),
+            )),
         };
         let database = match (database, raw.password_file) {
-            (Database::Postgres(mut options), Some(file)) => {
+            (Some(Database::Postgres(mut options)), Some(file)) => {
                 if options.url_has_password() {
-                    return Err(
+                    problems.check::<()>(Err(
                         "`database` holds a password and `passwordFile` is set too; keep only \
                          `passwordFile` (a config should not hold the password)"
                             .into(),
-                    );
+                    ));
                 }
                 options.password_file = Some(resolve(file));
-                Database::Postgres(options)
+                Some(Database::Postgres(options))
             }
-            (Database::Sqlite(_), Some(_)) => {
-                return Err(
-                    "`passwordFile` is for a PostgreSQL `database` (postgres://...); an SQLite \
-                     file has no password"
-                        .into(),
-                );
-            }
-            (database, None) => database,
+            (Some(Database::Sqlite(_)), Some(_)) => problems.check(Err(
+                "`passwordFile` is for a PostgreSQL `database` (postgres://...); an SQLite \
+                 file has no password"
+                    .into(),
+            )),
+            (database, _) => database,
         };
-        if let (Database::Sqlite(path), Some(legacy)) = (&database, &node_db_file)
+        if let (Some(Database::Sqlite(path)), Some(legacy)) = (&database, &node_db_file)
             && path == legacy
         {
-            return Err(
+            problems.check::<()>(Err(
                 "`database` and `nodeDbFile` name the same file; the legacy JSON file is only \
                  read, so give the embedded database its own path"
                     .into(),
-            );
+            ));
         }
-        let required = |value: Option<PathBuf>, key: &str| {
-            value.map(resolve).ok_or_else(|| {
+        let mut required = |value: Option<PathBuf>, key: &str| {
+            problems.check(value.map(resolve).ok_or_else(|| {
                 format!(
                     "`{key}` is missing; it names the server's PEM {}",
                     if key == "serverCertFile" {
@@ -317,67 +326,160 @@ impl Config {
                         "private key"
                     }
                 )
+            }))
+        };
+        let server_cert_file = required(raw.server_cert_file, "serverCertFile");
+        let server_key_file = required(raw.server_key_file, "serverKeyFile");
+        let bind_address = raw.bind_address.unwrap_or_else(|| "0.0.0.0".into());
+        let ip = problems.check(
+            bind_address
+                .trim_matches(['[', ']'])
+                .parse::<IpAddr>()
+                .map_err(|_| {
+                    format!(
+                        "bindAddress {bind_address:?} is not an IP address (e.g. 0.0.0.0, ::, \
+                     127.0.0.1)"
+                    )
+                }),
+        );
+        let mut level = |value: Option<String>, key: &str, default: LogLevel| {
+            problems.check(match value {
+                None => Ok(default),
+                Some(text) => text.parse().map_err(|e| format!("{key}: {e}")),
             })
         };
-        let bind_address = raw.bind_address.unwrap_or_else(|| "0.0.0.0".into());
-        let ip: IpAddr = bind_address.trim_matches(['[', ']']).parse().map_err(|_| {
-            format!(
-                "bindAddress {bind_address:?} is not an IP address (e.g. 0.0.0.0, ::, 127.0.0.1)"
-            )
-        })?;
-        let level = |value: Option<String>, key: &str, default: LogLevel| match value {
-            None => Ok(default),
-            Some(text) => text.parse().map_err(|e| format!("{key}: {e}")),
-        };
+        let kms_log_level = level(raw.kms_log_level, "kmsLogLevel", LogLevel::Info);
+        let root_log_level = level(raw.root_log_level, "rootLogLevel", LogLevel::Warn);
         let audit_log = match (raw.audit_log, &database, &node_db_file) {
-            (Some(audit_log), _, _) => resolve(audit_log),
-            (None, Database::Sqlite(path), _) => path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(DEFAULT_AUDIT_LOG_NAME),
-            (None, Database::Postgres(_), Some(legacy)) => legacy
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(DEFAULT_AUDIT_LOG_NAME),
-            (None, Database::Postgres(_), None) => {
-                Path::new(DEFAULT_STATE_DIRECTORY).join(DEFAULT_AUDIT_LOG_NAME)
+            (Some(audit_log), _, _) => Some(resolve(audit_log)),
+            (None, Some(Database::Sqlite(path)), _) => Some(
+                path.parent()
+                    .unwrap_or(Path::new("."))
+                    .join(DEFAULT_AUDIT_LOG_NAME),
+            ),
+            (None, Some(Database::Postgres(_)), Some(legacy)) => Some(
+                legacy
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(DEFAULT_AUDIT_LOG_NAME),
+            ),
+            (None, Some(Database::Postgres(_)), None) => {
+                Some(Path::new(DEFAULT_STATE_DIRECTORY).join(DEFAULT_AUDIT_LOG_NAME))
             }
+            (None, None, _) => None,
         };
         let defaults = Rotation::default();
-        let audit_rotation = Rotation {
-            max_bytes: match raw.audit_log_max_mib {
-                Some(0) => return Err("auditLogMaxMiB must be at least 1".into()),
-                Some(mib) => mib.saturating_mul(1 << 20),
-                None => defaults.max_bytes,
-            },
-            keep: raw.audit_log_keep.unwrap_or(defaults.keep),
-        };
-        let metrics_address = match raw.metrics_address {
-            None => None,
-            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+        let max_bytes = problems.check(match raw.audit_log_max_mib {
+            Some(0) => Err("auditLogMaxMiB must be at least 1".into()),
+            Some(mib) => Ok(mib.saturating_mul(1 << 20)),
+            None => Ok(defaults.max_bytes),
+        });
+        let metrics_address = problems.check(match raw.metrics_address {
+            None => Ok(None),
+            Some(text) => text.parse::<SocketAddr>().map(Some).map_err(|_| {
                 format!(
                     "metricsAddress {text:?} is not an address and port (e.g. 127.0.0.1:9650, \
                      [::1]:9650)"
                 )
-            })?),
-        };
-        Ok(Config {
+            }),
+        });
+        Some(Config {
             path: path.to_path_buf(),
-            policy,
-            limits,
-            metrics_address,
-            audit_log,
-            audit_rotation,
-            server_cert_file: required(raw.server_cert_file, "serverCertFile")?,
-            server_key_file: required(raw.server_key_file, "serverKeyFile")?,
+            policy: policy?,
+            limits: limits?,
+            metrics_address: metrics_address?,
+            audit_log: audit_log?,
+            audit_rotation: Rotation {
+                max_bytes: max_bytes?,
+                keep: raw.audit_log_keep.unwrap_or(defaults.keep),
+            },
+            server_cert_file: server_cert_file?,
+            server_key_file: server_key_file?,
             server_key_password: raw.server_key_password.filter(|p| !p.is_empty()),
             node_db_file,
-            database,
-            listen: SocketAddr::new(ip, raw.port.unwrap_or(DEFAULT_PORT)),
-            kms_log_level: level(raw.kms_log_level, "kmsLogLevel", LogLevel::Info)?,
-            root_log_level: level(raw.root_log_level, "rootLogLevel", LogLevel::Warn)?,
+            database: database?,
+            listen: SocketAddr::new(ip?, raw.port.unwrap_or(DEFAULT_PORT)),
+            kms_log_level: kms_log_level?,
+            root_log_level: root_log_level?,
         })
     }
+}
+
+/// Problems found so far; each check adds its own and the next check still runs.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check<T>(&mut self, result: Result<T, String>) -> Option<T> {
+        result.map_err(|problem| self.0.push(problem)).ok()
+    }
+}
+
+/// The file as typed keys. When a value has the wrong type, every key is tried on its own,
+/// so that all of them are named at once, each with what it takes.
+fn parse_raw(text: &str) -> Result<RawConfig, String> {
+    // Without the source snippet: it would quote neighbouring lines, such as the password.
+    let whole = match serde_saphyr::from_str::<RawConfig>(text) {
+        Ok(raw) => return Ok(raw),
+        Err(e) => e.without_snippet().to_string(),
+    };
+    let Ok(keys) = serde_saphyr::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+    else {
+        return Err(whole);
+    };
+    let problems: Vec<String> = keys
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let mut alone = serde_json::Map::new();
+            alone.insert(key.clone(), value.clone());
+            let error =
+                serde_json::from_value::<RawConfig>(serde_json::Value::Object(alone)).err()?;
+            Some(explain_type_error(&key, &value, &error.to_string()))
+        })
+        .collect();
+    match problems.as_slice() {
+        [] => Err(whole),
+        [one] => Err(one.clone()),
+        many => Err(format!(
+            "{} problems:\n  - {}",
+            many.len(),
+            many.join("\n  - ")
+        )),
+    }
+}
+
+/// What a key takes, in words, from serde's account of what it expected.
+fn explain_type_error(key: &str, value: &serde_json::Value, error: &str) -> String {
+    if error.starts_with("unknown field") {
+        return format!(
+            "`{key}` is not a config key; the commented default (`serve --config NEW_FILE` \
+             writes one) lists them all"
+        );
+    }
+    let wanted = if key == "port" {
+        "a port number from 1 to 65535 (0: any free port)".to_string()
+    } else if error.contains("expected u16") {
+        "a whole number from 0 to 65535".to_string()
+    } else if error.contains("expected u32") {
+        "a whole number from 0 to 4294967295".to_string()
+    } else if error.contains("expected u64") || error.contains("expected usize") {
+        "a whole number, 0 or more".to_string()
+    } else if error.contains("expected a boolean") {
+        "true or false".to_string()
+    } else if error.contains("expected a string") {
+        "text".to_string()
+    } else if error.contains("expected a sequence") {
+        "a list, e.g. [\"10.0.0.0/24\"]".to_string()
+    } else {
+        return format!("`{key}`: {error}");
+    };
+    // The value itself is not quoted for the password's key.
+    let shown = if key == "serverKeyPassword" {
+        "this value".to_string()
+    } else {
+        value.to_string()
+    };
+    format!("`{key}`: {shown} is not {wanted}")
 }
 
 /// An error may quote any value, and a broken quote can make the password part of another
@@ -405,7 +507,7 @@ fn redact_password(error: &str, text: &str) -> String {
     redacted
 }
 
-fn policy_rules(raw: &RawConfig) -> Result<Rules, String> {
+fn policy_rules(raw: &RawConfig, problems: &mut Problems) -> Option<Rules> {
     let defaults = Rules::default();
     let networks = |list: &Option<Vec<String>>, key: &str| match list {
         None => Ok(None),
@@ -422,7 +524,8 @@ fn policy_rules(raw: &RawConfig) -> Result<Rules, String> {
             let burst = burst.unwrap_or(*per_second);
             if *per_second > 0 && burst < *per_second {
                 return Err(format!(
-                    "{key}: burst {burst} is below perSecond {per_second}; a burst holds at                      least one second of calls"
+                    "{key}: burst {burst} is below perSecond {per_second}; a burst holds at \
+                     least one second of calls"
                 ));
             }
             Ok(RateLimit {
@@ -436,33 +539,47 @@ fn policy_rules(raw: &RawConfig) -> Result<Rules, String> {
         Some(text) => Mode::parse(text)
             .ok_or_else(|| format!("{key} {text:?} is not a policy: use open, window or approve")),
     };
-    Ok(Rules {
-        seal_networks: networks(&raw.seal_allowed_networks, "sealAllowedNetworks")?,
-        unseal_networks: networks(&raw.unseal_allowed_networks, "unsealAllowedNetworks")?,
-        per_address: rate(
-            &raw.rate_limit_per_address,
-            defaults.per_address,
-            "rateLimitPerAddress",
-        )?,
-        global: rate(&raw.rate_limit_global, defaults.global, "rateLimitGlobal")?,
+    let seal_networks = problems.check(networks(&raw.seal_allowed_networks, "sealAllowedNetworks"));
+    let unseal_networks = problems.check(networks(
+        &raw.unseal_allowed_networks,
+        "unsealAllowedNetworks",
+    ));
+    let per_address = problems.check(rate(
+        &raw.rate_limit_per_address,
+        defaults.per_address,
+        "rateLimitPerAddress",
+    ));
+    let global = problems.check(rate(
+        &raw.rate_limit_global,
+        defaults.global,
+        "rateLimitGlobal",
+    ));
+    let seal = problems.check(mode(&raw.seal_policy, "sealPolicy"));
+    let unseal = problems.check(mode(&raw.unseal_policy, "unsealPolicy"));
+    let max_pending = problems.check(match raw.max_pending_approvals {
+        Some(0) => Err("maxPendingApprovals must be at least 1".into()),
+        Some(max) => Ok(max),
+        None => Ok(defaults.max_pending),
+    });
+    Some(Rules {
+        seal_networks: seal_networks?,
+        unseal_networks: unseal_networks?,
+        per_address: per_address?,
+        global: global?,
         max_records_per_node: raw
             .max_records_per_node
             .unwrap_or(defaults.max_records_per_node),
         max_new_records_per_hour: raw
             .max_new_records_per_hour
             .unwrap_or(defaults.max_new_records_per_hour),
-        seal: mode(&raw.seal_policy, "sealPolicy")?,
-        unseal: mode(&raw.unseal_policy, "unsealPolicy")?,
+        seal: seal?,
+        unseal: unseal?,
         pin_node_ip: raw.pin_node_ip.unwrap_or(defaults.pin_node_ip),
-        max_pending: match raw.max_pending_approvals {
-            Some(0) => return Err("maxPendingApprovals must be at least 1".into()),
-            Some(max) => max,
-            None => defaults.max_pending,
-        },
+        max_pending: max_pending?,
     })
 }
 
-fn listener_limits(raw: &RawConfig) -> Result<ListenerLimits, String> {
+fn listener_limits(raw: &RawConfig, problems: &mut Problems) -> Option<ListenerLimits> {
     let defaults = ListenerLimits::default();
     let duration = |text: &Option<String>, key: &str, default: Duration| match text {
         None => Ok(default),
@@ -478,62 +595,85 @@ fn listener_limits(raw: &RawConfig) -> Result<ListenerLimits, String> {
         Some(value) => Ok(value),
         None => Ok(default),
     };
-    let max_message_size = at_least_one(
-        raw.max_message_size,
-        "maxMessageSize",
-        defaults.max_message_size,
-    )?;
-    if max_message_size < 1024 {
-        return Err(format!(
-            "maxMessageSize {max_message_size} is too small for a Seal of a 256-byte              passphrase; use at least 1024"
-        ));
-    }
-    Ok(ListenerLimits {
-        max_connections: at_least_one(
-            raw.max_connections,
-            "maxConnections",
-            defaults.max_connections,
-        )?,
-        max_connections_per_address: at_least_one(
-            raw.max_connections_per_address,
-            "maxConnectionsPerAddress",
-            defaults.max_connections_per_address,
-        )?,
-        max_handshakes_at_once: match raw.max_handshakes_at_once {
-            Some(0) => return Err("maxHandshakesAtOnce must be at least 1".into()),
-            other => other,
-        },
-        handshake_timeout: duration(
-            &raw.handshake_timeout,
-            "handshakeTimeout",
-            defaults.handshake_timeout,
-        )?,
-        idle_timeout: duration(&raw.idle_timeout, "idleTimeout", defaults.idle_timeout)?,
-        max_connection_age: duration(
-            &raw.max_connection_age,
-            "maxConnectionAge",
-            defaults.max_connection_age,
-        )?,
-        call_timeout: duration(&raw.call_timeout, "callTimeout", defaults.call_timeout)?,
-        max_streams_per_connection: match raw.max_streams_per_connection {
-            Some(0) => return Err("maxStreamsPerConnection must be at least 1".into()),
-            Some(streams) => streams,
-            None => defaults.max_streams_per_connection,
-        },
-        max_header_list_size: match raw.max_header_list_size {
-            Some(size) if size < 1024 => {
-                return Err(format!(
-                    "maxHeaderListSize {size} is too small for a gRPC call's headers; use at                      least 1024"
-                ));
+    let max_message_size = problems.check(
+        at_least_one(
+            raw.max_message_size,
+            "maxMessageSize",
+            defaults.max_message_size,
+        )
+        .and_then(|size| {
+            if size < 1024 {
+                Err(format!(
+                    "maxMessageSize {size} is too small for a Seal of a 256-byte passphrase; \
+                     use at least 1024"
+                ))
+            } else {
+                Ok(size)
             }
-            Some(size) => size,
-            None => defaults.max_header_list_size,
-        },
-        max_message_size,
-        trusted_proxies: match &raw.trusted_proxies {
-            None => Networks::default(),
-            Some(list) => Networks::parse(list).map_err(|e| format!("trustedProxies: {e}"))?,
-        },
+        }),
+    );
+    let max_connections = problems.check(at_least_one(
+        raw.max_connections,
+        "maxConnections",
+        defaults.max_connections,
+    ));
+    let max_connections_per_address = problems.check(at_least_one(
+        raw.max_connections_per_address,
+        "maxConnectionsPerAddress",
+        defaults.max_connections_per_address,
+    ));
+    let max_handshakes_at_once = problems.check(match raw.max_handshakes_at_once {
+        Some(0) => Err("maxHandshakesAtOnce must be at least 1".into()),
+        other => Ok(other),
+    });
+    let handshake_timeout = problems.check(duration(
+        &raw.handshake_timeout,
+        "handshakeTimeout",
+        defaults.handshake_timeout,
+    ));
+    let idle_timeout = problems.check(duration(
+        &raw.idle_timeout,
+        "idleTimeout",
+        defaults.idle_timeout,
+    ));
+    let max_connection_age = problems.check(duration(
+        &raw.max_connection_age,
+        "maxConnectionAge",
+        defaults.max_connection_age,
+    ));
+    let call_timeout = problems.check(duration(
+        &raw.call_timeout,
+        "callTimeout",
+        defaults.call_timeout,
+    ));
+    let max_streams_per_connection = problems.check(match raw.max_streams_per_connection {
+        Some(0) => Err("maxStreamsPerConnection must be at least 1".into()),
+        Some(streams) => Ok(streams),
+        None => Ok(defaults.max_streams_per_connection),
+    });
+    let max_header_list_size = problems.check(match raw.max_header_list_size {
+        Some(size) if size < 1024 => Err(format!(
+            "maxHeaderListSize {size} is too small for a gRPC call's headers; use at least 1024"
+        )),
+        Some(size) => Ok(size),
+        None => Ok(defaults.max_header_list_size),
+    });
+    let trusted_proxies = problems.check(match &raw.trusted_proxies {
+        None => Ok(Networks::default()),
+        Some(list) => Networks::parse(list).map_err(|e| format!("trustedProxies: {e}")),
+    });
+    Some(ListenerLimits {
+        max_connections: max_connections?,
+        max_connections_per_address: max_connections_per_address?,
+        max_handshakes_at_once: max_handshakes_at_once?,
+        handshake_timeout: handshake_timeout?,
+        idle_timeout: idle_timeout?,
+        max_connection_age: max_connection_age?,
+        call_timeout: call_timeout?,
+        max_streams_per_connection: max_streams_per_connection?,
+        max_header_list_size: max_header_list_size?,
+        max_message_size: max_message_size?,
+        trusted_proxies: trusted_proxies?,
     })
 }
 
@@ -737,6 +877,57 @@ rootLogLevel: "WARNING"
                 .err()
                 .unwrap();
         assert!(error.contains("postgres://"), "{error}");
+    }
+
+    #[test]
+    fn a_port_out_of_range_says_the_range() {
+        let error = parse("database: x\nserverCertFile: a\nserverKeyFile: b\nport: 70000\n")
+            .err()
+            .unwrap();
+        assert_eq!(
+            error,
+            "`port`: 70000 is not a port number from 1 to 65535 (0: any free port)"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        // Wrong types and unknown keys: each key is named.
+        let error = parse(
+            "database: x\nserverCertFile: a\nserverKeyFile: b\nport: 70000\n\
+             pinNodeIp: maybe\nmaxConnections: -1\nsealPolicy: [open]\nprot: 1\n",
+        )
+        .err()
+        .unwrap();
+        assert!(error.starts_with("5 problems:"), "{error}");
+        for named in [
+            "`port`",
+            "`pinNodeIp`",
+            "`maxConnections`",
+            "`sealPolicy`",
+            "`prot`",
+        ] {
+            assert!(error.contains(named), "{named}: {error}");
+        }
+        // Values of the right type that do not make sense: each is named too.
+        let error = parse(
+            "serverKeyFile: b\nbindAddress: everywhere\nkmsLogLevel: LOUD\n\
+             sealPolicy: sometimes\nidleTimeout: soon\nmaxMessageSize: 10\n",
+        )
+        .err()
+        .unwrap();
+        assert!(error.starts_with("7 problems:"), "{error}");
+        for named in [
+            "`database`",
+            "serverCertFile",
+            "bindAddress",
+            "kmsLogLevel",
+            "sealPolicy",
+            "idleTimeout",
+            "maxMessageSize",
+        ] {
+            assert!(error.contains(named), "{named}: {error}");
+        }
     }
 
     #[test]
