@@ -360,11 +360,14 @@ fn options_without_help(help: &str) -> Vec<String> {
     for (i, line) in lines.iter().enumerate() {
         // Sections start at a line without indentation, such as "Options:".
         if !line.starts_with(' ') && !line.is_empty() {
-            in_options = line.trim_end() == "Options:";
+            in_options = ["Options:", "Arguments:"].contains(&line.trim_end());
             continue;
         }
         let indent = line.len() - line.trim_start().len();
-        if !in_options || !line.trim_start().starts_with('-') || indent > 6 {
+        let argument = ['-', '<', '[']
+            .iter()
+            .any(|c| line.trim_start().starts_with(*c));
+        if !in_options || !argument || indent > 6 {
             continue;
         }
         // The option and its value name end where two spaces begin the description.
@@ -374,7 +377,11 @@ fn options_without_help(help: &str) -> Vec<String> {
             .is_some_and(|(_, rest)| !rest.trim().is_empty());
         let next_line = lines.get(i + 1).is_some_and(|next| {
             let next_indent = next.len() - next.trim_start().len();
-            next_indent > indent && !next.trim().is_empty() && !next.trim_start().starts_with('-')
+            next_indent > indent
+                && !next.trim().is_empty()
+                && !['-', '<', '[']
+                    .iter()
+                    .any(|c| next.trim_start().starts_with(*c))
         });
         if !same_line && !next_line {
             bare.push(line.trim().to_string());
@@ -410,6 +417,154 @@ fn every_option_of_client_and_bench_has_a_help_line() {
         help.contains("adds a record") && help.contains("--volumes-from"),
         "{help}"
     );
+}
+
+/// Every command's path, found by reading the "Commands:" section of each help.
+fn all_commands(path: Vec<String>) -> Vec<Vec<String>> {
+    let mut args = path.clone();
+    args.push("--help".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let help = text(&run_binary(&args).stdout);
+    let mut found = vec![path.clone()];
+    let mut in_commands = false;
+    for line in help.lines() {
+        if !line.starts_with(' ') && !line.is_empty() {
+            in_commands = line.trim_end() == "Commands:";
+            continue;
+        }
+        let Some(name) = line.split_whitespace().next().filter(|_| in_commands) else {
+            continue;
+        };
+        if name != "help" {
+            let mut deeper = path.clone();
+            deeper.push(name.to_string());
+            found.extend(all_commands(deeper));
+        }
+    }
+    found
+}
+
+/// What a newcomer met: help that names the wrong values, a selector usage that names one of
+/// two, an argument without a description.
+#[test]
+fn every_command_describes_every_argument_and_option() {
+    let commands = all_commands(Vec::new());
+    assert!(commands.len() > 30, "{commands:?}");
+    for path in &commands {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let output = run_binary(&args);
+        assert!(output.status.success(), "{args:?}");
+        let help = text(&output.stdout);
+        let bare = options_without_help(&help);
+        assert!(bare.is_empty(), "{args:?}: without help: {bare:?}\n{help}");
+        assert!(
+            !help.contains("`table`"),
+            "{args:?}: there is no table output\n{help}"
+        );
+    }
+    let purge = run_binary(&["keys", "purge", "--config", "x.yaml"]);
+    let said = text(&purge.stderr);
+    assert!(
+        said.contains("--revoked") && said.contains("--not-accessed-for"),
+        "both selectors are named: {said}"
+    );
+    let serve = text(&run_binary(&["serve", "--help"]).stdout);
+    assert!(serve.contains("SIGHUP"), "{serve}");
+    let roundtrip = text(&run_binary(&["client", "roundtrip", "--help"]).stdout);
+    assert!(roundtrip.contains("adds a record"), "{roundtrip}");
+}
+
+/// `--version` says which commit and when, without git at run time.
+#[test]
+fn the_version_names_its_commit_and_build_day() {
+    let version = text(&run_binary(&["--version"]).stdout);
+    let words: Vec<&str> = version.split_whitespace().collect();
+    assert_eq!(
+        words[..3],
+        ["talos-kms-server", env!("CARGO_PKG_VERSION"), "(commit"],
+        "{version}"
+    );
+    assert!(words[3].len() >= 12 && words[4] == "built", "{version}");
+    assert!(
+        time::Date::parse(
+            words[5].trim_end_matches(')'),
+            time::macros::format_description!("[year]-[month]-[day]")
+        )
+        .is_ok(),
+        "{version}"
+    );
+}
+
+/// Completions and manual pages come from the same definitions as the parser.
+#[test]
+fn completions_and_man_pages_know_every_command() {
+    let bash = text(&run_binary(&["completions", "bash"]).stdout);
+    for command in [
+        "keys",
+        "pending",
+        "window",
+        "export-json",
+        "--not-accessed-for",
+    ] {
+        assert!(bash.contains(command), "bash completion lacks {command}");
+    }
+    let zsh = run_binary(&["completions", "zsh"]);
+    assert!(text(&zsh.stdout).starts_with("#compdef talos-kms-server"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_binary(&["man", "--out", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = std::fs::read_to_string(dir.path().join("talos-kms-server-keys-purge.1")).unwrap();
+    assert!(page.starts_with(".ie") || page.contains(".TH"), "{page}");
+    assert!(page.contains("not\\-accessed\\-for"), "{page}");
+}
+
+/// Client options may come after the command too, and a node UUID that no Talos node would
+/// send is warned about (not refused: the server takes any string, as the seed did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_options_go_anywhere_and_a_non_uuid_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
+    let endpoint = format!("https://127.0.0.1:{}", server.port());
+    let ca = server.pki.ca.to_str().unwrap().to_string();
+    let output = run_binary_async(&[
+        "client",
+        "--endpoint",
+        &endpoint,
+        "seal",
+        "--ca",
+        &ca,
+        "--node-uuid",
+        NODE,
+    ])
+    .await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        !text(&output.stderr).contains("warning"),
+        "{}",
+        text(&output.stderr)
+    );
+    let output = run_binary_async(&[
+        "client",
+        "seal",
+        "--endpoint",
+        &endpoint,
+        "--ca",
+        &ca,
+        "--node-uuid",
+        "not-a-uuid",
+    ])
+    .await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let said = text(&output.stderr);
+    assert!(
+        said.contains("warning") && said.contains("not a UUID"),
+        "{said}"
+    );
+    let output = run_binary_async(&["client", "seal", "--node-uuid", NODE]).await;
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("--endpoint URL is required"));
+    server.running.shutdown().await.unwrap();
 }
 
 /// Rust Debug output of library errors, which an operator cannot act on.

@@ -553,6 +553,11 @@ async fn commands_that_write_a_database_leave_no_journal_beside_it() {
     run_ok(&["fill", "--database", s(&filled), "--records", "300"]).await;
     assert_eq!(journal_beside(&filled), Vec::<String>::new(), "fill");
 
+    // Without a config, as import-json takes one.
+    let export = site.file("exported.json");
+    run_ok(&["export-json", "--database", s(&filled), s(&export)]).await;
+    assert_eq!(exported(&export).len(), 300);
+
     let legacy = site.file("nodeDbFile.json");
     run_ok(&["fill", "--legacy-json", s(&legacy), "--records", "300"]).await;
     let imported = site.file("imported.db");

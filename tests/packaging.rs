@@ -438,6 +438,19 @@ fn check_deb(deb: &Path, arch: &str, machine: u16) {
         ("/usr/lib/sysusers.d/talos-kms-server.conf", "-rw-r--r--"),
         ("/usr/lib/tmpfiles.d/talos-kms-server.conf", "-rw-r--r--"),
         ("/opt/talos-kms-server/lib/acmeReload.sh", "-rwxr-xr-x"),
+        ("/usr/share/talos-kms-server/alerts.yml", "-rw-r--r--"),
+        (
+            "/usr/share/bash-completion/completions/talos-kms-server",
+            "-rw-r--r--",
+        ),
+        (
+            "/usr/share/zsh/vendor-completions/_talos-kms-server",
+            "-rw-r--r--",
+        ),
+        (
+            "/usr/share/fish/vendor_completions.d/talos-kms-server.fish",
+            "-rw-r--r--",
+        ),
     ] {
         let line = entry(path);
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -464,6 +477,36 @@ fn check_deb(deb: &Path, arch: &str, machine: u16) {
         );
     }
     assert_eq!(elf_machine(&root.join("usr/bin/talos-kms-server")), machine);
+    assert_eq!(
+        std::fs::read(root.join("usr/share/talos-kms-server/alerts.yml")).unwrap(),
+        std::fs::read(packaging("prometheus/alerts.yml")).unwrap()
+    );
+    // The pages and completions know every command, the newest included.
+    let bash = std::fs::read_to_string(
+        root.join("usr/share/bash-completion/completions/talos-kms-server"),
+    )
+    .unwrap();
+    assert!(bash.contains("pending") && bash.contains("--not-accessed-for"));
+    let man = root.join("usr/share/man/man1");
+    let pages = |name: &str| {
+        std::fs::read_dir(&man)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .any(|file| file.starts_with(name) && file.contains(".1"))
+    };
+    for page in [
+        "talos-kms-server.1",
+        "talos-kms-server-keys-purge.1",
+        "talos-kms-server-db-restore.1",
+    ] {
+        assert!(pages(page), "man page {page} is not in the package");
+    }
+    let copyright =
+        std::fs::read_to_string(root.join("usr/share/doc/talos-kms-server/copyright")).unwrap();
+    assert!(
+        copyright.contains("Permission is hereby granted, free of charge"),
+        "the copyright file carries the MIT licence text: {copyright}"
+    );
 }
 
 #[test]

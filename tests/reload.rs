@@ -224,10 +224,10 @@ async fn a_kubernetes_symlink_swap_is_followed_and_sighup_reloads() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut reloaded = None;
     while Instant::now() < deadline && reloaded.is_none() {
-        if let Ok(line) = server.log.recv_timeout(Duration::from_millis(200)) {
-            if line.contains("trigger=\"SIGHUP\"") || line.contains("trigger=SIGHUP") {
-                reloaded = Some(line);
-            }
+        if let Ok(line) = server.log.recv_timeout(Duration::from_millis(200))
+            && (line.contains("trigger=\"SIGHUP\"") || line.contains("trigger=SIGHUP"))
+        {
+            reloaded = Some(line);
         }
     }
     let reloaded = reloaded.expect("SIGHUP reloads the certificate");

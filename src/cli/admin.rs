@@ -1,6 +1,7 @@
 //! What every admin command opens: the config (never written), the database it names
 //! (never created), and the audit trail its actions go to.
 
+use super::Output;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,5 +41,32 @@ impl Admin {
         self.audit
             .write_durably(&event)
             .context("the change took effect, but its audit line could not be written")
+    }
+}
+
+/// Refuses early, before any work, to overwrite a file without `--force`.
+pub(super) fn refuse_existing(file: &Path, force: bool) -> anyhow::Result<()> {
+    if !force && file.symlink_metadata().is_ok() {
+        anyhow::bail!(
+            "{} exists; choose another name, or add --force to replace it",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+/// The admin command as typed, for the audit trail (its arguments hold no secrets).
+pub(super) fn admin_event(command_line: &[String]) -> Event {
+    match command_line.split_first() {
+        Some((command, args)) => Event::admin(command, args),
+        None => Event::admin("", &[]),
+    }
+}
+
+/// The summary line, or the same facts as one JSON object.
+pub(super) fn print(output: Output, summary: &str, json: serde_json::Value) {
+    match output {
+        Output::Text => println!("{summary}"),
+        Output::Json => println!("{json}"),
     }
 }

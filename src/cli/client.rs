@@ -18,38 +18,45 @@ pub struct Args {
     action: Action,
 }
 
-/// Which endpoint to talk to, and how: shared by `client` and `bench`.
+/// Which endpoint to talk to, and how: shared by `client` and `bench`. Global, so that they
+/// may come before or after `client`'s command.
 #[derive(clap::Args)]
 pub struct Target {
     /// KMS endpoint as in the Talos machine config: https://host:port, or grpc://host:port.
-    #[arg(long, value_name = "URL")]
-    endpoint: Endpoint,
+    /// Required.
+    // Optional to clap: a global argument cannot be required.
+    #[arg(long, value_name = "URL", global = true)]
+    endpoint: Option<Endpoint>,
     /// PEM CA certificate(s) to trust instead of the public roots Talos ships.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     ca: Option<PathBuf>,
     /// Source address to connect from, to act as the node with that address.
-    #[arg(long, value_name = "IP")]
+    #[arg(long, value_name = "IP", global = true)]
     source_ip: Option<IpAddr>,
     /// TLS key-exchange groups to offer, as a Talos release does.
-    #[arg(long, value_name = "GROUPS", value_enum, default_value_t = KeyExchange::Go124)]
+    #[arg(long, value_name = "GROUPS", value_enum, default_value_t = KeyExchange::Go124, global = true)]
     kx: KeyExchange,
     /// Begin each connection with a PROXY protocol v2 header carrying its own source
     /// address, as a load balancer would: for a server whose trustedProxies holds this
     /// client's address.
-    #[arg(long)]
+    #[arg(long, global = true)]
     proxy_v2: bool,
 }
 
 impl Target {
-    pub fn client(self) -> Result<KmsClient, talos_kms_server::client::ClientError> {
-        let mut options = ClientOptions::new(self.endpoint);
+    pub fn client(self) -> anyhow::Result<KmsClient> {
+        let endpoint = self.endpoint.context(
+            "--endpoint URL is required: the KMS endpoint as in the Talos machine config, \
+             e.g. https://kms.example.com:50051",
+        )?;
+        let mut options = ClientOptions::new(endpoint);
         options.ca_file = self.ca;
         options.source_ip = self.source_ip;
         options.key_exchange = self.kx;
         options.proxy_v2 = self
             .proxy_v2
             .then_some(talos_kms_server::client::ProxyV2::OwnAddress);
-        KmsClient::new(options)
+        Ok(KmsClient::new(options)?)
     }
 }
 
@@ -77,7 +84,9 @@ enum Action {
         #[arg(long, value_name = "BASE64")]
         sealed: String,
     },
-    /// Seal a random passphrase, unseal it, and check that it comes back.
+    /// Seal a random passphrase, unseal it, and check that it comes back. Each run is a real
+    /// seal: it adds a record to the server's database (under a random node UUID unless
+    /// given); `keys purge --not-accessed-for` removes such records later.
     Roundtrip {
         /// Node UUID to use; a random one by default.
         #[arg(long, value_name = "UUID")]
@@ -103,6 +112,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             passphrase,
             output,
         } => {
+            if !looks_like_uuid(&node_uuid) {
+                eprintln!(
+                    "warning: --node-uuid {node_uuid:?} is not a UUID; a Talos node always sends \
+                     its SMBIOS UUID (e.g. 213faf71-17a0-43d7-a88b-0afd96094178), so no node \
+                     will ever unseal this record; sealing anyway"
+                );
+            }
             let passphrase = match passphrase {
                 Some(text) => BASE64
                     .decode(text.trim())
@@ -151,4 +167,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// 8-4-4-4-12 hex digits, as an SMBIOS UUID is written (any version, any case).
+fn looks_like_uuid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
 }

@@ -4,12 +4,12 @@
 //! PostgreSQL (`migrate`).
 
 use super::Output;
-use super::admin::{Admin, config_path};
+use super::admin::{Admin, admin_event, config_path, print, refuse_existing};
 use super::progress::Progress;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use talos_kms_server::audit::{AuditLog, Event};
+use talos_kms_server::audit::AuditLog;
 use talos_kms_server::config::Config;
 use talos_kms_server::store::migrate::{self, MigrationReport};
 use talos_kms_server::store::{self, Database, PgOptions, SqliteStore};
@@ -30,6 +30,7 @@ pub struct Args {
 enum Action {
     /// Write a consistent copy of the database to FILE (mode 0600) while the server serves.
     Backup {
+        /// Where to write the copy: a new file (see --force), not beside the database.
         #[arg(value_name = "FILE")]
         file: PathBuf,
         /// Replace FILE if it exists.
@@ -39,12 +40,14 @@ enum Action {
     /// Check a backup, or without FILE the database, changing nothing: integrity, schema and
     /// every record. Exit 1 on any problem.
     Verify {
+        /// The backup (or database file) to check; the config's database without it.
         #[arg(value_name = "FILE")]
         file: Option<PathBuf>,
     },
     /// Replace the database's content with a verified backup. The server must be stopped;
     /// records the database held are first kept in `<database>.replaced-<time>`.
     Restore {
+        /// The backup to restore, as `db backup` wrote it.
         #[arg(value_name = "FILE")]
         file: PathBuf,
         /// Replace a database that holds records.
@@ -364,33 +367,6 @@ fn restore(
         }),
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// Refuses early, before any work, to overwrite a file without `--force`.
-pub(super) fn refuse_existing(file: &Path, force: bool) -> anyhow::Result<()> {
-    if !force && file.symlink_metadata().is_ok() {
-        anyhow::bail!(
-            "{} exists; choose another name, or add --force to replace it",
-            file.display()
-        );
-    }
-    Ok(())
-}
-
-/// The admin command as typed, for the audit trail (its arguments hold no secrets).
-pub(super) fn admin_event(command_line: &[String]) -> Event {
-    match command_line.split_first() {
-        Some((command, args)) => Event::admin(command, args),
-        None => Event::admin("", &[]),
-    }
-}
-
-/// The summary line, or the same facts as one JSON object.
-pub(super) fn print(output: Output, summary: &str, json: serde_json::Value) {
-    match output {
-        Output::Text => println!("{summary}"),
-        Output::Json => println!("{json}"),
-    }
 }
 
 /// One progress line per kind of work ("records checked", then "pages restored").

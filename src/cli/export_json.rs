@@ -2,13 +2,13 @@
 //! migration can be undone. Safe while the server runs.
 
 use super::Output;
-use super::admin::{Admin, config_path};
-use super::db::{admin_event, print, refuse_existing};
+use super::admin::{Admin, admin_event, config_path, print, refuse_existing};
 use super::progress::Progress;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use talos_kms_server::store::legacy_json::LegacyExport;
-use talos_kms_server::store::{RecordFilter, SqliteStore};
+use talos_kms_server::store::{self, Database, RecordFilter, SqliteStore, Store};
 
 /// Records read per query: bounds memory for exports of millions.
 const PAGE: usize = 10_000;
@@ -18,9 +18,14 @@ pub struct Args {
     /// The legacy JSON file to write (mode 0600).
     #[arg(value_name = "FILE")]
     file: PathBuf,
-    /// Config file of the server (YAML, legacy keys); the database is found there.
+    /// Config file of the server (YAML, legacy keys); the database is found there, and the
+    /// export goes to its audit trail.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// The database to export (an SQLite path or a postgres:// URL), instead of the one a
+    /// config names; nothing is audited then.
+    #[arg(long, value_name = "PATH|URL", conflicts_with = "config")]
+    database: Option<String>,
     /// Export revoked records too. The legacy format cannot say a record is revoked: they
     /// unseal again wherever the file is imported.
     #[arg(long)]
@@ -38,10 +43,21 @@ pub async fn run(
     config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let config = config_path(args.config, config)?;
     refuse_existing(&args.file, args.force)?;
-    let admin = Admin::open(&config).await?;
-    if let Some(database) = admin.config.database.sqlite_path()
+    let (database, store, admin) = match args.database {
+        Some(database) => {
+            let database = Database::parse(&database, Path::new("."))
+                .map_err(|problem| anyhow::anyhow!("--database: {problem}"))?;
+            let store = store::open_existing(&database).await?;
+            (database, store, None)
+        }
+        None => {
+            let admin = Admin::open(&config_path(args.config, config)?).await?;
+            let store: Arc<dyn Store> = Arc::clone(&admin.store);
+            (admin.config.database.clone(), store, Some(admin))
+        }
+    };
+    if let Some(database) = database.sqlite_path()
         && SqliteStore::is_part_of(database, &args.file)
     {
         anyhow::bail!(
@@ -49,15 +65,12 @@ pub async fn run(
             args.file.display()
         );
     }
-    let total = admin.store.count().await?;
+    let total = store.count().await?;
     let mut out = LegacyExport::create(&args.file, args.force)?;
     let mut progress = Progress::new("records exported", Some(total));
     let (mut after, mut read, mut exported, mut revoked) = (0, 0, 0, 0);
     loop {
-        let page = admin
-            .store
-            .export(&RecordFilter::default(), after, PAGE)
-            .await?;
+        let page = store.export(&RecordFilter::default(), after, PAGE).await?;
         for record in &page {
             if record.info.revoked_at.is_some() {
                 revoked += 1;
@@ -86,7 +99,9 @@ pub async fn run(
         "exported {exported} records ({revoked_note}) to {}",
         args.file.display()
     );
-    admin.audit(admin_event(command_line).detail(&summary))?;
+    if let Some(admin) = admin {
+        admin.audit(admin_event(command_line).detail(&summary))?;
+    }
     print(
         args.output,
         &summary,

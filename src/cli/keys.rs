@@ -30,14 +30,15 @@ enum Action {
     List {
         #[command(flatten)]
         filter: Filter,
-        /// `table` for people; `json` prints one object per record and line, for scripts.
+        /// `text` for people; `json` prints one object per record and line, for scripts.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Everything known of one record (never its key or ciphertext).
     Show {
+        /// Record id, as `keys list` shows it.
         id: RecordId,
-        /// `table` for people, `json` for scripts.
+        /// `text` for people, `json` for scripts.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -56,11 +57,15 @@ enum Action {
         #[arg(required = true)]
         ids: Vec<RecordId>,
     },
-    /// Delete records for good: revoked ones, or those not used for a time. Shows them and
-    /// asks first.
+    /// Delete records for good: revoked ones, or those not used for a time (give one or
+    /// both). Shows them and asks first.
+    #[command(group(clap::ArgGroup::new("selector")
+        .args(["revoked", "not_accessed_for"])
+        .required(true)
+        .multiple(true)))]
     Purge {
         /// Revoked records.
-        #[arg(long, required_unless_present = "not_accessed_for")]
+        #[arg(long)]
         revoked: bool,
         /// Records neither unsealed nor created within this time (e.g. 90d, 12w, 36h).
         #[arg(long, value_name = "AGE", value_parser = parse_age)]
@@ -71,7 +76,7 @@ enum Action {
         /// Show what would be deleted, delete nothing.
         #[arg(long, conflicts_with = "yes")]
         dry_run: bool,
-        /// `table` for people; `json` prints the records as `list` does, then the summary
+        /// `text` for people; `json` prints the records as `list` does, then the summary
         /// as one object.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,

@@ -6,12 +6,14 @@ mod audit;
 mod bench;
 mod check;
 mod client;
+mod completions;
 mod db;
 mod demo;
 mod export_json;
 mod fill;
 mod import_json;
 mod keys;
+mod man;
 mod pending;
 mod progress;
 mod recover;
@@ -20,11 +22,21 @@ mod time_text;
 mod window;
 
 use clap::{Parser, Subcommand};
+
+/// The version with the commit and the day it was built from (set by build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TALOS_KMS_COMMIT"),
+    ", built ",
+    env!("TALOS_KMS_BUILD_DATE"),
+    ")"
+);
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "talos-kms-server", version, about, long_about = None)]
+#[command(name = "talos-kms-server", version = VERSION, about, long_about = None)]
 pub struct Cli {
     /// Config file (YAML, legacy keys). With no command: serve with it.
     #[arg(long, value_name = "FILE")]
@@ -36,7 +48,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve Seal and Unseal until SIGTERM or SIGINT.
+    /// Serve Seal and Unseal until SIGTERM or SIGINT. SIGHUP (`systemctl reload`) reloads
+    /// the certificate and key; the files are also watched and reloaded when they change.
     Serve(ConfigArg),
     /// Validate config, certificate, key, port and database without serving or writing.
     /// Exit 0: all good; 2: warnings only; 1: something that would fail.
@@ -65,6 +78,10 @@ enum Command {
     Window(window::Args),
     /// Approve or deny the nodes `sealPolicy`/`unsealPolicy: approve` keeps waiting.
     Pending(pending::Args),
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completions::Args),
+    /// Write the manual pages.
+    Man(man::Args),
 }
 
 /// How a command prints its results.
@@ -109,6 +126,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         (Some(Command::Window(args)), config) => window::run(args, config, &command_line()).await,
         (Some(Command::Pending(args)), config) => pending::run(args, config, &command_line()).await,
+        (Some(Command::Completions(args)), _) => completions::run(args),
+        (Some(Command::Man(args)), _) => man::run(args),
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \

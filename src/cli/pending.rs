@@ -24,6 +24,7 @@ pub struct Args {
 enum Action {
     /// Requests awaiting a decision (with --all: approved and denied ones too).
     List {
+        /// Approved and denied requests too, not only those awaiting a decision.
         #[arg(long)]
         all: bool,
         #[arg(long, value_enum, default_value_t = Output::Text)]
@@ -31,6 +32,7 @@ enum Action {
     },
     /// Let these requests through for a time; the node's next retry succeeds.
     Approve {
+        /// Request ids, as `pending list` shows them.
         #[arg(required = true)]
         ids: Vec<ApprovalId>,
         /// How long the approval holds (e.g. 15m, 2h): every volume of a boot fits in it.
@@ -40,6 +42,7 @@ enum Action {
     },
     /// Refuse these requests for good (PERMISSION_DENIED); `approve` can still undo it.
     Deny {
+        /// Request ids, as `pending list` shows them.
         #[arg(required = true)]
         ids: Vec<ApprovalId>,
     },
