@@ -16,6 +16,7 @@ mod pending;
 mod progress;
 mod recover;
 mod serve;
+mod talos;
 mod time_text;
 mod window;
 
@@ -65,6 +66,8 @@ enum Command {
     Window(window::Args),
     /// Approve or deny the nodes `sealPolicy`/`unsealPolicy: approve` keeps waiting.
     Pending(pending::Args),
+    /// The nodes' side: print the machine-config patch for this server, lint machine configs.
+    Talos(talos::Args),
 }
 
 /// How a command prints its results.
@@ -109,6 +112,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         (Some(Command::Window(args)), config) => window::run(args, config, &command_line()).await,
         (Some(Command::Pending(args)), config) => pending::run(args, config, &command_line()).await,
+        (Some(Command::Talos(args)), _) => talos::run(args).await,
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \
