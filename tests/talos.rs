@@ -256,6 +256,13 @@ async fn bad_files_are_named_with_what_is_wrong() {
         "- op: add\n  path: /machine/network/hostname\n  value: worker1\n",
     )
     .unwrap();
+    let duplicate = dir.path().join("duplicate.yaml");
+    std::fs::write(
+        &duplicate,
+        "kind: VolumeConfig\nname: STATE\nencryption:\n  keys:\n    - tpm: {}\n      slot: 0\n      \
+         slot: 1\n",
+    )
+    .unwrap();
     let not_yaml = fixture("not-yaml.yaml");
     let (code, findings) = lint_json(&[
         "--offline",
@@ -264,6 +271,7 @@ async fn bad_files_are_named_with_what_is_wrong() {
         binary.to_str().unwrap(),
         empty.to_str().unwrap(),
         json_patch.to_str().unwrap(),
+        duplicate.to_str().unwrap(),
     ])
     .await;
     assert_eq!(code, 1);
@@ -288,6 +296,13 @@ async fn bad_files_are_named_with_what_is_wrong() {
         "{findings:#?}"
     );
     assert_eq!(of("binary.yaml")["rule"], "file-not-yaml");
+    let duplicate = of("duplicate.yaml")["problem"].as_str().unwrap();
+    assert!(
+        duplicate.contains("duplicate mapping key: slot")
+            && duplicate.contains("line 7")
+            && !duplicate.contains("Options"),
+        "{duplicate}"
+    );
     assert_eq!(of("empty.yaml")["rule"], "file-not-yaml");
     let patch = of("json6902.yaml");
     assert_eq!(

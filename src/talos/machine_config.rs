@@ -115,8 +115,13 @@ impl Document {
 
 /// Splits a file's text into its documents. Empty documents (a leading `---`) are skipped.
 pub fn parse(text: &str) -> Result<Vec<Document>, String> {
-    let values: Vec<Value> = serde_saphyr::from_str_multiple(text)
-        .map_err(|error| error.without_snippet().to_string())?;
+    let values: Vec<Value> = serde_saphyr::from_str_multiple(text).map_err(|error| {
+        // The parser's advice is for programs that embed it, not for the config's author.
+        error
+            .without_snippet()
+            .to_string()
+            .replace(", set DuplicateKeyPolicy in Options if acceptable", "")
+    })?;
     Ok(values
         .into_iter()
         .filter(|value| !value.is_null())
