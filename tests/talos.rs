@@ -65,6 +65,11 @@ fn has(findings: &[Value], rule: &str, document: &str, path: &str) -> bool {
 async fn every_offline_mistake_is_reported_with_its_place_why_and_fix() {
     let (code, findings) = lint_json(&["--offline", &fixture("every-mistake.yaml")]).await;
     assert_eq!(code, 1, "errors: exit 1");
+    let numbers: Vec<&str> = findings
+        .iter()
+        .map(|f| f["document"].as_str().unwrap().split(' ').nth(1).unwrap())
+        .collect();
+    assert!(numbers.is_sorted(), "in the file's order: {numbers:?}");
     let state = "document 1 (VolumeConfig STATE)";
     let ephemeral = "document 2 (VolumeConfig EPHEMERAL)";
     let expected = [
@@ -409,7 +414,10 @@ async fn state_on_a_private_ca_is_an_error_and_its_trusted_roots_are_explained()
         ],
         "EPHEMERAL is fine through the TrustedRootsConfig: {findings:#?}"
     );
-    let state = &findings[0]["problem"];
+    let state = &findings
+        .iter()
+        .find(|f| f["rule"] == "state-kms-private-ca")
+        .unwrap()["problem"];
     assert!(
         state.as_str().unwrap().contains("webpki-roots"),
         "says which public bundle: {state}"

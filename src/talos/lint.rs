@@ -651,8 +651,9 @@ fn unreachable_or_not_tls(report: &mut Report, kms: &KmsUse, failure: &ProbeFail
         Severity::Error,
         &kms.at,
         format!(
-            "{}: {failure}. A node that cannot complete this call cannot open {} and waits \
-             at boot, retrying every 30 s",
+            "{}: {failure}. Nodes cannot use this key: the seal at first boot fails (Talos \
+             retries it every 30 s), and at every boot this slot costs a failed try before the \
+             next key; with no other key {} stays shut",
             kms.endpoint, kms.volume
         ),
         fix,
@@ -738,7 +739,8 @@ fn judge(
                         "STATE's KMS {endpoint} presents a certificate that does not chain to \
                          a public root ({PUBLIC_ROOTS_SOURCE}). Before STATE is open a node \
                          trusts only those: TrustedRootsConfig documents are stored inside \
-                         STATE. The seal at first boot fails, and the node never boots"
+                         STATE. The node refuses the certificate, so the seal at first boot fails \
+                         (Talos retries it every 30 s) and no boot unseals with this key"
                     ),
                     "give the KMS a certificate from a public CA (e.g. Let's Encrypt; README, \
                      \"A certificate the nodes trust\"), or use another key kind for STATE",
