@@ -599,9 +599,12 @@ async fn the_patch_for_a_private_ca_server_passes_the_lint_against_that_server()
     edit_config(&config, "port: 0", &format!("port: {}", server.port()));
     let config = config.to_str().unwrap();
 
-    let yaml = patch_ok(&[
+    // `--config` before `talos`, as the other commands take it, works too.
+    let yaml = run_ok(&[
         "--config",
         config,
+        "talos",
+        "patch",
         "--volume",
         "EPHEMERAL",
         "--user-volume",
@@ -755,6 +758,14 @@ async fn a_static_fallback_is_random_per_volume_and_refused_for_state() {
     assert_eq!(output.status.code(), Some(1));
     assert!(
         text(&output.stderr).contains("META"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    let output = run_binary_async(&["talos", "patch", "--volume", "EPHEMERAL"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("give --config FILE"),
         "{}",
         text(&output.stderr)
     );

@@ -112,7 +112,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         (Some(Command::Window(args)), config) => window::run(args, config, &command_line()).await,
         (Some(Command::Pending(args)), config) => pending::run(args, config, &command_line()).await,
-        (Some(Command::Talos(args)), _) => talos::run(args).await,
+        (Some(Command::Talos(args)), config) => talos::run(args, config).await,
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \

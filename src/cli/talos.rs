@@ -29,7 +29,7 @@ enum Action {
 struct PatchArgs {
     /// The server's config: the endpoint comes from its certificate's first name and its
     /// port, and its CA is added when the chain does not lead to a public root.
-    #[arg(long, value_name = "FILE", required_unless_present = "endpoint")]
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// The endpoint nodes use, https://HOST:PORT (instead of the certificate's name).
     #[arg(long, value_name = "URL")]
@@ -97,9 +97,13 @@ struct LintArgs {
     output: Output,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+/// `global_config`: a `--config` given before `talos`, as for the other commands.
+pub async fn run(args: Args, global_config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     match args.action {
-        Action::Patch(args) => patch(args),
+        Action::Patch(mut args) => {
+            args.config = args.config.or(global_config);
+            patch(args)
+        }
         Action::Lint(args) => lint(args).await,
     }
 }
@@ -126,10 +130,10 @@ fn patch(args: PatchArgs) -> anyhow::Result<ExitCode> {
             )?
         }
         None => ServerTrust {
-            endpoint: args
-                .endpoint
-                .clone()
-                .context("give --config FILE or --endpoint URL")?,
+            endpoint: args.endpoint.clone().context(
+                "give --config FILE (the server's config, for its certificate and port) \
+                     or --endpoint https://HOST:PORT",
+            )?,
             private_ca: None,
         },
     };
