@@ -161,6 +161,45 @@ pub async fn lint(files: &[PathBuf], options: &LintOptions) -> Report {
         online: !options.offline,
         ..Report::default()
     };
+    let loaded = load(&mut report, files);
+
+    let mut uses = Vec::new();
+    let mut trusted = Vec::new();
+    for (file, documents) in &loaded {
+        skipped_documents(&mut report, file, documents);
+        let encryptions = machine_config::encryptions(documents);
+        encrypted_twice(&mut report, file, &encryptions);
+        for encryption in &encryptions {
+            uses.extend(keys(&mut report, file, encryption));
+        }
+        for (document, pem) in machine_config::trusted_roots(documents) {
+            let mut roots = RootCertStore::empty();
+            let certs = CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok);
+            roots.add_parsable_certificates(certs);
+            trusted.push(TrustedRoots {
+                at: At::in_document(file, document, "certificates"),
+                roots,
+            });
+        }
+    }
+
+    if options.offline {
+        trusted_roots_offline(&mut report, &uses, &trusted);
+    } else {
+        endpoints(&mut report, &uses, &trusted, options).await;
+    }
+    for finding in &mut report.findings {
+        finding.order.0 = files
+            .iter()
+            .position(|path| path.display().to_string() == finding.file)
+            .unwrap_or(files.len());
+    }
+    report.findings.sort_by_key(|finding| finding.order);
+    report
+}
+
+/// Reads and parses each file; one that cannot be read or parsed is a finding.
+fn load(report: &mut Report, files: &[PathBuf]) -> Vec<(String, Vec<Document>)> {
     let mut loaded = Vec::new();
     for path in files {
         let file = path.display().to_string();
@@ -208,40 +247,7 @@ pub async fn lint(files: &[PathBuf], options: &LintOptions) -> Report {
             ),
         }
     }
-
-    let mut uses = Vec::new();
-    let mut trusted = Vec::new();
-    for (file, documents) in &loaded {
-        skipped_documents(&mut report, file, documents);
-        let encryptions = machine_config::encryptions(documents);
-        encrypted_twice(&mut report, file, &encryptions);
-        for encryption in &encryptions {
-            uses.extend(keys(&mut report, file, encryption));
-        }
-        for (document, pem) in machine_config::trusted_roots(documents) {
-            let mut roots = RootCertStore::empty();
-            let certs = CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok);
-            roots.add_parsable_certificates(certs);
-            trusted.push(TrustedRoots {
-                at: At::in_document(file, document, "certificates"),
-                roots,
-            });
-        }
-    }
-
-    if options.offline {
-        trusted_roots_offline(&mut report, &uses, &trusted);
-    } else {
-        endpoints(&mut report, &uses, &trusted, options).await;
-    }
-    for finding in &mut report.findings {
-        finding.order.0 = files
-            .iter()
-            .position(|path| path.display().to_string() == finding.file)
-            .unwrap_or(files.len());
-    }
-    report.findings.sort_by_key(|finding| finding.order);
-    report
+    loaded
 }
 
 fn skipped_documents(report: &mut Report, file: &str, documents: &[Document]) {
