@@ -95,6 +95,7 @@ async fn every_offline_mistake_is_reported_with_its_place_why_and_fix() {
         ),
         ("key-kind-unknown", "error", ephemeral, "encryption.keys[1]"),
         ("slot-missing", "error", ephemeral, "encryption.keys[2]"),
+        ("key-kind-unknown", "error", ephemeral, "encryption.keys[3]"),
         (
             "nodeid-only",
             "warning",
@@ -704,6 +705,33 @@ async fn the_patch_as_json_with_a_tpm_fallback_for_state_and_ephemeral() {
         "no loopback warning for a real name: {json}"
     );
 
+    // A CA of the operator's goes into a TrustedRootsConfig, as written.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let ca = std::fs::read_to_string(&pki.ca).unwrap();
+    let with_ca = patch_ok(&[
+        "--endpoint",
+        "https://kms.example.com:50051",
+        "--ca",
+        pki.ca.to_str().unwrap(),
+        "--output",
+        "json",
+    ])
+    .await;
+    let with_ca: Value = serde_json::from_str(&with_ca).unwrap();
+    assert_eq!(with_ca["documents"][0]["kind"], "TrustedRootsConfig");
+    assert_eq!(
+        with_ca["documents"][0]["certificates"]
+            .as_str()
+            .unwrap()
+            .trim(),
+        ca.trim()
+    );
+    assert_eq!(
+        with_ca["documents"][1]["name"], "EPHEMERAL",
+        "EPHEMERAL by default"
+    );
+
     // The YAML form of the same patch lints clean offline.
     let yaml = patch_ok(&[
         "--endpoint",
@@ -716,7 +744,6 @@ async fn the_patch_as_json_with_a_tpm_fallback_for_state_and_ephemeral() {
         "tpm",
     ])
     .await;
-    let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "patch.yaml", &yaml);
     let (code, findings) = lint_json(&["--offline", file.to_str().unwrap()]).await;
     assert_eq!((code, findings.len()), (0, 0), "{yaml}\n{findings:#?}");

@@ -331,6 +331,19 @@ fn keys(report: &mut Report, file: &str, encryption: &Encryption) -> Vec<KmsUse>
     let mut slots: HashMap<i64, &str> = HashMap::new();
     let mut kinds = Vec::new();
     for key in &keys {
+        if !key.value.is_object() {
+            report.add(
+                "key-kind-unknown",
+                Severity::Error,
+                &at(&key.path),
+                format!(
+                    "{} is not a key: each entry is a mapping of a kind and a slot",
+                    key.value
+                ),
+                "write it as `- nodeID: {}` with `slot: N` under it (or kms, tpm, static)",
+            );
+            continue;
+        }
         let kind = match key.kind() {
             KeyKind::Known(kind) => Some(kind),
             KeyKind::Missing => {
