@@ -5,7 +5,7 @@
 //! completes TLS, [`policy`] decides whether it may proceed, [`service`] answers the gRPC
 //! call, [`sealing`] implements the legacy server's scheme, and [`store`] keeps the records.
 //! [`client`] behaves exactly like a Talos node and is shared by the tests, `bench` and the
-//! operator's `client` command.
+//! operator's `client` command. [`talos`] writes and lints the nodes' machine configs.
 
 pub mod audit;
 pub mod bench;
@@ -25,4 +25,5 @@ pub mod sealing;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod talos;
 pub mod tls;

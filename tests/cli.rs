@@ -115,6 +115,11 @@ async fn demo_serves_and_prints_a_talos_patch_that_works() {
     let received = line_reader(demo.stdout.take().unwrap());
     let printed = lines_until(&received, "slot: 0");
     assert!(printed.contains("kind: TrustedRootsConfig"), "{printed}");
+    // Issue 21.9: a loopback endpoint would make a node call itself.
+    assert!(
+        printed.contains("would call ITSELF") && printed.contains("`--listen ADDR --name HOST`"),
+        "{printed}"
+    );
     assert!(
         printed.contains("kind: VolumeConfig") && printed.contains("kms:"),
         "{printed}"
@@ -197,6 +202,10 @@ async fn demo_prints_the_name_nodes_use_with_the_real_port_and_keeps_its_key_pri
         .lines()
         .find(|line| line.trim_start().starts_with("endpoint:"))
         .unwrap_or_else(|| panic!("no endpoint in the patch: {printed}"));
+    assert!(
+        !printed.contains("ITSELF"),
+        "nodes reach kms.test: {printed}"
+    );
     let port: u16 = endpoint_line
         .trim()
         .strip_prefix("endpoint: https://kms.test:")

@@ -3,7 +3,6 @@
 
 use super::serve::{OnHangup, serve_until_signal};
 use anyhow::Context;
-use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -13,6 +12,7 @@ use talos_kms_server::audit::AuditLog;
 use talos_kms_server::logging::{self, LogLevel};
 use talos_kms_server::server::{self, ServerOptions};
 use talos_kms_server::store::SqliteStore;
+use talos_kms_server::talos::patch::{self, PatchOptions, PatchVolume};
 use talos_kms_server::tls::{self, throwaway};
 
 #[derive(clap::Args)]
@@ -76,7 +76,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     serve_until_signal(port, options, OnHangup::Stop, |addr| {
         let endpoint = format!("https://{host}:{}", addr.port());
         let local_endpoint = format!("https://{local_host}:{}", addr.port());
-        let patch = talos_patch(&endpoint, &pki.ca_pem);
+        let patch = match talos_patch(&endpoint, &pki.ca_pem) {
+            Ok(patch) => patch,
+            Err(error) => format!("# cannot write the Talos patch: {error}\n"),
+        };
         let _ = std::fs::write(dir_path.join("talos-patch.yaml"), &patch);
         println!(
             "# talos-kms-server demo: serving {endpoint}\n\
@@ -85,9 +88,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
              # Try it as a Talos node would:\n\
              #   {program} client --endpoint {local_endpoint} --ca {ca} roundtrip\n\
              #\n\
-             # Talos machine-config patch (also in {dir}/talos-patch.yaml). The CA is trusted\n\
-             # through TrustedRootsConfig, which lives in STATE: it serves EPHEMERAL and user\n\
-             # volumes. STATE itself needs a certificate from a public CA (see the README).\n\
+             # Talos machine-config patch (also in {dir}/talos-patch.yaml), as\n\
+             # `talos-kms-server talos patch` writes it for a server of your own:\n\
              {patch}",
             dir = dir_path.display(),
             ca = dir_path.join("ca.pem").display(),
@@ -125,17 +127,22 @@ fn write_private(path: &Path, content: &[u8]) -> std::io::Result<()> {
     file.write_all(content)
 }
 
-fn talos_patch(endpoint: &str, ca_pem: &str) -> String {
-    let mut patch = String::from(
-        "---\napiVersion: v1alpha1\nkind: TrustedRootsConfig\nname: talos-kms-demo-ca\ncertificates: |\n",
-    );
-    for line in ca_pem.lines() {
-        let _ = writeln!(patch, "  {line}");
-    }
-    let _ = write!(
-        patch,
-        "---\napiVersion: v1alpha1\nkind: VolumeConfig\nname: EPHEMERAL\nencryption:\n  \
-         provider: luks2\n  keys:\n    - kms:\n        endpoint: {endpoint}\n      slot: 0\n"
-    );
-    patch
+/// The patch `talos patch` would print for this server: EPHEMERAL with the KMS key, the
+/// throwaway CA in a TrustedRootsConfig.
+fn talos_patch(endpoint: &str, ca_pem: &str) -> anyhow::Result<String> {
+    let options = PatchOptions {
+        endpoint: endpoint.parse().map_err(anyhow::Error::msg)?,
+        volumes: vec![PatchVolume::Ephemeral],
+        slot: 0,
+        fallback: None,
+        fallback_slot: 1,
+        private_ca: Some(ca_pem.to_string()),
+        loopback_hint: "rerun the demo with `--listen ADDR --name HOST`: ADDR an address of \
+                        this machine that the nodes reach, HOST the name or address they use \
+                        for it"
+            .into(),
+    };
+    patch::build(&options)
+        .and_then(|patch| patch.yaml())
+        .map_err(anyhow::Error::msg)
 }

@@ -18,6 +18,7 @@ mod pending;
 mod progress;
 mod recover;
 mod serve;
+mod talos;
 mod time_text;
 mod window;
 
@@ -78,6 +79,8 @@ enum Command {
     Window(window::Args),
     /// Approve or deny the nodes `sealPolicy`/`unsealPolicy: approve` keeps waiting.
     Pending(pending::Args),
+    /// The nodes' side: print the machine-config patch for this server, lint machine configs.
+    Talos(talos::Args),
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(completions::Args),
     /// Write the manual pages.
@@ -126,6 +129,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         (Some(Command::Window(args)), config) => window::run(args, config, &command_line()).await,
         (Some(Command::Pending(args)), config) => pending::run(args, config, &command_line()).await,
+        (Some(Command::Talos(args)), config) => talos::run(args, config).await,
         (Some(Command::Completions(args)), _) => completions::run(args),
         (Some(Command::Man(args)), _) => man::run(args),
         (None, None) => {
