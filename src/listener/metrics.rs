@@ -46,7 +46,7 @@ pub async fn serve(
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 let path = request.uri().path();
                 let (watch, check) = (path == WATCH_PATH, path.starts_with(HEALTH_PATH));
-                let answer = if watch {
+                if watch {
                     // A stream would outlive SCRAPE_TIMEOUT; the KMS port serves it.
                     Answer::Ready(Some(
                         tonic::Status::unimplemented(
@@ -58,8 +58,7 @@ pub async fn serve(
                     Answer::Health(health.clone().call(request))
                 } else {
                     Answer::Ready(Some(answer(&metrics, &request).map(tonic::body::Body::new)))
-                };
-                answer
+                }
             });
             // HTTP/1 for scrapes, HTTP/2 without TLS (prior knowledge) for gRPC.
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
