@@ -94,8 +94,8 @@ impl Variant {
     }
 
     /// `kubectl kustomize` of the overlay, or of a kustomization adding the components to it
-    /// (kustomize takes other directories by relative path only). None: kubectl cannot.
-    fn render(&self) -> Option<Vec<Value>> {
+    /// (kustomize takes other directories by relative path only).
+    fn render(&self) -> Vec<Value> {
         let overlay = deploy().join("overlays").join(self.overlay);
         let scratch = tempfile::tempdir().unwrap();
         let dir = if self.components.is_empty() {
@@ -114,27 +114,7 @@ impl Variant {
             std::fs::write(scratch.path().join("kustomization.yaml"), kustomization).unwrap();
             scratch.path().to_path_buf()
         };
-        let output = match Command::new("kubectl")
-            .arg("version")
-            .arg("--client")
-            .output()
-        {
-            Ok(_) => run(Command::new("kubectl").arg("kustomize").arg(&dir)),
-            Err(_) => {
-                skip("no kubectl: scripts/test installs Debian's kubernetes-client");
-                return None;
-            }
-        };
-        if text(&output.stderr).contains("unknown field \"components\"") {
-            // Debian 12's kubernetes-client (1.20) embeds kustomize 2.0.3, from before
-            // components.
-            skip(&format!(
-                "this kubectl's kustomize is too old for components (kubectl 1.21 or later \
-                 renders them): {}",
-                text(&output.stderr).trim()
-            ));
-            return None;
-        }
+        let output = run(Command::new("kubectl").arg("kustomize").arg(&dir));
         assert!(
             output.status.success(),
             "kubectl kustomize {}: {}",
@@ -144,16 +124,56 @@ impl Variant {
         let objects: Vec<Value> = serde_saphyr::from_multiple(&text(&output.stdout))
             .unwrap_or_else(|e| panic!("{}: {e}", self.name()));
         assert!(objects.len() > 5, "{}: {objects:?}", self.name());
-        Some(objects)
+        objects
     }
 }
 
-/// Every variant rendered, or None (skipped loudly) when kubectl cannot render them.
-fn rendered() -> Option<Vec<(String, Vec<Value>)>> {
-    VARIANTS
-        .iter()
-        .map(|variant| Some((variant.name(), variant.render()?)))
-        .collect()
+/// Why this machine's kubectl cannot render the manifests, if it cannot: they need the
+/// kustomize of kubectl 1.21 or later (`labels`, components).
+fn kubectl_cannot() -> Option<String> {
+    let Ok(output) = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+    else {
+        return Some("no kubectl: scripts/test installs Debian's kubernetes-client".into());
+    };
+    let version = text(&output.stdout);
+    let kustomize = version
+        .split("Kustomize Version: v")
+        .nth(1)
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|major| major.parse::<u32>().ok());
+    // Debian 12's kubernetes-client (1.20) embeds kustomize 2.0.3 and prints no version.
+    (kustomize.unwrap_or(0) < 4).then(|| {
+        format!(
+            "this kubectl's kustomize is older than v4 and cannot render deploy/kubernetes \
+             (install kubectl 1.24 or later): {}",
+            version.trim()
+        )
+    })
+}
+
+/// Every variant rendered once for all the tests, or None (skipped loudly) when kubectl
+/// cannot render them.
+fn rendered() -> Option<&'static [(String, Vec<Value>)]> {
+    static RENDERED: std::sync::OnceLock<Option<Vec<(String, Vec<Value>)>>> =
+        std::sync::OnceLock::new();
+    let rendered = RENDERED.get_or_init(|| match kubectl_cannot() {
+        Some(why) => {
+            skip(&why);
+            None
+        }
+        None => Some(
+            VARIANTS
+                .iter()
+                .map(|variant| (variant.name(), variant.render()))
+                .collect(),
+        ),
+    });
+    if rendered.is_none() {
+        skip("kubectl cannot render the manifests (above)");
+    }
+    rendered.as_deref()
 }
 
 fn kind(object: &Value) -> &str {
@@ -203,7 +223,7 @@ fn every_variant_validates_against_the_kubernetes_api_schemas() {
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    for (variant, objects) in &variants {
+    for (variant, objects) in variants {
         // JSON documents are YAML documents: one file per variant, custom resources left out.
         let file = dir.path().join(format!("{variant}.yaml"));
         let documents: Vec<String> = objects
@@ -233,7 +253,7 @@ fn every_variant_validates_against_the_kubernetes_api_schemas() {
 #[test]
 fn the_custom_resources_have_what_their_definitions_require() {
     let Some(variants) = rendered() else { return };
-    for (variant, objects) in &variants {
+    for (variant, objects) in variants {
         // Any other kind fails the schema check, which finds no schema for it.
         for object in objects.iter().filter(|o| is_custom(o)) {
             assert!(!name(object).is_empty(), "{variant}: {object}");
@@ -396,7 +416,7 @@ fn port_number(container: &Value, port: &Value) -> u64 {
 #[test]
 fn every_workload_is_restricted_probed_and_keeps_the_nodes_addresses() {
     let Some(variants) = rendered() else { return };
-    for (variant, objects) in &variants {
+    for (variant, objects) in variants {
         let namespace = one(objects, "Namespace", variant);
         assert_eq!(
             namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "restricted",
@@ -562,7 +582,7 @@ fn the_prometheus_rules_pass_promtool() {
         return skip("no promtool: scripts/test installs Debian's prometheus");
     }
     let dir = tempfile::tempdir().unwrap();
-    for (variant, objects) in &variants {
+    for (variant, objects) in variants {
         let rule = one(objects, "PrometheusRule", variant);
         let file = dir.path().join(format!("{variant}.rules.json"));
         std::fs::write(&file, rule["spec"].to_string()).unwrap();
