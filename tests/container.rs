@@ -164,7 +164,8 @@ fn write_mounted_files(dir: &Path) -> Pki {
          serverCertFile: /etc/talos-kms-server/server.crt\n\
          serverKeyFile: /etc/talos-kms-server/server.key\n\
          port: 50051\n\
-         bindAddress: \"0.0.0.0\"\n",
+         bindAddress: \"0.0.0.0\"\n\
+         metricsAddress: \"0.0.0.0:9650\"\n",
     );
     for file in [&dir.join("config.yaml"), &pki.cert, &pki.key] {
         if rustix::process::geteuid().is_root() {
@@ -177,8 +178,14 @@ fn write_mounted_files(dir: &Path) -> Pki {
     pki
 }
 
-/// `podman run -d` of the image as the README runs it; returns the published port.
-fn start(image: &str, name: &str, volume: &str, dir: &Path) -> u16 {
+/// The ports a container publishes on loopback.
+struct Published {
+    kms: u16,
+    metrics: u16,
+}
+
+/// `podman run -d` of the image as the README runs it, its ports published on 127.0.0.1.
+fn start(image: &str, name: &str, volume: &str, dir: &Path) -> Published {
     let mount = |file: &str| {
         format!(
             "{}:/etc/talos-kms-server/{file}:ro",
@@ -195,6 +202,8 @@ fn start(image: &str, name: &str, volume: &str, dir: &Path) -> u16 {
         "65532:65532",
         "--publish",
         "127.0.0.1::50051",
+        "--publish",
+        "127.0.0.1::9650",
         "--volume",
         &format!("{volume}:/var/lib/talos-kms-server"),
     ]
@@ -208,12 +217,17 @@ fn start(image: &str, name: &str, volume: &str, dir: &Path) -> u16 {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     podman_ok(&args);
     wait_serving(name);
-    let published = podman_ok(&["port", name, "50051/tcp"]);
-    published
-        .rsplit(':')
-        .next()
-        .and_then(|port| port.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no published port in {published:?}"))
+    let port = |inside: &str| {
+        let published = podman_ok(&["port", name, inside]);
+        published
+            .strip_prefix("127.0.0.1:")
+            .and_then(|port| port.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{inside} is not published on 127.0.0.1 only: {published:?}"))
+    };
+    Published {
+        kms: port("50051/tcp"),
+        metrics: port("9650/tcp"),
+    }
 }
 
 /// Waits (at most 30 s) for the server's "serving" line in the container's log.
@@ -320,12 +334,29 @@ async fn the_image_serves_read_only_as_65532_stops_on_sigterm_and_keeps_records_
     cleanup.volumes.push(volume.clone());
     let first = unique("first");
     cleanup.containers.push(first.clone());
-    let port = tokio::task::block_in_place(|| start(&image, &first, &volume, dir.path()));
+    let published = tokio::task::block_in_place(|| start(&image, &first, &volume, dir.path()));
+    let port = published.kms;
 
     assert_eq!(
         wait_for_health(port, &pki.ca, 1, Duration::from_secs(10)).await,
         1,
         "health answers SERVING"
+    );
+    // As the kubelet's gRPC probe asks it: plain HTTP/2 on the metrics port.
+    let probe = plain_grpc(
+        &format!("127.0.0.1:{}", published.metrics),
+        "/grpc.health.v1.Health/Check",
+        &[],
+    )
+    .await;
+    let body = http_body_util::BodyExt::collect(probe.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(
+        health_status(&body),
+        1,
+        "the probe's health answers SERVING"
     );
     let roundtrip = tokio::task::block_in_place(|| client(port, &pki.ca, &["roundtrip"]));
     assert!(roundtrip.starts_with("ok:"), "{roundtrip}");
@@ -355,7 +386,7 @@ async fn the_image_serves_read_only_as_65532_stops_on_sigterm_and_keeps_records_
     // can only have been kept on the volume.
     let second = unique("second");
     cleanup.containers.push(second.clone());
-    let port = tokio::task::block_in_place(|| start(&image, &second, &volume, dir.path()));
+    let port = tokio::task::block_in_place(|| start(&image, &second, &volume, dir.path())).kms;
     let unsealed = tokio::task::block_in_place(|| {
         client(
             port,
