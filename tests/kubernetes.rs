@@ -318,6 +318,7 @@ fn the_custom_resources_have_what_their_definitions_require() {
 
         if let Some(certificate) = objects.iter().find(|o| kind(o) == "Certificate") {
             let spec = &certificate["spec"];
+            assert!(spec["secretName"].is_string(), "{variant}: {spec}");
             assert!(spec["issuerRef"]["name"].is_string(), "{variant}: {spec}");
             assert!(
                 [
