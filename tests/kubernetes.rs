@@ -128,6 +128,9 @@ impl Variant {
     }
 }
 
+/// A variant's name and its objects.
+type Rendered = (String, Vec<Value>);
+
 /// Why this machine's kubectl cannot render the manifests, if it cannot: they need the
 /// kustomize of kubectl 1.21 or later (`labels`, components).
 fn kubectl_cannot() -> Option<String> {
@@ -155,9 +158,8 @@ fn kubectl_cannot() -> Option<String> {
 
 /// Every variant rendered once for all the tests, or None (skipped loudly) when kubectl
 /// cannot render them.
-fn rendered() -> Option<&'static [(String, Vec<Value>)]> {
-    static RENDERED: std::sync::OnceLock<Option<Vec<(String, Vec<Value>)>>> =
-        std::sync::OnceLock::new();
+fn rendered() -> Option<&'static [Rendered]> {
+    static RENDERED: std::sync::OnceLock<Option<Vec<Rendered>>> = std::sync::OnceLock::new();
     let rendered = RENDERED.get_or_init(|| match kubectl_cannot() {
         Some(why) => {
             skip(&why);
