@@ -131,16 +131,20 @@ impl Port {
             problem: os_error::plain(&error),
         })?;
         let (stop, shutdown) = watch::channel(false);
+        let reporter = HealthReporter::new();
+        let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
         if let Some(port) = options.metrics_port {
-            tracing::info!(address = %port.local_addr, "serving metrics at /metrics");
+            tracing::info!(
+                address = %port.local_addr,
+                "serving metrics at /metrics, and gRPC health checking without TLS"
+            );
             tokio::spawn(crate::listener::metrics::serve(
                 port.tcp,
                 Arc::clone(&options.metrics),
+                health.clone(),
                 stop.subscribe(),
             ));
         }
-        let reporter = HealthReporter::new();
-        let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
         tokio::spawn(watch_store(
             Arc::clone(&options.store),
             reporter,

@@ -49,6 +49,55 @@ async fn health_is_serving_until_the_database_is_gone_and_watch_says_so() {
     assert_eq!(grpc_health(port, &pki.ca).await, NOT_SERVING);
 }
 
+/// The kubelet's gRPC probes cannot speak TLS: the metrics port answers health `Check` in
+/// plain HTTP/2, with the same status as the KMS port, beside the scrapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_answers_health_checks_without_tls_as_the_kubelet_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(
+        dir.path(),
+        &pki,
+        "127.0.0.1",
+        "metricsAddress: 127.0.0.1:0\n",
+    );
+    let server = ServerProcess::start(&config).unwrap();
+    let address = server.metrics_address();
+    let check = |address: String| async move {
+        let response = plain_grpc(&address, "/grpc.health.v1.Health/Check", &[]).await;
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        health_status(&body)
+    };
+    assert_eq!(check(address.clone()).await, SERVING);
+
+    let watch = plain_grpc(&address, "/grpc.health.v1.Health/Watch", &[]).await;
+    assert_eq!(
+        watch.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"12"[..]),
+        "Watch is UNIMPLEMENTED here: a stream would hold the port"
+    );
+    let scraped = {
+        let address = address.clone();
+        tokio::task::spawn_blocking(move || scrape(&address, None))
+            .await
+            .unwrap()
+    };
+    assert!(
+        scraped.contains("talos_kms_store_up"),
+        "HTTP/1 scrapes still work"
+    );
+
+    std::fs::remove_file(dir.path().join("kms.db")).unwrap();
+    let started = Instant::now();
+    let mut status = check(address.clone()).await;
+    while status != NOT_SERVING && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status = check(address.clone()).await;
+    }
+    assert_eq!(status, NOT_SERVING, "readiness sees the database gone");
+    assert_eq!(grpc_health(server.addr.port(), &pki.ca).await, NOT_SERVING);
+}
+
 fn promtool(args: &[&str], stdin: Option<&str>) -> Option<std::process::Output> {
     let mut child = match Command::new("promtool")
         .args(args)

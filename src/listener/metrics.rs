@@ -1,22 +1,33 @@
-//! The optional metrics listener: plain HTTP/1 `GET /metrics` for Prometheus, on an address
-//! of its own (`metricsAddress`) so that it can stay off the nodes' network.
+//! The optional metrics listener, on an address of its own (`metricsAddress`) so that it can
+//! stay off the nodes' network: `GET /metrics` for Prometheus, and gRPC health `Check` in
+//! plain HTTP/2 for probes that cannot speak TLS (the kubelet's).
 
-use super::stopped;
+use super::{HEALTH_PATH, Health, WATCH_PATH, stopped};
 use crate::metrics::Metrics;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::codegen::Service;
 
-/// A scrape is one small request; a client that holds the connection longer gets dropped.
+/// A scrape or a health check is one small request; a client that holds the connection
+/// longer gets dropped.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves scrapes until shutdown.
-pub async fn serve(tcp: TcpListener, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+/// Serves scrapes and health checks until shutdown.
+pub async fn serve(
+    tcp: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Health,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (socket, _) = tokio::select! {
             accepted = tcp.accept() => match accepted {
@@ -30,14 +41,49 @@ pub async fn serve(tcp: TcpListener, metrics: Arc<Metrics>, mut shutdown: watch:
             _ = stopped(&mut shutdown) => return,
         };
         let metrics = Arc::clone(&metrics);
+        let health = health.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                std::future::ready(Ok::<_, Infallible>(answer(&metrics, &request)))
+            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                let path = request.uri().path();
+                let (watch, check) = (path == WATCH_PATH, path.starts_with(HEALTH_PATH));
+                if watch {
+                    // A stream would outlive SCRAPE_TIMEOUT; the KMS port serves it.
+                    Answer::Ready(Some(
+                        tonic::Status::unimplemented(
+                            "only health Check is served here; Watch is on the KMS port",
+                        )
+                        .into_http(),
+                    ))
+                } else if check {
+                    Answer::Health(health.clone().call(request))
+                } else {
+                    Answer::Ready(Some(answer(&metrics, &request).map(tonic::body::Body::new)))
+                }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(socket), service);
+            // HTTP/1 for scrapes, HTTP/2 without TLS (prior knowledge) for gRPC.
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(socket), service);
             let _ = tokio::time::timeout(SCRAPE_TIMEOUT, connection).await;
         });
+    }
+}
+
+/// The health service's answer, or one ready at once.
+enum Answer {
+    Health(<Health as Service<http::Request<Incoming>>>::Future),
+    Ready(Option<http::Response<tonic::body::Body>>),
+}
+
+impl Future for Answer {
+    type Output = Result<http::Response<tonic::body::Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Answer::Health(future) => future.as_mut().poll(cx),
+            Answer::Ready(response) => Poll::Ready(Ok(response
+                .take()
+                .expect("an answer is polled once it is ready"))),
+        }
     }
 }
 

@@ -450,6 +450,32 @@ pub async fn grpc_health(port: u16, ca: &Path) -> u8 {
     health_status(&body)
 }
 
+/// The answer to a gRPC call on `address` in plain HTTP/2 (prior knowledge, no TLS), as the
+/// kubelet's gRPC probes make it.
+pub async fn plain_grpc(
+    address: &str,
+    path: &str,
+    message: &[u8],
+) -> http::Response<hyper::body::Incoming> {
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut frame = vec![0];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    let request = http::Request::post(format!("http://{address}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+        .unwrap();
+    sender.send_request(request).await.unwrap()
+}
+
 /// The status in a HealthCheckResponse frame: `[flag, len(4), 0x08, status]`.
 pub fn health_status(frame: &[u8]) -> u8 {
     assert!(frame.len() >= 7 && frame[5] == 0x08, "{frame:?}");
