@@ -142,8 +142,13 @@ impl KmsService {
     /// The answer to a call that the store kept past [`ANSWER_WITHIN`]: a seal whose record
     /// is written after all is never given to the node, which seals again.
     fn too_slow(&self, action: Action, peer: &SocketAddr, node: &str) -> Status {
-        tracing::warn!(%action, node = ?node, ip = %peer.ip(),
-            "call refused: the key store did not answer within {ANSWER_WITHIN:?}");
+        if self
+            .policy
+            .first_refusal(peer.ip(), Reason::StoreUnavailable)
+        {
+            tracing::warn!(%action, node = ?node, ip = %peer.ip(),
+                "call refused: the key store did not answer within {ANSWER_WITHIN:?}");
+        }
         self.refused(
             Event::call(action, &peer_ip_text(peer), node),
             Reason::StoreUnavailable,
@@ -233,7 +238,9 @@ impl KmsService {
         let Some(record) = found else {
             sealing::unseal_nothing(&blob, node, &ip);
             self.audited(&event.refused(Reason::UnknownNonce))?;
-            tracing::warn!(node = ?node, %ip, "unseal refused: no record has this nonce");
+            if self.policy.first_refusal(peer.ip(), Reason::UnknownNonce) {
+                tracing::warn!(node = ?node, %ip, "unseal refused: no record has this nonce");
+            }
             return Ok(answer(sealing::decoy_passphrase().to_vec()));
         };
         self.store.record_access(record.id, store::now());
@@ -241,7 +248,9 @@ impl KmsService {
         let unsealed = sealing::unseal(&blob, &record.ciphertext, node, &ip);
         if record.revoked_at.is_some() {
             self.audited(&event.refused(Reason::Revoked))?;
-            tracing::warn!(record = record.id, node = ?node, %ip, "unseal refused: revoked");
+            if self.policy.first_refusal(peer.ip(), Reason::Revoked) {
+                tracing::warn!(record = record.id, node = ?node, %ip, "unseal refused: revoked");
+            }
             return Ok(answer(sealing::decoy_passphrase().to_vec()));
         }
         match unsealed {
@@ -251,21 +260,27 @@ impl KmsService {
                 Ok(answer(passphrase))
             }
             Err(sealing::WrongKeyOrBinding) => {
-                let reason = if record.node_uuid != *node {
-                    format!(
-                        "node UUID differs from the sealing node's {:?}",
-                        record.node_uuid
-                    )
-                } else if record.ip != ip {
-                    format!(
-                        "source address differs from the sealing address {}",
-                        record.ip
-                    )
-                } else {
-                    "wrong key for this record".to_string()
-                };
                 self.audited(&event.refused(Reason::WrongKeyOrBinding))?;
-                tracing::warn!(record = record.id, node = ?node, %ip, %reason, "unseal refused");
+                if self
+                    .policy
+                    .first_refusal(peer.ip(), Reason::WrongKeyOrBinding)
+                {
+                    let reason = if record.node_uuid != *node {
+                        format!(
+                            "node UUID differs from the sealing node's {:?}",
+                            record.node_uuid
+                        )
+                    } else if record.ip != ip {
+                        format!(
+                            "source address differs from the sealing address {}",
+                            record.ip
+                        )
+                    } else {
+                        "wrong key for this record".to_string()
+                    };
+                    tracing::warn!(record = record.id, node = ?node, %ip, %reason,
+                        "unseal refused");
+                }
                 Ok(answer(sealing::decoy_passphrase().to_vec()))
             }
         }
