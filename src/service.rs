@@ -118,8 +118,8 @@ impl KMSService for KmsService {
         request: Request<proto::Request>,
     ) -> Result<Response<proto::Response>, Status> {
         let peer = peer_of(&request)?;
-        let mut request = request.into_inner();
-        match answer_within(ANSWER_WITHIN, self.unseal_now(peer, &mut request)).await {
+        let request = request.into_inner();
+        match answer_within(ANSWER_WITHIN, self.unseal_now(peer, &request)).await {
             Some(answer) => answer,
             None => Err(self.too_slow(Action::Unseal, &peer, &request.node_uuid)),
         }
