@@ -337,7 +337,7 @@ impl Policy {
         match self.rules.mode(operation) {
             Mode::Open => Ok(()),
             Mode::Window => self.in_window(operation).await,
-            Mode::Approve => self.approved(operation, node, ip_text).await,
+            Mode::Approve => self.approved(operation, node, ip, ip_text).await,
         }
     }
 
@@ -364,7 +364,13 @@ impl Policy {
         ))
     }
 
-    async fn approved(&self, operation: Operation, node: &str, ip: &str) -> Result<(), Refusal> {
+    async fn approved(
+        &self,
+        operation: Operation,
+        node: &str,
+        address: IpAddr,
+        ip: &str,
+    ) -> Result<(), Refusal> {
         let now = store::now();
         let known = self
             .store
@@ -387,8 +393,10 @@ impl Policy {
             .await
             .map_err(|e| Refusal::store_unavailable(&e))?;
         let Some(pending) = noted else {
-            tracing::warn!(%operation, node = ?node, ip,
-                "refused without recording: maxPendingApprovals requests are pending");
+            if self.first_refusal(address, Reason::PendingApproval) {
+                tracing::warn!(%operation, node = ?node, ip,
+                    "refused without recording: maxPendingApprovals requests are pending");
+            }
             return Err(Refusal::new(
                 Reason::PendingApproval,
                 Status::unavailable(
