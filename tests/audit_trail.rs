@@ -11,6 +11,11 @@ use talos_kms_server::audit::{Action, AuditQuery, Outcome, read_trail};
 use talos_kms_server::client::ClientError;
 use tonic::Code;
 
+const SERVING: u8 = 1;
+const NOT_SERVING: u8 = 2;
+/// Health is asked of the store and the trail every 2 s.
+const LIMIT: Duration = Duration::from_secs(10);
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
     /// `rm audit.jsonl`
@@ -92,7 +97,8 @@ async fn answered_calls_stay_audited(fault: Fault, extra: &str, prefill: usize) 
         &format!("auditLog: {}\n{extra}", trail.display()),
     );
     let server = ServerProcess::start(&config).unwrap();
-    let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
+    let port = server.addr.port();
+    let client = client_for("127.0.0.1", port, &pki.ca, None);
     client.seal("before", &random_passphrase()).await.unwrap();
 
     fault.apply(&trail);
@@ -100,6 +106,10 @@ async fn answered_calls_stay_audited(fault: Fault, extra: &str, prefill: usize) 
     let mut refused = Vec::new();
     for round in 0..40 {
         if round == 20 {
+            if fault.leaves_path_unusable() {
+                let health = wait_for_health(port, &pki.ca, NOT_SERVING, LIMIT).await;
+                assert_eq!(health, NOT_SERVING, "{fault:?}: health while unauditable");
+            }
             fault.undo(&trail);
         }
         let node = format!("node-{round}");

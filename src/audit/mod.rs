@@ -386,6 +386,17 @@ impl AuditLog {
         }
     }
 
+    /// Whether lines can be written, for health checks: false while the last write failed
+    /// and the path still leads to nothing usable. Checks the path again then, so that a
+    /// server taken out of a load balancer's rotation (no calls, no writes) comes back by
+    /// itself once the path is usable.
+    pub fn writable(&self) -> bool {
+        if !self.failing.load(Ordering::Relaxed) {
+            return true;
+        }
+        self.follow_path(&mut lock(&self.current)).is_ok()
+    }
+
     /// Makes every line written so far durable, off the async workers; nothing to do when
     /// nothing was written since the last time. Checks the path first, so that lines written
     /// just before the file was deleted reach the path within a second even when no more
