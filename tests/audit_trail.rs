@@ -161,6 +161,11 @@ async fn answered_calls_stay_audited(fault: Fault, extra: &str, prefill: usize) 
         missing, "[]",
         "{fault:?}: answered calls without a line at the path"
     );
+    let health = wait_for_health(port, &pki.ca, SERVING, LIMIT).await;
+    assert_eq!(
+        health, SERVING,
+        "{fault:?}: health once the trail is writable"
+    );
 
     let log: Vec<String> = server.log.try_iter().collect();
     let errors = log
