@@ -53,7 +53,7 @@ pub async fn serve(tcp: TcpListener, metrics: Arc<Metrics>, mut shutdown: watch:
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             continue;
         };
-        let Some(held) = AddressHold::take(&per_address, peer.ip()) else {
+        let Some(held) = AddressHold::take(&per_address, peer.ip().to_canonical()) else {
             continue;
         };
         let metrics = Arc::clone(&metrics);
