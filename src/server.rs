@@ -147,6 +147,7 @@ impl Port {
         }
         tokio::spawn(watch_store(
             Arc::clone(&options.store),
+            Arc::clone(&options.audit),
             reporter,
             Arc::clone(&options.metrics),
             stop.subscribe(),
@@ -252,9 +253,11 @@ pub enum ShutdownError {
 }
 
 /// Reports the store's health through gRPC health checking and the metrics: SERVING while
-/// it answers, NOT_SERVING while calls would get UNAVAILABLE, and NOT_SERVING at shutdown.
+/// it answers and the audit trail can be written, NOT_SERVING while calls would get
+/// UNAVAILABLE, and NOT_SERVING at shutdown.
 async fn watch_store(
     store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
     reporter: HealthReporter,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
@@ -272,7 +275,7 @@ async fn watch_store(
         let up = store.health().await.is_ok();
         set_health(
             &reporter,
-            if up {
+            if up && audit.writable() {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing

@@ -8,8 +8,11 @@ use crate::policy::{Policy, Refusal};
 use crate::proto::{self, KMSService};
 use crate::sealing::{self, SealedBlob, peer_ip_text};
 use crate::store::{self, Inserted, NewRecord, Store};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
@@ -19,6 +22,12 @@ pub struct Peer(pub SocketAddr);
 
 /// A fresh 96-bit random nonce practically never collides; retrying bounds the odd case.
 const SEAL_ATTEMPTS: usize = 3;
+
+/// Every seal and unseal is answered within this, whatever the store does (hung, killed,
+/// full): a node's call has 10 s from its dial, and a retryable UNAVAILABLE it receives
+/// is worth more than a DEADLINE_EXCEEDED it produces itself. Leaves room for the
+/// handshake and the way back.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(7);
 
 pub struct KmsService {
     store: Arc<dyn Store>,
@@ -98,6 +107,63 @@ impl KMSService for KmsService {
     ) -> Result<Response<proto::Response>, Status> {
         let peer = peer_of(&request)?;
         let mut request = request.into_inner();
+        match answer_within(ANSWER_WITHIN, self.seal_now(peer, &mut request)).await {
+            Some(answer) => answer,
+            None => Err(self.too_slow(Action::Seal, &peer, &request.node_uuid)),
+        }
+    }
+
+    async fn unseal(
+        &self,
+        request: Request<proto::Request>,
+    ) -> Result<Response<proto::Response>, Status> {
+        let peer = peer_of(&request)?;
+        let request = request.into_inner();
+        match answer_within(ANSWER_WITHIN, self.unseal_now(peer, &request)).await {
+            Some(answer) => answer,
+            None => Err(self.too_slow(Action::Unseal, &peer, &request.node_uuid)),
+        }
+    }
+}
+
+/// `work`'s output, or `None` when it takes longer than `limit`. The timer is armed only
+/// when the work has to wait: a call answered in its first poll never touches it.
+async fn answer_within<T>(limit: Duration, work: impl Future<Output = T>) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+    if let Poll::Ready(answer) = first {
+        return Some(answer);
+    }
+    // The first poll took microseconds: the limit still counts from the call's start.
+    tokio::time::timeout(limit, work).await.ok()
+}
+
+impl KmsService {
+    /// The answer to a call that the store kept past [`ANSWER_WITHIN`]: a seal whose record
+    /// is written after all is never given to the node, which seals again.
+    fn too_slow(&self, action: Action, peer: &SocketAddr, node: &str) -> Status {
+        if self
+            .policy
+            .first_refusal(peer.ip(), Reason::StoreUnavailable)
+        {
+            tracing::warn!(%action, node = ?node, ip = %peer.ip(),
+                "call refused: the key store did not answer within {ANSWER_WITHIN:?}");
+        }
+        self.refused(
+            Event::call(action, &peer_ip_text(peer), node),
+            Reason::StoreUnavailable,
+            Status::unavailable(format!(
+                "the key store did not answer within {} s; retry later",
+                ANSWER_WITHIN.as_secs()
+            )),
+        )
+    }
+
+    async fn seal_now(
+        &self,
+        peer: SocketAddr,
+        request: &mut proto::Request,
+    ) -> Result<Response<proto::Response>, Status> {
         // Zeroed on every way out, sealed or refused.
         let passphrase = Zeroizing::new(std::mem::take(&mut request.data));
         let ip = peer_ip_text(&peer);
@@ -147,16 +213,15 @@ impl KMSService for KmsService {
         ))
     }
 
-    async fn unseal(
+    async fn unseal_now(
         &self,
-        request: Request<proto::Request>,
+        peer: SocketAddr,
+        request: &proto::Request,
     ) -> Result<Response<proto::Response>, Status> {
-        let peer = peer_of(&request)?;
-        let request = request.into_inner();
         let node = &request.node_uuid;
         let ip = peer_ip_text(&peer);
         let event = Event::call(Action::Unseal, &ip, node);
-        if let Err(refusal) = self.policy.admit_unseal(&request, peer.ip(), &ip).await {
+        if let Err(refusal) = self.policy.admit_unseal(request, peer.ip(), &ip).await {
             return Err(self.refused_by_policy(event, refusal));
         }
         let Some(blob) = SealedBlob::parse(&request.data) else {
@@ -173,7 +238,9 @@ impl KMSService for KmsService {
         let Some(record) = found else {
             sealing::unseal_nothing(&blob, node, &ip);
             self.audited(&event.refused(Reason::UnknownNonce))?;
-            tracing::warn!(node = ?node, %ip, "unseal refused: no record has this nonce");
+            if self.policy.first_refusal(peer.ip(), Reason::UnknownNonce) {
+                tracing::warn!(node = ?node, %ip, "unseal refused: no record has this nonce");
+            }
             return Ok(answer(sealing::decoy_passphrase().to_vec()));
         };
         self.store.record_access(record.id, store::now());
@@ -181,7 +248,9 @@ impl KMSService for KmsService {
         let unsealed = sealing::unseal(&blob, &record.ciphertext, node, &ip);
         if record.revoked_at.is_some() {
             self.audited(&event.refused(Reason::Revoked))?;
-            tracing::warn!(record = record.id, node = ?node, %ip, "unseal refused: revoked");
+            if self.policy.first_refusal(peer.ip(), Reason::Revoked) {
+                tracing::warn!(record = record.id, node = ?node, %ip, "unseal refused: revoked");
+            }
             return Ok(answer(sealing::decoy_passphrase().to_vec()));
         }
         match unsealed {
@@ -191,21 +260,27 @@ impl KMSService for KmsService {
                 Ok(answer(passphrase))
             }
             Err(sealing::WrongKeyOrBinding) => {
-                let reason = if record.node_uuid != *node {
-                    format!(
-                        "node UUID differs from the sealing node's {:?}",
-                        record.node_uuid
-                    )
-                } else if record.ip != ip {
-                    format!(
-                        "source address differs from the sealing address {}",
-                        record.ip
-                    )
-                } else {
-                    "wrong key for this record".to_string()
-                };
                 self.audited(&event.refused(Reason::WrongKeyOrBinding))?;
-                tracing::warn!(record = record.id, node = ?node, %ip, %reason, "unseal refused");
+                if self
+                    .policy
+                    .first_refusal(peer.ip(), Reason::WrongKeyOrBinding)
+                {
+                    let reason = if record.node_uuid != *node {
+                        format!(
+                            "node UUID differs from the sealing node's {:?}",
+                            record.node_uuid
+                        )
+                    } else if record.ip != ip {
+                        format!(
+                            "source address differs from the sealing address {}",
+                            record.ip
+                        )
+                    } else {
+                        "wrong key for this record".to_string()
+                    };
+                    tracing::warn!(record = record.id, node = ?node, %ip, %reason,
+                        "unseal refused");
+                }
                 Ok(answer(sealing::decoy_passphrase().to_vec()))
             }
         }

@@ -137,8 +137,13 @@ async fn a_rate_limit_refuses_with_resource_exhausted_and_recovers() {
     };
     assert!(served >= 5, "the burst of 5 was not served: {served}");
     assert_eq!(status.code(), Code::ResourceExhausted);
+    // The limit, a wait in seconds, and what helps a cluster behind one address.
+    let message = status.message();
     assert!(
-        status.message().contains("rateLimitPerAddress") && status.message().contains("retry in"),
+        message.contains("rateLimitPerAddress allows 1/s, burst 5")
+            && message.contains("retry in")
+            && !message.contains(" ms")
+            && message.contains("trustedProxies"),
         "{status:?}"
     );
     // Another address has its own bucket.

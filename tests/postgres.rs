@@ -981,3 +981,59 @@ async fn tls_to_postgres_is_required_and_verified_as_sslmode_says() {
     assert_ne!(tls_sessions, "0");
     let _ = Database::parse("x", Path::new("/"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_during_a_hung_postgres_are_refused_unavailable_within_eight_seconds() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    pg.create_database("hung");
+    let root = tempfile::tempdir().unwrap();
+    let pki = write_pki(root.path());
+    let config = replica_config(root.path(), &pki, &pg.url("hung", ""), "");
+    let server = ServerProcess::start(&config).unwrap();
+    let client = Arc::new(client(&server, &pki));
+    let passphrase = random_passphrase();
+    let sealed = client.seal(NODE, &passphrase).await.unwrap();
+
+    let frozen = pg.freeze();
+    // Staggered, so that later calls queue behind a batch already waiting on PostgreSQL.
+    let mut calls = Vec::new();
+    for n in 0..6u64 {
+        let (client, sealed) = (Arc::clone(&client), sealed.clone());
+        calls.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(700 * n)).await;
+            let started = Instant::now();
+            let result = if n % 2 == 0 {
+                client.unseal(NODE, &sealed).await
+            } else {
+                client
+                    .seal(&format!("node-{n}"), &random_passphrase())
+                    .await
+            };
+            (n, started.elapsed(), result)
+        }));
+    }
+    for call in calls {
+        let (n, took, result) = call.await.unwrap();
+        assert!(
+            refused_with(&result, tonic::Code::Unavailable).is_some(),
+            "call {n}: {result:?} after {took:?}"
+        );
+        // Talos gives a call 10 s from its dial; the server answers by 7 s.
+        assert!(
+            took < Duration::from_secs(8),
+            "call {n} answered after {took:?}"
+        );
+    }
+    drop(frozen);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let unsealed = loop {
+        match client.unseal(NODE, &sealed).await {
+            Ok(unsealed) => break unsealed,
+            Err(error) if Instant::now() > deadline => panic!("still refused: {error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(unsealed, passphrase, "answered again once PostgreSQL runs");
+}

@@ -280,8 +280,35 @@ fn dir_of(config: &Path) -> &Path {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_refused_while_the_audit_trail_cannot_be_written() {
-    // /dev/full accepts the open and fails every write with "No space left on device".
-    let mut running = start("auditLog: /dev/full\n");
+    // A device cannot hold the trail: refused at start, naming the path.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(dir.path(), &pki, "127.0.0.1", "auditLog: /dev/full\n");
+    let refused = ServerProcess::start(&config)
+        .err()
+        .expect("refused at start");
+    assert!(
+        refused.contains("/dev/full") && refused.contains("not a regular file"),
+        "{refused}"
+    );
+
+    // Put there while serving: every write fails, so calls are refused.
+    let mut running = start("");
+    let trail = running
+        .config
+        .parent()
+        .unwrap()
+        .join("talos-kms-server-audit.jsonl");
+    running
+        .client
+        .seal(NODE, &random_passphrase())
+        .await
+        .unwrap();
+    let link = trail.with_extension("link");
+    std::os::unix::fs::symlink("/dev/full", &link).unwrap();
+    std::fs::rename(&link, &trail).unwrap();
+    // The path is checked every 100 ms, not per line.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let seal = running.client.seal(NODE, &random_passphrase()).await;
     assert!(
         matches!(&seal, Err(ClientError::Status(s)) if s.code() == tonic::Code::Unavailable),
@@ -295,9 +322,10 @@ async fn calls_are_refused_while_the_audit_trail_cannot_be_written() {
     let log = std::mem::replace(&mut running.server.log, std::sync::mpsc::channel().1);
     running.server.kill9();
     let log: Vec<String> = log.try_iter().collect();
+    let named = format!("audit trail {}", trail.display());
     assert!(
         log.iter()
-            .any(|line| line.contains("ERROR") && line.contains("audit trail /dev/full")),
+            .any(|line| line.contains("ERROR") && line.contains(&named)),
         "{log:#?}"
     );
 }

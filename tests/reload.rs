@@ -242,3 +242,111 @@ async fn a_kubernetes_symlink_swap_is_followed_and_sighup_reloads() {
         "still serving after SIGHUP"
     );
 }
+
+/// The server's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+fn send(server: &ServerProcess, signal: &str) {
+    std::process::Command::new("kill")
+        .args([signal, &server.child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+/// Waits (at most 10 s) for a log line holding every one of `words`, and returns it; the
+/// server's memory must stay under 200 MiB meanwhile.
+fn until_logged(server: &ServerProcess, words: &[&str]) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let rss = rss_kib(server.child.id());
+        assert!(rss < 200 << 10, "the server grew to {rss} KiB");
+        if let Ok(line) = server.log.recv_timeout(Duration::from_millis(50))
+            && words.iter().all(|word| line.contains(word))
+        {
+            return Some(line);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_as_the_certificate_is_refused_and_signals_keep_working() {
+    let setup = setup(1, install_plain);
+    let mut server = ServerProcess::start(&setup.config).unwrap();
+    let cert = setup.config.parent().unwrap().join("certs/tls.crt");
+    let kept = cert.with_extension("kept");
+    std::fs::rename(&cert, &kept).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&cert)
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    send(&server, "-HUP");
+    let refused = until_logged(&server, &["ERROR", "cannot be used", "SIGHUP"]);
+    assert!(
+        refused
+            .as_ref()
+            .is_some_and(|line| line.contains("not a regular file")),
+        "{refused:?}"
+    );
+    std::fs::remove_file(&cert).unwrap();
+    std::fs::rename(&kept, &cert).unwrap();
+    send(&server, "-HUP");
+    assert!(
+        until_logged(&server, &["SIGHUP", "INFO"]).is_some(),
+        "a later SIGHUP still works"
+    );
+    assert_eq!(
+        presented(server.addr.port(), &setup.ca_bundle).await,
+        leaf_of(&setup.pairs[0])
+    );
+
+    let stopping = Instant::now();
+    send(&server, "-TERM");
+    let deadline = stopping + Duration::from_secs(10);
+    while server.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = server.child.try_wait().unwrap();
+    if status.is_none() {
+        server.kill9();
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM stops it: {status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_to_dev_zero_as_the_certificate_is_refused_without_filling_memory() {
+    let setup = setup(1, install_plain);
+    let server = ServerProcess::start(&setup.config).unwrap();
+    let cert = setup.config.parent().unwrap().join("certs/tls.crt");
+    let link = cert.with_extension("link");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    std::fs::rename(&link, &cert).unwrap();
+
+    send(&server, "-HUP");
+    let refused = until_logged(&server, &["ERROR", "cannot be used", "SIGHUP"]);
+    assert!(
+        refused
+            .as_ref()
+            .is_some_and(|line| line.contains("not a regular file")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        presented(server.addr.port(), &setup.ca_bundle).await,
+        leaf_of(&setup.pairs[0]),
+        "the old pair keeps serving"
+    );
+    let client = client_for("127.0.0.1", server.addr.port(), &setup.ca_bundle, None);
+    client.seal(NODE, &random_passphrase()).await.unwrap();
+}

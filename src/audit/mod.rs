@@ -15,11 +15,11 @@ use crate::locking::lock;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Node UUIDs in lines are cut to this: an invalid request may carry kilobytes.
 const MAX_TEXT: usize = 256;
@@ -42,7 +42,7 @@ pub enum Outcome {
 }
 
 /// Why a call was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     UnknownNonce,
@@ -204,6 +204,16 @@ impl Event {
         }
     }
 
+    /// Something that happened to the trail itself, written into it.
+    fn notice(detail: String) -> Event {
+        Event {
+            action: None,
+            outcome: None,
+            detail: Some(detail),
+            ..Event::new(Action::Admin)
+        }
+    }
+
     /// An admin command, with its arguments (which never hold secrets).
     pub fn admin(command: &str, args: &[String]) -> Event {
         Event {
@@ -275,6 +285,9 @@ impl Default for Rotation {
     }
 }
 
+/// How often the configured path is compared with the open file (see [`AuditLog::write`]).
+const PATH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// An append-only audit file shared by every call.
 pub struct AuditLog {
     path: PathBuf,
@@ -290,21 +303,33 @@ pub struct AuditLog {
 struct Current {
     file: Arc<File>,
     size: u64,
+    /// The open file's identity, to tell whether the path still leads to it.
+    device: u64,
+    inode: u64,
+    /// Bytes of the file known to be reachable at the path: the lines after it are copied
+    /// to the file found there if the path turns out to lead elsewhere.
+    verified: u64,
+    checked_at: Instant,
+}
+
+/// What the configured path leads to, compared with the open file.
+enum AtPath {
+    TheOpenFile,
+    /// Nothing there, or another regular file: the trail goes on there.
+    Elsewhere(String),
+    /// A directory, a device, a FIFO, or an error: nothing can be written there.
+    Unusable(String),
 }
 
 impl AuditLog {
     /// Opens (creating it, mode 0600) the trail at `path`. `rotation` is for the server;
     /// admin commands only append.
     pub fn open(path: &Path, rotation: Option<Rotation>) -> Result<AuditLog, AuditError> {
-        let file = open_append(path).map_err(|e| error(path, &e))?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let current = Current::open(path).map_err(|e| error(path, &e))?;
         Ok(AuditLog {
             path: path.to_path_buf(),
             rotation,
-            current: Mutex::new(Current {
-                file: Arc::new(file),
-                size,
-            }),
+            current: Mutex::new(current),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             failing: AtomicBool::new(false),
@@ -317,12 +342,27 @@ impl AuditLog {
 
     /// Writes one line (into the page cache: it survives the process, not a power cut,
     /// until [`AuditLog::sync`]).
+    ///
+    /// Whether the path still leads to the open file is checked at most every
+    /// [`PATH_CHECK_INTERVAL`] (and at every write while failing), not per line: when it
+    /// no longer does (the file deleted, renamed or replaced), the trail goes on in a file
+    /// at the path, and the lines written since the last check are copied there first, so
+    /// that every answered call's line ends up at the path. While the path leads to
+    /// something unusable (a directory, `/dev/null`), writes fail and calls are refused.
     pub fn write(&self, event: &Event) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(event).map_err(|e| error(&self.path, &e))?;
         line.push(b'\n');
         let mut current = lock(&self.current);
         let added = line.len() as u64;
-        let result = self.make_room(&mut current, added).and_then(|()| {
+        let due = self.failing.load(Ordering::Relaxed)
+            || current.checked_at.elapsed() >= PATH_CHECK_INTERVAL;
+        let result = (if due {
+            self.follow_path(&mut current)
+        } else {
+            Ok(())
+        })
+        .and_then(|()| self.make_room(&mut current, added))
+        .and_then(|()| {
             (&*current.file).write_all(&line)?;
             current.size += added;
             Ok(())
@@ -346,14 +386,32 @@ impl AuditLog {
         }
     }
 
+    /// Whether lines can be written, for health checks: false while the last write failed
+    /// and the path still leads to nothing usable. Checks the path again then, so that a
+    /// server taken out of a load balancer's rotation (no calls, no writes) comes back by
+    /// itself once the path is usable.
+    pub fn writable(&self) -> bool {
+        if !self.failing.load(Ordering::Relaxed) {
+            return true;
+        }
+        self.follow_path(&mut lock(&self.current)).is_ok()
+    }
+
     /// Makes every line written so far durable, off the async workers; nothing to do when
-    /// nothing was written since the last time.
+    /// nothing was written since the last time. Checks the path first, so that lines written
+    /// just before the file was deleted reach the path within a second even when no more
+    /// calls come.
     pub async fn sync(&self) -> Result<(), AuditError> {
         let covered = self.written.load(Ordering::Acquire);
         if self.synced.load(Ordering::Acquire) >= covered {
             return Ok(());
         }
-        let file = Arc::clone(&lock(&self.current).file);
+        let file = {
+            let mut current = lock(&self.current);
+            self.follow_path(&mut current)
+                .map_err(|e| error(&self.path, &e))?;
+            Arc::clone(&current.file)
+        };
         let synced = tokio::task::spawn_blocking(move || file.sync_data())
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
@@ -371,10 +429,52 @@ impl AuditLog {
     /// [`AuditLog::sync`] for threads outside the runtime (shutdown, admin commands).
     pub fn sync_blocking(&self) -> Result<(), AuditError> {
         let covered = self.written.load(Ordering::Acquire);
-        let file = Arc::clone(&lock(&self.current).file);
+        let file = {
+            let mut current = lock(&self.current);
+            self.follow_path(&mut current)
+                .map_err(|e| error(&self.path, &e))?;
+            Arc::clone(&current.file)
+        };
         file.sync_data().map_err(|e| error(&self.path, &e))?;
         self.synced.fetch_max(covered, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Makes sure the path leads to the open file: when it leads nowhere or to another
+    /// regular file, the trail moves there, with a line saying what happened and the lines
+    /// not known to be at the path yet.
+    fn follow_path(&self, current: &mut Current) -> std::io::Result<()> {
+        let what = match current.at_path(&self.path) {
+            AtPath::TheOpenFile => {
+                current.verified = current.size;
+                current.checked_at = Instant::now();
+                return Ok(());
+            }
+            AtPath::Unusable(problem) => return Err(std::io::Error::other(problem)),
+            AtPath::Elsewhere(what) => what,
+        };
+        let unverified = current.unverified()?;
+        // Lines in the old file must be durable before it stops being the one synced.
+        current.file.sync_data()?;
+        let mut next = Current::open(&self.path)?;
+        let lines = unverified.iter().filter(|&&byte| byte == b'\n').count();
+        let mut notice = serde_json::to_vec(&Event::notice(format!(
+            "the audit trail {what}; continued in a new file here, beginning with the {lines} \
+             lines written since it was last seen at this path"
+        )))
+        .map_err(std::io::Error::other)?;
+        notice.push(b'\n');
+        notice.extend_from_slice(&unverified);
+        (&*next.file).write_all(&notice)?;
+        next.size += notice.len() as u64;
+        next.verified = next.size;
+        *current = next;
+        tracing::warn!(
+            path = %self.path.display(),
+            carried_over = lines,
+            "the audit trail {what}; continuing in a new file at its path"
+        );
+        sync_directory(&self.path)
     }
 
     /// Rotates the file first when `added` bytes would take it past its size limit.
@@ -382,6 +482,11 @@ impl AuditLog {
         let Some(rotation) = self.rotation else {
             return Ok(());
         };
+        if current.size == 0 || current.size + added <= rotation.max_bytes {
+            return Ok(());
+        }
+        // Renaming the path must rename the open file, not whatever took its place.
+        self.follow_path(current)?;
         if current.size == 0 || current.size + added <= rotation.max_bytes {
             return Ok(());
         }
@@ -395,11 +500,63 @@ impl AuditLog {
         } else {
             std::fs::remove_file(&self.path)?;
         }
-        *current = Current {
-            file: Arc::new(open_append(&self.path)?),
-            size: 0,
-        };
+        *current = Current::open(&self.path)?;
         sync_directory(&self.path)
+    }
+}
+
+impl Current {
+    /// Opens the file at `path` for appending, refusing anything but a regular file.
+    fn open(path: &Path) -> std::io::Result<Current> {
+        let file = open_append(path)?;
+        let metadata = file.metadata()?;
+        if !metadata.is_file() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a regular file; the trail must be one",
+                path.display()
+            )));
+        }
+        Ok(Current {
+            file: Arc::new(file),
+            size: metadata.len(),
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            verified: metadata.len(),
+            checked_at: Instant::now(),
+        })
+    }
+
+    fn at_path(&self, path: &Path) -> AtPath {
+        let deleted = || self.file.metadata().is_ok_and(|m| m.nlink() == 0);
+        match std::fs::metadata(path) {
+            Ok(now) if now.dev() == self.device && now.ino() == self.inode => AtPath::TheOpenFile,
+            Ok(now) if now.is_dir() => {
+                AtPath::Unusable("is a directory now; remove it so that the trail can go on".into())
+            }
+            Ok(now) if !now.is_file() => AtPath::Unusable(
+                "leads to something other than a regular file now (a device such as /dev/null, \
+                 a FIFO); put a regular file or nothing there so that the trail can go on"
+                    .into(),
+            ),
+            Ok(_) if deleted() => {
+                AtPath::Elsewhere("was deleted and another file put in its place".into())
+            }
+            Ok(_) => AtPath::Elsewhere("was replaced by another file".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && deleted() => {
+                AtPath::Elsewhere("was deleted".into())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                AtPath::Elsewhere("was renamed away".into())
+            }
+            Err(e) => AtPath::Unusable(format!("can no longer be reached at its path ({e})")),
+        }
+    }
+
+    /// The lines written since the path was last seen leading to this file.
+    fn unverified(&self) -> std::io::Result<Vec<u8>> {
+        let mut bytes = vec![0; usize::try_from(self.size - self.verified).unwrap_or(0)];
+        self.file.read_exact_at(&mut bytes, self.verified)?;
+        Ok(bytes)
     }
 }
 
@@ -410,13 +567,16 @@ pub fn rotated(path: &Path, n: u32) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Readable too, to copy lines out of a file that lost its path; non-blocking, so that a
+/// FIFO put at the path fails instead of waiting for a reader.
 fn open_append(path: &Path) -> std::io::Result<File> {
-    let file = OpenOptions::new()
+    OpenOptions::new()
+        .read(true)
         .append(true)
         .create(true)
         .mode(0o600)
-        .open(path)?;
-    Ok(file)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
 }
 
 fn sync_directory(path: &Path) -> std::io::Result<()> {
@@ -459,9 +619,84 @@ mod tests {
     }
 
     #[test]
-    fn a_write_that_fails_is_an_error_naming_the_trail() {
-        let log = AuditLog::open(Path::new("/dev/full"), None).unwrap();
-        let error = log.write(&Event::admin("test", &[])).unwrap_err();
+    fn a_trail_that_is_not_a_regular_file_is_refused_naming_it() {
+        let error = AuditLog::open(Path::new("/dev/full"), None).err().unwrap();
         assert!(error.to_string().contains("/dev/full"), "{error}");
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+    }
+
+    fn lines(path: &Path) -> Vec<Event> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    fn numbers(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|event| event.args.as_ref().map(|args| args[0].clone()))
+            .collect()
+    }
+
+    #[test]
+    fn lines_written_before_a_deletion_was_noticed_reach_the_new_file_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, None).unwrap();
+        log.write(&Event::admin("test", &["0".into()])).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // Within the check interval: these go to the deleted file first.
+        log.write(&Event::admin("test", &["1".into()])).unwrap();
+        log.write(&Event::admin("test", &["2".into()])).unwrap();
+        log.sync_blocking().unwrap();
+        let events = lines(&path);
+        assert!(events[0].detail.as_ref().unwrap().contains("was deleted"));
+        // "0" too: it was written since the path was last checked.
+        assert_eq!(numbers(&events), ["0", "1", "2"]);
+    }
+
+    #[test]
+    fn a_directory_at_the_path_refuses_writes_until_it_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        log.write(&Event::admin("test", &["1".into()])).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        std::thread::sleep(PATH_CHECK_INTERVAL);
+        let error = log.write(&Event::admin("test", &["2".into()])).unwrap_err();
+        assert!(error.to_string().contains("directory"), "{error}");
+        std::fs::remove_dir(&path).unwrap();
+        log.write(&Event::admin("test", &["3".into()])).unwrap();
+        assert_eq!(numbers(&lines(&path)), ["1", "3"]);
+    }
+
+    #[test]
+    fn rotation_goes_on_after_the_file_was_renamed_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let rotation = Rotation {
+            max_bytes: 400,
+            keep: 2,
+        };
+        let log = AuditLog::open(&path, Some(rotation)).unwrap();
+        log.write(&Event::admin("test", &["0".into()])).unwrap();
+        std::fs::rename(&path, dir.path().join("elsewhere")).unwrap();
+        for n in 1..40 {
+            log.write(&Event::admin("test", &[n.to_string()])).unwrap();
+        }
+        let mut all = Vec::new();
+        read_trail(&path, &AuditQuery::default(), |event| {
+            all.push(event.clone())
+        })
+        .unwrap();
+        let expected: Vec<String> = (1..40).map(|n| n.to_string()).collect();
+        let found = numbers(&all);
+        assert!(
+            found.ends_with(&expected[expected.len() - 5..]),
+            "{found:?}"
+        );
     }
 }

@@ -5,6 +5,7 @@ use sd_notify::NotifyState;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 use talos_kms_server::audit::AuditLog;
 use talos_kms_server::config::Config;
 use talos_kms_server::logging;
@@ -16,6 +17,7 @@ use talos_kms_server::tls;
 use talos_kms_server::tls::inspect::{CertificateFacts, RENEWAL_WARNING, Validity};
 use talos_kms_server::tls::reload::{self, IdentityFiles, Reload, ReloadingIdentity};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 
 pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
@@ -106,6 +108,57 @@ fn report_journal_left(database: &Path) {
          had it open): recent records may be only in the journal, so copy the database \
          together with these files, or use `db backup`, never the database file alone"
     );
+}
+
+/// How long reading the certificate files may take before the reload is given up: a local
+/// file is read in microseconds; a hung network file system never answers.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What asked for a reload.
+enum Trigger {
+    FilesChanged,
+    /// SIGHUP: read even when the files look unchanged, and tell systemd.
+    Hangup,
+}
+
+/// Reloads one at a time, away from the loop that handles signals: the files are read on a
+/// blocking thread with a deadline, so that no file (a FIFO, a hung mount) keeps SIGTERM
+/// from stopping the server or a later SIGHUP from working.
+fn spawn_reloader(
+    identity: Arc<ReloadingIdentity>,
+    metrics: Arc<Metrics>,
+    status: String,
+) -> mpsc::Sender<Trigger> {
+    let (sender, mut triggers) = mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Some(trigger) = triggers.recv().await {
+            let always = matches!(trigger, Trigger::Hangup);
+            if always {
+                let mut reloading = vec![NotifyState::Reloading];
+                reloading.extend(NotifyState::monotonic_usec_now().ok());
+                systemd(&reloading);
+            }
+            let reading = Arc::clone(&identity);
+            let reload = tokio::time::timeout(
+                RELOAD_TIMEOUT,
+                tokio::task::spawn_blocking(move || reading.reload(always)),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Ok(Reload::Refused(format!(
+                    "reading the certificate files took more than {} s (a hung file system?)",
+                    RELOAD_TIMEOUT.as_secs()
+                )))
+            })
+            .unwrap_or_else(|e| Reload::Refused(format!("the reload failed: {e}")));
+            let name = if always { "SIGHUP" } else { "files changed" };
+            report_reload(reload, name, &metrics);
+            if always {
+                systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
+            }
+        }
+    });
+    sender
 }
 
 /// Logs what a reload did, once, and counts it.
@@ -226,6 +279,14 @@ pub async fn serve_until_signal(
     tracing::info!(%address, "serving sidero.kms.KMSService");
     on_ready(address);
     let status = format!("serving on {address}");
+    let reloads = match &on_hangup {
+        OnHangup::Reload(identity) => Some(spawn_reloader(
+            Arc::clone(identity),
+            Arc::clone(&metrics),
+            status.clone(),
+        )),
+        OnHangup::Stop => None,
+    };
     systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
     let watchdog = sd_notify::watchdog_enabled().map(|interval| tokio::spawn(watchdog(interval)));
     loop {
@@ -233,18 +294,15 @@ pub async fn serve_until_signal(
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             Some(()) = async { changes.as_mut()?.recv().await } => {
-                if let OnHangup::Reload(identity) = &on_hangup {
-                    report_reload(identity.reload(false), "files changed", &metrics);
+                if let Some(reloads) = &reloads {
+                    // A full queue holds a reload that will read these files anyway.
+                    let _ = reloads.try_send(Trigger::FilesChanged);
                 }
             }
-            _ = hangup.recv() => match &on_hangup {
-                OnHangup::Stop => break,
-                OnHangup::Reload(identity) => {
-                    let mut reloading = vec![NotifyState::Reloading];
-                    reloading.extend(NotifyState::monotonic_usec_now().ok());
-                    systemd(&reloading);
-                    report_reload(identity.reload(true), "SIGHUP", &metrics);
-                    systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
+            _ = hangup.recv() => match &reloads {
+                None => break,
+                Some(reloads) => {
+                    let _ = reloads.try_send(Trigger::Hangup);
                 }
             },
             _ = user1.recv() => tracing::info!("SIGUSR1 ignored; still serving"),

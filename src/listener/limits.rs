@@ -60,9 +60,10 @@ impl Default for ListenerLimits {
     }
 }
 
-/// File descriptors kept for everything but connections: the listening sockets, the
-/// database and its WAL, the audit trail, the runtime's own.
-pub const FILE_RESERVE: u64 = 64;
+/// File descriptors kept for everything but KMS connections: the listening sockets, the
+/// database and its WAL, the audit trail, the runtime's own, and the metrics listener's
+/// connections.
+pub const FILE_RESERVE: u64 = 64 + super::metrics::MAX_CONNECTIONS as u64;
 
 impl ListenerLimits {
     pub fn handshakes_at_once(&self) -> usize {
@@ -119,8 +120,8 @@ mod tests {
 
     #[test]
     fn connections_leave_a_reserve_of_files() {
-        assert_eq!(connections_within(1024), 960);
-        assert_eq!(connections_within(16384), 16320);
+        assert_eq!(connections_within(1024), 944);
+        assert_eq!(connections_within(16384), 16304);
         assert_eq!(connections_within(10), 1, "one connection at least");
     }
 

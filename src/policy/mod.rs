@@ -16,6 +16,7 @@
 
 pub mod networks;
 pub mod rate;
+mod refusal_log;
 
 pub use networks::Networks;
 pub use rate::RateLimit;
@@ -26,6 +27,7 @@ use crate::proto;
 use crate::sealing::SEALED_LEN;
 use crate::store::{self, Approval, ApprovalState, Operation, Store, StoreError, UnixTime};
 use rate::RateLimits;
+use refusal_log::RefusalLog;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -177,6 +179,7 @@ pub struct Policy {
     store: Arc<dyn Store>,
     rates: RateLimits,
     hourly: Mutex<HourlyCount>,
+    refusals: RefusalLog,
 }
 
 struct HourlyCount {
@@ -194,6 +197,7 @@ impl Policy {
                 read_at: None,
                 seals: 0,
             }),
+            refusals: RefusalLog::default(),
         }
     }
 
@@ -216,8 +220,10 @@ impl Policy {
             .map_err(|e| Refusal::store_unavailable(&e))?;
         let max = self.rules.max_records_per_node;
         if max > 0 && summary.records >= max {
-            tracing::warn!(node = ?node, ip = ip_text, records = summary.records,
-                "seal refused: the node has reached maxRecordsPerNode");
+            if self.first_refusal(ip, Reason::OverQuota) {
+                tracing::warn!(node = ?node, ip = ip_text, records = summary.records,
+                    "seal refused: the node has reached maxRecordsPerNode");
+            }
             return Err(Refusal::new(
                 Reason::OverQuota,
                 Status::resource_exhausted(format!(
@@ -227,13 +233,15 @@ impl Policy {
                 )),
             ));
         }
-        self.count_hourly_seal().await?;
+        self.count_hourly_seal(ip).await?;
         let mut admitted = Admitted::default();
         if !summary.other_addresses.is_empty() {
             let known = summary.other_addresses.join(", ");
             if self.rules.pin_node_ip {
-                tracing::warn!(node = ?node, ip = ip_text, %known,
-                    "seal refused: the node is pinned to another address (pinNodeIp)");
+                if self.first_refusal(ip, Reason::Pinned) {
+                    tracing::warn!(node = ?node, ip = ip_text, %known,
+                        "seal refused: the node is pinned to another address (pinNodeIp)");
+                }
                 return Err(Refusal::new(
                     Reason::Pinned,
                     Status::permission_denied(format!(
@@ -263,9 +271,19 @@ impl Policy {
         Ok(Admitted::default())
     }
 
-    /// Forgets what is no longer needed (quiet addresses' buckets); called every minute.
+    /// Forgets what is no longer needed (quiet addresses' buckets) and sums up the
+    /// minute's refusals not logged one by one; called every minute.
     pub fn tidy(&self) {
         self.rates.forget_quiet();
+        if let Some(summary) = self.refusals.summary() {
+            tracing::warn!("{summary}");
+        }
+    }
+
+    /// Notes a refused call; true when it should be logged on its own (the first of its
+    /// address and reason this minute), the rest being summed up by [`Policy::tidy`].
+    pub fn first_refusal(&self, ip: IpAddr, reason: Reason) -> bool {
+        self.refusals.first(ip, reason)
     }
 
     async fn admit(
@@ -278,8 +296,10 @@ impl Policy {
         if let Some(networks) = self.rules.networks(operation)
             && !networks.contains(ip)
         {
-            tracing::warn!(%operation, node = ?node, ip = ip_text,
-                "refused: the address is outside the {operation}AllowedNetworks");
+            if self.first_refusal(ip, Reason::NetworkNotAllowed) {
+                tracing::warn!(%operation, node = ?node, ip = ip_text,
+                    "refused: the address is outside the {operation}AllowedNetworks");
+            }
             return Err(Refusal::new(
                 Reason::NetworkNotAllowed,
                 Status::permission_denied(format!(
@@ -288,24 +308,36 @@ impl Policy {
             ));
         }
         if let Err(exhausted) = self.rates.check(ip) {
-            let (which, key) = if exhausted.global {
-                ("all callers together", "rateLimitGlobal")
+            let (which, key, limit) = if exhausted.global {
+                ("all callers together", "rateLimitGlobal", self.rules.global)
             } else {
-                ("this address", "rateLimitPerAddress")
+                (
+                    "this address",
+                    "rateLimitPerAddress",
+                    self.rules.per_address,
+                )
             };
-            tracing::debug!(%operation, ip = ip_text, key, "refused: rate limit");
+            // The wait for one token says nothing when a whole NAT'd cluster contends for
+            // it; a node retries in whole seconds (Talos every 30 s) anyway.
+            let wait = exhausted.retry_after.as_secs() + 1;
+            let message = format!(
+                "too many calls from {which}: {key} allows {limit}; retry in {wait} s or \
+                 later. Many nodes behind one address (NAT, an HTTP proxy) share its limit: \
+                 raise {key}, or have the load balancer pass each node's address (PROXY \
+                 protocol, trustedProxies)"
+            );
+            if self.first_refusal(ip, Reason::RateLimited) {
+                tracing::warn!(%operation, ip = ip_text, "refused: {message}");
+            }
             return Err(Refusal::new(
                 Reason::RateLimited,
-                Status::resource_exhausted(format!(
-                    "too many calls from {which} ({key}); retry in {} ms",
-                    exhausted.retry_after.as_millis().max(1)
-                )),
+                Status::resource_exhausted(message),
             ));
         }
         match self.rules.mode(operation) {
             Mode::Open => Ok(()),
             Mode::Window => self.in_window(operation).await,
-            Mode::Approve => self.approved(operation, node, ip_text).await,
+            Mode::Approve => self.approved(operation, node, ip, ip_text).await,
         }
     }
 
@@ -332,7 +364,13 @@ impl Policy {
         ))
     }
 
-    async fn approved(&self, operation: Operation, node: &str, ip: &str) -> Result<(), Refusal> {
+    async fn approved(
+        &self,
+        operation: Operation,
+        node: &str,
+        address: IpAddr,
+        ip: &str,
+    ) -> Result<(), Refusal> {
         let now = store::now();
         let known = self
             .store
@@ -355,8 +393,10 @@ impl Policy {
             .await
             .map_err(|e| Refusal::store_unavailable(&e))?;
         let Some(pending) = noted else {
-            tracing::warn!(%operation, node = ?node, ip,
-                "refused without recording: maxPendingApprovals requests are pending");
+            if self.first_refusal(address, Reason::PendingApproval) {
+                tracing::warn!(%operation, node = ?node, ip,
+                    "refused without recording: maxPendingApprovals requests are pending");
+            }
             return Err(Refusal::new(
                 Reason::PendingApproval,
                 Status::unavailable(
@@ -384,7 +424,7 @@ impl Policy {
 
     /// Counts a seal against `maxNewRecordsPerHour`, reading the count from the store at
     /// most once a second.
-    async fn count_hourly_seal(&self) -> Result<(), Refusal> {
+    async fn count_hourly_seal(&self, ip: IpAddr) -> Result<(), Refusal> {
         let max = self.rules.max_new_records_per_hour;
         if max == 0 {
             return Ok(());
@@ -410,10 +450,12 @@ impl Policy {
         }
         let mut hourly = lock(&self.hourly);
         if hourly.seals >= max {
-            tracing::warn!(
-                seals = hourly.seals,
-                "seal refused: maxNewRecordsPerHour reached"
-            );
+            if self.first_refusal(ip, Reason::OverQuota) {
+                tracing::warn!(
+                    seals = hourly.seals,
+                    "seal refused: maxNewRecordsPerHour reached"
+                );
+            }
             return Err(Refusal::new(
                 Reason::OverQuota,
                 Status::resource_exhausted(format!(

@@ -20,6 +20,9 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
 
+/// A certificate chain or key is a few KiB; 1 MiB is plenty for any chain.
+pub const MAX_FILE_SIZE: u64 = 1 << 20;
+
 const ENCRYPTED_BEGIN: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----";
 const ENCRYPTED_END: &str = "-----END ENCRYPTED PRIVATE KEY-----";
 const REENCRYPT_HINT: &str = "re-encrypt it with `openssl pkcs8 -topk8 -v2 aes-256-cbc -in \
@@ -36,7 +39,7 @@ pub fn load_identity(
     key_file: &Path,
     key_password: Option<&str>,
 ) -> Result<Arc<CertifiedKey>, IdentityError> {
-    let cert_pem = std::fs::read(cert_file).map_err(|e| {
+    let cert_pem = read_bounded(cert_file).map_err(|e| {
         IdentityError(format!(
             "serverCertFile {}: cannot read it ({e}); check the path and that this user may read it",
             cert_file.display()
@@ -95,11 +98,13 @@ fn load_private_key(
 ) -> Result<PrivateKeyDer<'static>, IdentityError> {
     let fail =
         |problem: String| IdentityError(format!("serverKeyFile {}: {problem}", key_file.display()));
-    let pem = std::fs::read_to_string(key_file).map_err(|e| {
-        fail(format!(
-            "cannot read it ({e}); check the path and that this user may read it"
-        ))
-    })?;
+    let pem = read_bounded(key_file)
+        .and_then(|bytes| String::from_utf8(bytes).map_err(std::io::Error::other))
+        .map_err(|e| {
+            fail(format!(
+                "cannot read it ({e}); check the path and that this user may read it"
+            ))
+        })?;
     if let Some(start) = pem.find(ENCRYPTED_BEGIN) {
         let end = pem[start..]
             .find(ENCRYPTED_END)
@@ -121,6 +126,41 @@ fn load_private_key(
              RSA PRIVATE KEY or EC PRIVATE KEY block"
         ))
     })
+}
+
+/// Reads a certificate or key file if it is a regular file (after following links) of at
+/// most [`MAX_FILE_SIZE`]: a FIFO put in its place would block the reader, and a link to
+/// `/dev/zero` would fill memory.
+pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // Opening a FIFO must not wait for a writer.
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (a FIFO, a device or a directory); it must be a PEM file",
+        ));
+    }
+    let too_big = || {
+        std::io::Error::other(format!(
+            "larger than {} MiB, far more than a certificate chain or key needs",
+            MAX_FILE_SIZE >> 20
+        ))
+    };
+    if metadata.len() > MAX_FILE_SIZE {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    // The file may grow while it is read.
+    file.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(too_big());
+    }
+    Ok(bytes)
 }
 
 /// Decrypts a PEM `ENCRYPTED PRIVATE KEY` (PKCS#8 with PBES2: PBKDF2 + AES-CBC).

@@ -4,7 +4,7 @@
 //! moment; connections already open keep theirs. A new pair that cannot be used is refused
 //! and the old one keeps serving.
 
-use super::identity::load_identity;
+use super::identity::{load_identity, read_bounded};
 use super::inspect::{CertificateFacts, Validity};
 use notify::{RecursiveMode, Watcher};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -122,11 +122,12 @@ impl ResolvesServerCert for ReloadingIdentity {
     }
 }
 
-/// SHA-256 of both files' content (through symlinks), or `None` while one is unreadable.
+/// SHA-256 of both files' content (through symlinks), or `None` while one is unreadable
+/// (or not a regular file of at most 1 MiB).
 fn digest_of(files: &IdentityFiles) -> Option<[u8; 32]> {
     let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for file in [&files.cert, &files.key] {
-        context.update(&std::fs::read(file).ok()?);
+        context.update(&read_bounded(file).ok()?);
     }
     context.finish().as_ref().try_into().ok()
 }

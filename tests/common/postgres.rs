@@ -339,6 +339,58 @@ impl PgCluster {
     }
 }
 
+/// PostgreSQL hung, as by a stalled disk or a frozen VM: the postmaster and every backend
+/// stopped (SIGSTOP) until this is dropped.
+pub struct Frozen {
+    pids: Vec<rustix::process::Pid>,
+}
+
+impl PgCluster {
+    pub fn freeze(&self) -> Frozen {
+        let stop = |pid| {
+            let pid = rustix::process::Pid::from_raw(pid)?;
+            rustix::process::kill_process(pid, rustix::process::Signal::STOP).ok()?;
+            Some(pid)
+        };
+        let postmaster = self.child.as_ref().expect("PostgreSQL runs").id() as i32;
+        // The postmaster first, so that it starts no backend that escapes the freeze.
+        let mut pids: Vec<_> = stop(postmaster).into_iter().collect();
+        std::thread::sleep(Duration::from_millis(50));
+        pids.extend(children_of(postmaster).into_iter().filter_map(stop));
+        Frozen { pids }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            let _ = rustix::process::kill_process(*pid, rustix::process::Signal::CONT);
+        }
+    }
+}
+
+/// The processes whose parent is `parent`, from /proc.
+fn children_of(parent: i32) -> Vec<i32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<i32>().ok());
+        if ppid == Some(parent) {
+            children.push(pid);
+        }
+    }
+    children
+}
+
 fn signal(child: &Child, signal: rustix::process::Signal) {
     if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
         let _ = rustix::process::kill_process(pid, signal);

@@ -34,7 +34,17 @@ pub async fn answer_batches(
     }
 }
 
-async fn answer(options: &PgOptions, pool: &Pool, batch: Vec<(SealNonce, Reply)>, limit: Duration) {
+async fn answer(
+    options: &PgOptions,
+    pool: &Pool,
+    mut batch: Vec<(SealNonce, Reply)>,
+    limit: Duration,
+) {
+    // Callers answered already (their call's deadline passed while PostgreSQL hung).
+    batch.retain(|(_, reply)| !reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
     let nonces: Vec<&[u8]> = batch.iter().map(|(nonce, _)| &nonce[..]).collect();
     let rows = deadline(options, limit, async {
         let client = get(options, pool, limit).await?;

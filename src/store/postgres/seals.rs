@@ -37,11 +37,19 @@ async fn write(options: &PgOptions, pool: &Pool, batch: Vec<(NewRecord, Reply)>,
     let mut seen = HashSet::with_capacity(batch.len());
     let mut rows = Vec::with_capacity(batch.len());
     for (record, reply) in batch {
+        if reply.is_closed() {
+            // Its call was answered already (PostgreSQL hung past its deadline): a record
+            // written now would never reach the node.
+            continue;
+        }
         if seen.insert(record.nonce) {
             rows.push((record, reply));
         } else {
             let _ = reply.send(Ok(Inserted::NonceTaken));
         }
+    }
+    if rows.is_empty() {
+        return;
     }
     let records: Vec<&NewRecord> = rows.iter().map(|(record, _)| record).collect();
     let columns = Columns::of(records.into_iter());
