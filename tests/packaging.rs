@@ -928,7 +928,7 @@ fn the_arm64_deb_serves_under_qemu() {
 }
 
 /// The release workflow cannot run here: it must at least parse, and build with the same
-/// cargo-deb and Containerfile as scripts/test and this folder.
+/// scripts/deb, cargo-deb and Containerfile as scripts/test and this folder.
 #[test]
 fn the_release_workflow_parses_and_matches_scripts_test() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -950,9 +950,11 @@ fn the_release_workflow_parses_and_matches_scripts_test() {
         assert_eq!(text(&yaml.stdout).trim(), "debs image release");
     }
     let workflow = std::fs::read_to_string(workflow).unwrap();
-    let script = std::fs::read_to_string(root.join("scripts/test")).unwrap();
+    let script = std::fs::read_to_string(root.join("scripts/deb")).unwrap();
     let install = "cargo install cargo-deb --locked --version 3.8.0";
     assert!(workflow.contains(install) && script.contains(install));
+    let tests = std::fs::read_to_string(root.join("scripts/test")).unwrap();
+    assert!(workflow.contains("run: scripts/deb ") && tests.contains("$(scripts/deb)"));
     assert!(workflow.contains("file: packaging/Containerfile"));
     assert!(packaging("Containerfile").is_file());
 }

@@ -1287,9 +1287,11 @@ fn insert(tx: &Connection, record: &NewRecord) -> rusqlite::Result<Inserted> {
 }
 
 fn import(tx: &Connection, batch: &ImportBatch) -> rusqlite::Result<ImportReport> {
+    // Not `INSERT OR IGNORE`: with AUTOINCREMENT an ignored row would still use up an id.
     let mut statement = tx.prepare_cached(
-        "INSERT OR IGNORE INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6
+         WHERE NOT EXISTS (SELECT 1 FROM records WHERE nonce = ?1)",
     )?;
     let mut report = ImportReport::default();
     for record in &batch.records {
