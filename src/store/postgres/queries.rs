@@ -7,10 +7,14 @@ use super::migrations;
 use super::writer::write_accesses;
 use crate::locking::lock;
 use crate::sealing::SealNonce;
+use crate::store::sql::{
+    self, APPROVAL_COLUMNS, ApprovalRow, Dialect, INFO_COLUMNS, Value, WINDOW_COLUMNS, approvals,
+    conditions,
+};
 use crate::store::{
     Approval, ApprovalId, ApprovalState, Decision, ImportBatch, ImportReport, Inserted, NewRecord,
-    NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, RecordState, Store,
-    StoreError, StoredRecord, UnixTime, Window,
+    NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, Store, StoreError,
+    StoredRecord, UnixTime, Window,
 };
 use async_trait::async_trait;
 use std::time::Duration;
@@ -20,73 +24,44 @@ use tokio_postgres::types::ToSql;
 /// Health checks ask often; a store that takes longer than this is not healthy.
 const HEALTH_DEADLINE: Duration = Duration::from_secs(3);
 
-const INFO_COLUMNS: &str = "id, node_uuid, ip, created_at, last_access, revoked_at";
-const APPROVAL_COLUMNS: &str = "id, operation, node_uuid, ip, state, first_seen, last_seen, \
-                                attempts, approved_until, decided_at";
-
-fn info_of(row: &Row) -> RecordInfo {
-    RecordInfo {
-        id: row.get(0),
-        node_uuid: row.get(1),
-        ip: row.get(2),
-        created_at: row.get(3),
-        last_access: row.get(4),
-        revoked_at: row.get(5),
-    }
-}
-
-fn approval_of(row: &Row) -> Option<Approval> {
-    Some(Approval {
-        id: row.get(0),
-        operation: Operation::parse(row.get(1))?,
-        node_uuid: row.get(2),
-        ip: row.get(3),
-        state: ApprovalState::parse(row.get(4))?,
-        first_seen: row.get(5),
-        last_seen: row.get(6),
-        attempts: row.get::<_, i64>(7).max(0) as u64,
-        approved_until: row.get(8),
-        decided_at: row.get(9),
+fn info_of(row: &Row) -> Result<RecordInfo, tokio_postgres::Error> {
+    Ok(RecordInfo {
+        id: row.try_get(0)?,
+        node_uuid: row.try_get(1)?,
+        ip: row.try_get(2)?,
+        created_at: row.try_get(3)?,
+        last_access: row.try_get(4)?,
+        revoked_at: row.try_get(5)?,
     })
 }
 
-type Param = Box<dyn ToSql + Sync + Send>;
-
-/// The filter as an SQL condition over `records`, with its values in order.
-fn conditions(filter: &RecordFilter, after: RecordId) -> (String, Vec<Param>) {
-    let mut sql = vec!["id > $1".to_string()];
-    let mut values: Vec<Param> = vec![Box::new(after)];
-    let mut bind = |condition: &str, value: Param| {
-        values.push(value);
-        sql.push(condition.replace('?', &format!("${}", values.len())));
-    };
-    if let Some(node) = &filter.node_uuid {
-        bind("node_uuid = ?", Box::new(node.clone()));
-    }
-    if let Some(ip) = &filter.ip {
-        bind("ip = ?", Box::new(ip.clone()));
-    }
-    if let Some(before) = filter.not_used_since {
-        bind("coalesce(last_access, created_at) < ?", Box::new(before));
-    }
-    if let Some(before) = filter.created_before {
-        bind("created_at < ?", Box::new(before));
-    }
-    if let Some(ids) = &filter.ids {
-        bind("id = ANY(?)", Box::new(ids.clone()));
-    }
-    match filter.state {
-        Some(RecordState::Active) => sql.push("revoked_at IS NULL".into()),
-        Some(RecordState::Revoked) => sql.push("revoked_at IS NOT NULL".into()),
-        None => {}
-    }
-    (sql.join(" AND "), values)
+fn approval_row(row: &Row) -> Result<ApprovalRow, tokio_postgres::Error> {
+    Ok(ApprovalRow {
+        id: row.try_get(0)?,
+        operation: row.try_get(1)?,
+        node_uuid: row.try_get(2)?,
+        ip: row.try_get(3)?,
+        state: row.try_get(4)?,
+        first_seen: row.try_get(5)?,
+        last_seen: row.try_get(6)?,
+        attempts: row.try_get(7)?,
+        approved_until: row.try_get(8)?,
+        decided_at: row.try_get(9)?,
+    })
 }
 
-fn params(values: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+/// The row of one approval, if any, decoded once the connection is back in the pool.
+fn approval_of(row: Option<&Row>) -> Result<Option<ApprovalRow>, tokio_postgres::Error> {
+    row.map(approval_row).transpose()
+}
+
+fn params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
     values
         .iter()
-        .map(|value| value.as_ref() as &(dyn ToSql + Sync))
+        .map(|value| match value {
+            Value::Integer(number) => number as &(dyn ToSql + Sync),
+            Value::Text(text) => text,
+        })
         .collect()
 }
 
@@ -197,7 +172,7 @@ impl Store for PgStore {
         after: RecordId,
         limit: usize,
     ) -> Result<Vec<RecordInfo>, StoreError> {
-        let (conditions, values) = conditions(filter, after);
+        let (conditions, values) = conditions(filter, after, Dialect::Postgres);
         self.with(|client| async move {
             let rows = client
                 .query(
@@ -208,7 +183,7 @@ impl Store for PgStore {
                     &params(&values),
                 )
                 .await?;
-            Ok(rows.iter().map(info_of).collect())
+            rows.iter().map(info_of).collect()
         })
         .await
     }
@@ -219,7 +194,7 @@ impl Store for PgStore {
         after: RecordId,
         limit: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        let (conditions, values) = conditions(filter, after);
+        let (conditions, values) = conditions(filter, after, Dialect::Postgres);
         self.with(|client| async move {
             let rows = client
                 .query(
@@ -230,18 +205,17 @@ impl Store for PgStore {
                     &params(&values),
                 )
                 .await?;
-            Ok(rows
-                .iter()
+            rows.iter()
                 .map(|row| {
-                    let nonce: &[u8] = row.get(6);
-                    StoredRecord {
-                        info: info_of(row),
+                    let nonce: &[u8] = row.try_get(6)?;
+                    Ok(StoredRecord {
+                        info: info_of(row)?,
                         // The schema's CHECK holds every nonce at 12 bytes.
                         nonce: SealNonce::try_from(nonce).unwrap_or_default(),
-                        ciphertext: row.get(7),
-                    }
+                        ciphertext: row.try_get(7)?,
+                    })
                 })
-                .collect())
+                .collect()
         })
         .await
     }
@@ -270,14 +244,15 @@ impl Store for PgStore {
 
     async fn delete(&self, ids: &[RecordId], filter: &RecordFilter) -> Result<u64, StoreError> {
         let ids = ids.to_vec();
-        let (conditions, mut values) = conditions(filter, 0);
+        let (conditions, values) = conditions(filter, 0, Dialect::Postgres);
         let ids_at = values.len() + 1;
-        values.push(Box::new(ids));
         self.with(|client| async move {
+            let mut bound = params(&values);
+            bound.push(&ids);
             client
                 .execute(
                     &format!("DELETE FROM records WHERE id = ANY(${ids_at}) AND {conditions}"),
-                    &params(&values),
+                    &bound,
                 )
                 .await
         })
@@ -322,26 +297,30 @@ impl Store for PgStore {
     }
 
     async fn windows(&self) -> Result<Vec<Window>, StoreError> {
-        self.with(|client| async move {
-            let statement = client
-                .prepare_cached(
-                    "SELECT operation, opened_at, closes_at FROM windows ORDER BY operation",
-                )
-                .await?;
-            Ok(client
-                .query(&statement, &[])
-                .await?
-                .iter()
-                .filter_map(|row| {
-                    Some(Window {
-                        operation: Operation::parse(row.get(0))?,
-                        opened_at: row.get(1),
-                        closes_at: row.get(2),
+        let rows = self
+            .with(|client| async move {
+                let statement = client
+                    .prepare_cached(&format!(
+                        "SELECT {WINDOW_COLUMNS} FROM windows ORDER BY operation"
+                    ))
+                    .await?;
+                client
+                    .query(&statement, &[])
+                    .await?
+                    .iter()
+                    .map(|row| {
+                        Ok((
+                            row.try_get::<_, String>(0)?,
+                            row.try_get(1)?,
+                            row.try_get(2)?,
+                        ))
                     })
-                })
-                .collect())
-        })
-        .await
+                    .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(operation, opened_at, closes_at)| sql::window(&operation, opened_at, closes_at))
+            .collect()
     }
 
     async fn open_window(&self, window: Window) -> Result<(), StoreError> {
@@ -390,13 +369,14 @@ impl Store for PgStore {
                      WHERE operation = $1 AND node_uuid = $2 AND ip = $3"
                 ))
                 .await?;
-            Ok(client
+            let row = client
                 .query_opt(&statement, &[&operation.as_str(), &node_uuid, &ip])
-                .await?
-                .as_ref()
-                .and_then(approval_of))
+                .await?;
+            approval_of(row.as_ref())
         })
-        .await
+        .await?
+        .map(ApprovalRow::decode)
+        .transpose()
     }
 
     async fn note_pending(
@@ -408,24 +388,13 @@ impl Store for PgStore {
         max_pending: u64,
     ) -> Result<Option<Approval>, StoreError> {
         let (node_uuid, ip) = (node_uuid.to_string(), ip.to_string());
-        let max_pending = i64::try_from(max_pending).unwrap_or(i64::MAX);
         self.with(|mut client| async move {
             let tx = client.transaction().await?;
-            let known = tx
-                .query_opt(
-                    &format!(
-                        "UPDATE approvals SET last_seen = $4, attempts = attempts + 1,
-                             state = CASE WHEN state = 'approved' AND approved_until <= $4
-                                          THEN 'pending' ELSE state END
-                         WHERE operation = $1 AND node_uuid = $2 AND ip = $3
-                         RETURNING {APPROVAL_COLUMNS}"
-                    ),
-                    &[&operation.as_str(), &node_uuid, &ip, &at],
-                )
-                .await?;
-            if let Some(row) = known {
+            let key: [&(dyn ToSql + Sync); 4] = [&operation.as_str(), &node_uuid, &ip, &at];
+            let touched = tx.query_opt(&approvals::touch(), &key).await?;
+            if touched.is_some() {
                 tx.commit().await?;
-                return Ok(approval_of(&row));
+                return approval_of(touched.as_ref());
             }
             // New pending approvals are counted and added one replica at a time.
             tx.execute(
@@ -433,52 +402,38 @@ impl Store for PgStore {
                 &[&(migrations::LOCK_KEY + 1)],
             )
             .await?;
-            let pending: i64 = tx
-                .query_one(
-                    "SELECT count(*) FROM approvals WHERE state = 'pending'",
-                    &[],
-                )
-                .await?
-                .get(0);
-            if pending >= max_pending {
+            let pending: i64 = tx.query_one(approvals::COUNT_PENDING, &[]).await?.get(0);
+            if !approvals::room_for_one_more(pending, max_pending) {
                 return Ok(None);
             }
-            let row = tx
-                .query_one(
-                    &format!(
-                        "INSERT INTO approvals
-                         (operation, node_uuid, ip, state, first_seen, last_seen, attempts)
-                         VALUES ($1, $2, $3, 'pending', $4, $4, 1)
-                         ON CONFLICT (operation, node_uuid, ip) DO UPDATE
-                         SET last_seen = excluded.last_seen, attempts = approvals.attempts + 1
-                         RETURNING {APPROVAL_COLUMNS}"
-                    ),
-                    &[&operation.as_str(), &node_uuid, &ip, &at],
-                )
-                .await?;
+            let row = tx.query_one(&approvals::add_pending(), &key).await?;
             tx.commit().await?;
-            Ok(approval_of(&row))
+            approval_of(Some(&row))
         })
-        .await
+        .await?
+        .map(ApprovalRow::decode)
+        .transpose()
     }
 
     async fn approvals(&self, state: Option<ApprovalState>) -> Result<Vec<Approval>, StoreError> {
         let state = state.map(ApprovalState::as_str);
-        self.with(|client| async move {
-            Ok(client
-                .query(
-                    &format!(
-                        "SELECT {APPROVAL_COLUMNS} FROM approvals
-                         WHERE $1::text IS NULL OR state = $1 ORDER BY id"
-                    ),
-                    &[&state],
-                )
-                .await?
-                .iter()
-                .filter_map(approval_of)
-                .collect())
-        })
-        .await
+        let rows = self
+            .with(|client| async move {
+                client
+                    .query(
+                        &format!(
+                            "SELECT {APPROVAL_COLUMNS} FROM approvals
+                             WHERE $1::text IS NULL OR state = $1 ORDER BY id"
+                        ),
+                        &[&state],
+                    )
+                    .await?
+                    .iter()
+                    .map(approval_row)
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        rows.into_iter().map(ApprovalRow::decode).collect()
     }
 
     async fn decide(
@@ -487,24 +442,16 @@ impl Store for PgStore {
         decision: Decision,
         at: UnixTime,
     ) -> Result<Option<Approval>, StoreError> {
-        let (state, until) = match decision {
-            Decision::Approve { until } => (ApprovalState::Approved, Some(until)),
-            Decision::Deny => (ApprovalState::Denied, None),
-        };
+        let (state, until) = approvals::decided(decision);
         self.with(|client| async move {
-            Ok(client
-                .query_opt(
-                    &format!(
-                        "UPDATE approvals SET state = $2, approved_until = $3, decided_at = $4
-                         WHERE id = $1 RETURNING {APPROVAL_COLUMNS}"
-                    ),
-                    &[&id, &state.as_str(), &until, &at],
-                )
-                .await?
-                .as_ref()
-                .and_then(approval_of))
+            let row = client
+                .query_opt(&approvals::decide(), &[&id, &state, &until, &at])
+                .await?;
+            approval_of(row.as_ref())
         })
-        .await
+        .await?
+        .map(ApprovalRow::decode)
+        .transpose()
     }
 
     async fn copy_records(&self, records: &[StoredRecord]) -> Result<u64, StoreError> {

@@ -20,13 +20,13 @@ mod writer;
 
 pub use connection::{ExclusiveUse, Inspection};
 
-use super::{Approval, ApprovalId, RecordId, StoreError, UnixTime};
+use super::sql::ApprovalRow;
+use super::{Approval, RecordId, StoreError, UnixTime};
 use crate::locking::lock;
 use connection::{BUSY_TIMEOUT, configure, create_private_file, describe};
 use migrations::migrate;
 use opened_file::OpenedFile;
-use queries::{APPROVAL_COLUMNS, approval_of};
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -181,14 +181,15 @@ impl Drop for SqliteStore {
 }
 
 impl SqliteStore {
-    fn approval_by_id(&self, id: ApprovalId) -> Result<Option<Approval>, StoreError> {
-        self.read(|conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?1"
-            ))?
-            .query_row([id], approval_of)
-            .optional()
-        })
+    /// Runs a step of the approval state machine in the writer.
+    async fn write_approval(
+        &self,
+        step: impl FnOnce(&Connection) -> rusqlite::Result<Option<ApprovalRow>> + Send + 'static,
+    ) -> Result<Option<Approval>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Approval(Box::new(step), reply))?;
+        let written = answer.await.map_err(|_| StoreError::WriterStopped)??;
+        written.map(ApprovalRow::decode).transpose()
     }
 
     async fn write(

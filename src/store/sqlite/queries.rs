@@ -4,10 +4,14 @@ use super::SqliteStore;
 use super::writer::Job;
 use crate::locking::lock;
 use crate::sealing::SealNonce;
+use crate::store::sql::{
+    self, APPROVAL_COLUMNS, ApprovalRow, Dialect, INFO_COLUMNS, Value, WINDOW_COLUMNS, approvals,
+    conditions,
+};
 use crate::store::{
     Approval, ApprovalId, ApprovalState, Decision, ImportBatch, ImportReport, Inserted, NewRecord,
-    NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, RecordState, Store,
-    StoreError, StoredRecord, UnixTime, Window,
+    NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, Store, StoreError,
+    StoredRecord, UnixTime, Window,
 };
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
@@ -96,12 +100,15 @@ impl Store for SqliteStore {
         after: RecordId,
         limit: usize,
     ) -> Result<Vec<RecordInfo>, StoreError> {
-        let (conditions, values) = conditions(filter, after);
+        let (conditions, values) = conditions(filter, after, Dialect::Sqlite);
         self.read(|conn| {
             let mut statement = conn.prepare(&format!(
                 "SELECT {INFO_COLUMNS} FROM records WHERE {conditions} ORDER BY id LIMIT {limit}"
             ))?;
-            let rows = statement.query_map(rusqlite::params_from_iter(values), info_of)?;
+            let rows = statement.query_map(
+                rusqlite::params_from_iter(values.iter().map(bound)),
+                info_of,
+            )?;
             rows.collect()
         })
     }
@@ -112,21 +119,24 @@ impl Store for SqliteStore {
         after: RecordId,
         limit: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        let (conditions, values) = conditions(filter, after);
+        let (conditions, values) = conditions(filter, after, Dialect::Sqlite);
         self.read(|conn| {
             let mut statement = conn.prepare(&format!(
                 "SELECT {INFO_COLUMNS}, nonce, ciphertext FROM records WHERE {conditions} \
                  ORDER BY id LIMIT {limit}"
             ))?;
-            let rows = statement.query_map(rusqlite::params_from_iter(values), |row| {
-                let nonce: Vec<u8> = row.get(6)?;
-                Ok(StoredRecord {
-                    info: info_of(row)?,
-                    // The schema's CHECK holds every nonce at 12 bytes.
-                    nonce: SealNonce::try_from(nonce.as_slice()).unwrap_or_default(),
-                    ciphertext: row.get(7)?,
-                })
-            })?;
+            let rows = statement.query_map(
+                rusqlite::params_from_iter(values.iter().map(bound)),
+                |row| {
+                    let nonce: Vec<u8> = row.get(6)?;
+                    Ok(StoredRecord {
+                        info: info_of(row)?,
+                        // The schema's CHECK holds every nonce at 12 bytes.
+                        nonce: SealNonce::try_from(nonce.as_slice()).unwrap_or_default(),
+                        ciphertext: row.get(7)?,
+                    })
+                },
+            )?;
             rows.collect()
         })
     }
@@ -188,27 +198,18 @@ impl Store for SqliteStore {
     }
 
     async fn windows(&self) -> Result<Vec<Window>, StoreError> {
-        self.read(|conn| {
-            let mut statement = conn.prepare_cached(
-                "SELECT operation, opened_at, closes_at FROM windows ORDER BY operation",
-            )?;
+        let rows = self.read(|conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {WINDOW_COLUMNS} FROM windows ORDER BY operation"
+            ))?;
             let rows = statement.query_map([], |row| {
-                let operation: String = row.get(0)?;
-                Ok((operation, row.get(1)?, row.get(2)?))
+                Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?))
             })?;
-            let mut windows = Vec::new();
-            for row in rows {
-                let (operation, opened_at, closes_at) = row?;
-                if let Some(operation) = Operation::parse(&operation) {
-                    windows.push(Window {
-                        operation,
-                        opened_at,
-                        closes_at,
-                    });
-                }
-            }
-            Ok(windows)
-        })
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        rows.into_iter()
+            .map(|(operation, opened_at, closes_at)| sql::window(&operation, opened_at, closes_at))
+            .collect()
     }
 
     async fn open_window(&self, window: Window) -> Result<(), StoreError> {
@@ -250,9 +251,11 @@ impl Store for SqliteStore {
                 "SELECT {APPROVAL_COLUMNS} FROM approvals
                  WHERE operation = ?1 AND node_uuid = ?2 AND ip = ?3"
             ))?
-            .query_row(params![operation.as_str(), node_uuid, ip], approval_of)
+            .query_row(params![operation.as_str(), node_uuid, ip], approval_row)
             .optional()
-        })
+        })?
+        .map(ApprovalRow::decode)
+        .transpose()
     }
 
     async fn note_pending(
@@ -264,54 +267,38 @@ impl Store for SqliteStore {
         max_pending: u64,
     ) -> Result<Option<Approval>, StoreError> {
         let (node_uuid, ip) = (node_uuid.to_string(), ip.to_string());
-        let id = self
-            .write(move |conn| {
-                let known: Option<i64> = conn
-                    .prepare_cached(
-                        "UPDATE approvals SET last_seen = ?4, attempts = attempts + 1,
-                             state = CASE WHEN state = 'approved' AND approved_until <= ?4
-                                          THEN 'pending' ELSE state END
-                         WHERE operation = ?1 AND node_uuid = ?2 AND ip = ?3 RETURNING id",
-                    )?
-                    .query_row(params![operation.as_str(), node_uuid, ip, at], |row| {
-                        row.get(0)
-                    })
-                    .optional()?;
-                if let Some(id) = known {
-                    return Ok(id as u64);
-                }
-                let pending: u64 = conn
-                    .prepare_cached("SELECT count(*) FROM approvals WHERE state = 'pending'")?
-                    .query_row([], |row| row.get(0))?;
-                if pending >= max_pending {
-                    return Ok(0);
-                }
-                conn.prepare_cached(
-                    "INSERT INTO approvals
-                     (operation, node_uuid, ip, state, first_seen, last_seen, attempts)
-                     VALUES (?1, ?2, ?3, 'pending', ?4, ?4, 1) RETURNING id",
-                )?
-                .query_row(params![operation.as_str(), node_uuid, ip, at], |row| {
-                    row.get::<_, i64>(0)
-                })
-                .map(|id| id as u64)
-            })
-            .await?;
-        match id {
-            0 => Ok(None),
-            id => self.approval_by_id(id as ApprovalId),
-        }
+        self.write_approval(move |conn| {
+            let key = params![operation.as_str(), node_uuid, ip, at];
+            let touched = conn
+                .prepare_cached(&Dialect::Sqlite.sql(&approvals::touch()))?
+                .query_row(key, approval_row)
+                .optional()?;
+            if touched.is_some() {
+                return Ok(touched);
+            }
+            let pending: i64 = conn
+                .prepare_cached(approvals::COUNT_PENDING)?
+                .query_row([], |row| row.get(0))?;
+            if !approvals::room_for_one_more(pending, max_pending) {
+                return Ok(None);
+            }
+            conn.prepare_cached(&Dialect::Sqlite.sql(&approvals::add_pending()))?
+                .query_row(key, approval_row)
+                .map(Some)
+        })
+        .await
     }
 
     async fn approvals(&self, state: Option<ApprovalState>) -> Result<Vec<Approval>, StoreError> {
-        self.read(|conn| {
+        let rows = self.read(|conn| {
             let mut statement = conn.prepare_cached(&format!(
                 "SELECT {APPROVAL_COLUMNS} FROM approvals
                  WHERE ?1 IS NULL OR state = ?1 ORDER BY id"
             ))?;
-            let rows = statement.query_map([state.map(ApprovalState::as_str)], approval_of)?;
-            rows.collect()
-        })
+            let rows = statement.query_map([state.map(ApprovalState::as_str)], approval_row)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        rows.into_iter().map(ApprovalRow::decode).collect()
     }
 
     async fn decide(
@@ -320,29 +307,18 @@ impl Store for SqliteStore {
         decision: Decision,
         at: UnixTime,
     ) -> Result<Option<Approval>, StoreError> {
-        let (state, until) = match decision {
-            Decision::Approve { until } => (ApprovalState::Approved, Some(until)),
-            Decision::Deny => (ApprovalState::Denied, None),
-        };
-        let changed = self
-            .write(move |conn| {
-                conn.prepare_cached(
-                    "UPDATE approvals SET state = ?2, approved_until = ?3, decided_at = ?4
-                     WHERE id = ?1",
-                )?
-                .execute(params![id, state.as_str(), until, at])
-                .map(|changed| changed as u64)
-            })
-            .await?;
-        if changed == 0 {
-            return Ok(None);
-        }
-        self.approval_by_id(id)
+        let (state, until) = approvals::decided(decision);
+        self.write_approval(move |conn| {
+            conn.prepare_cached(&Dialect::Sqlite.sql(&approvals::decide()))?
+                .query_row(params![id, state, until, at], approval_row)
+                .optional()
+        })
+        .await
     }
 
     async fn delete(&self, ids: &[RecordId], filter: &RecordFilter) -> Result<u64, StoreError> {
         let ids = ids.to_vec();
-        let (conditions, values) = conditions(filter, 0);
+        let (conditions, values) = conditions(filter, 0, Dialect::Sqlite);
         self.write(move |conn| {
             let mut statement = conn.prepare(&format!(
                 "DELETE FROM records WHERE id = ?{} AND {conditions}",
@@ -350,9 +326,10 @@ impl Store for SqliteStore {
             ))?;
             let mut deleted = 0;
             for id in ids {
-                let mut bound = values.clone();
-                bound.push(id.into());
-                deleted += statement.execute(rusqlite::params_from_iter(bound))? as u64;
+                let mut bound_values: Vec<rusqlite::types::Value> =
+                    values.iter().map(bound).collect();
+                bound_values.push(id.into());
+                deleted += statement.execute(rusqlite::params_from_iter(bound_values))? as u64;
             }
             Ok(deleted)
         })
@@ -427,26 +404,13 @@ impl Store for SqliteStore {
     }
 }
 
-pub(super) const APPROVAL_COLUMNS: &str = "id, operation, node_uuid, ip, state, first_seen, last_seen, \
-                                attempts, approved_until, decided_at";
-
-pub(super) fn approval_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Approval> {
-    let text = |index: usize| -> rusqlite::Result<String> { row.get(index) };
-    let invalid = |index: usize, value: String| {
-        rusqlite::Error::FromSqlConversionFailure(
-            index,
-            rusqlite::types::Type::Text,
-            format!("unknown value {value:?}").into(),
-        )
-    };
-    let operation = text(1)?;
-    let state = text(4)?;
-    Ok(Approval {
+fn approval_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ApprovalRow> {
+    Ok(ApprovalRow {
         id: row.get(0)?,
-        operation: Operation::parse(&operation).ok_or_else(|| invalid(1, operation.clone()))?,
+        operation: row.get(1)?,
         node_uuid: row.get(2)?,
         ip: row.get(3)?,
-        state: ApprovalState::parse(&state).ok_or_else(|| invalid(4, state.clone()))?,
+        state: row.get(4)?,
         first_seen: row.get(5)?,
         last_seen: row.get(6)?,
         attempts: row.get(7)?,
@@ -454,8 +418,6 @@ pub(super) fn approval_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Approval>
         decided_at: row.get(9)?,
     })
 }
-
-const INFO_COLUMNS: &str = "id, node_uuid, ip, created_at, last_access, revoked_at";
 
 fn info_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordInfo> {
     Ok(RecordInfo {
@@ -468,36 +430,9 @@ fn info_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordInfo> {
     })
 }
 
-/// The filter as an SQL condition over `records`, with its values in order.
-fn conditions(filter: &RecordFilter, after: RecordId) -> (String, Vec<rusqlite::types::Value>) {
-    use rusqlite::types::Value;
-    let mut sql = vec!["id > ?1".to_string()];
-    let mut values = vec![Value::from(after)];
-    let mut bind = |condition: &str, value: Value| {
-        values.push(value);
-        sql.push(condition.replace('?', &format!("?{}", values.len())));
-    };
-    if let Some(node) = &filter.node_uuid {
-        bind("node_uuid = ?", node.clone().into());
+fn bound(value: &Value) -> rusqlite::types::Value {
+    match value {
+        Value::Integer(number) => (*number).into(),
+        Value::Text(text) => text.clone().into(),
     }
-    if let Some(ip) = &filter.ip {
-        bind("ip = ?", ip.clone().into());
-    }
-    if let Some(before) = filter.not_used_since {
-        bind("coalesce(last_access, created_at) < ?", before.into());
-    }
-    if let Some(before) = filter.created_before {
-        bind("created_at < ?", before.into());
-    }
-    match filter.state {
-        Some(RecordState::Active) => sql.push("revoked_at IS NULL".into()),
-        Some(RecordState::Revoked) => sql.push("revoked_at IS NOT NULL".into()),
-        None => {}
-    }
-    if let Some(ids) = &filter.ids {
-        // Ids are integers: written out, they need no binding and no limit on variables.
-        let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
-        sql.push(format!("id IN ({})", list.join(",")));
-    }
-    (sql.join(" AND "), values)
 }

@@ -5,6 +5,7 @@
 use super::connection::describe;
 use super::opened_file::OpenedFile;
 use crate::locking::lock;
+use crate::store::sql::ApprovalRow;
 use crate::store::{
     ImportBatch, ImportReport, Inserted, NewRecord, RecordId, StoreError, UnixTime,
 };
@@ -27,9 +28,15 @@ pub(super) enum Job {
     Flush(oneshot::Sender<Result<(), StoreError>>),
     /// An admin change; answers how many records it changed.
     Write(WriteFn, oneshot::Sender<Result<u64, StoreError>>),
+    /// A step of the approval state machine; answers the approval as written.
+    Approval(
+        ApprovalFn,
+        oneshot::Sender<Result<Option<ApprovalRow>, StoreError>>,
+    ),
 }
 
 type WriteFn = Box<dyn FnOnce(&Connection) -> rusqlite::Result<u64> + Send>;
+type ApprovalFn = Box<dyn FnOnce(&Connection) -> rusqlite::Result<Option<ApprovalRow>> + Send>;
 
 pub(super) fn write_loop(
     mut conn: Connection,
@@ -109,6 +116,7 @@ fn commit_batch(
                 Job::Import(_, reply) => drop(reply.send(Err(file.lost_error()))),
                 Job::Flush(reply) => drop(reply.send(Err(file.lost_error()))),
                 Job::Write(_, reply) => drop(reply.send(Err(file.lost_error()))),
+                Job::Approval(_, reply) => drop(reply.send(Err(file.lost_error()))),
             }
         }
         return;
@@ -132,6 +140,7 @@ fn commit_batch(
                 }
                 Job::Flush(reply) => Done::Flush(reply),
                 Job::Write(change, reply) => Done::Write(all_or_nothing(&tx, change), reply),
+                Job::Approval(step, reply) => Done::Approval(all_or_nothing(&tx, step), reply),
             });
         }
         let mut touch = tx.prepare_cached(
@@ -175,6 +184,9 @@ fn commit_batch(
                 let _ = reply.send(settle(&failure, Ok(()), file));
             }
             Done::Write(result, reply) => {
+                let _ = reply.send(settle(&failure, result, file));
+            }
+            Done::Approval(result, reply) => {
                 let _ = reply.send(settle(&failure, result, file));
             }
         }
@@ -233,6 +245,10 @@ enum Done {
     Write(
         rusqlite::Result<u64>,
         oneshot::Sender<Result<u64, StoreError>>,
+    ),
+    Approval(
+        rusqlite::Result<Option<ApprovalRow>>,
+        oneshot::Sender<Result<Option<ApprovalRow>, StoreError>>,
     ),
 }
 
