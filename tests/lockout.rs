@@ -617,7 +617,10 @@ async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_watch_streams_are_bounded_server_wide() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, pki) = start_server(dir.path(), "maxConnectionsPerAddress: 1000\n");
+    let (server, pki) = start_server(
+        dir.path(),
+        "maxConnectionsPerAddress: 1000\nmetricsAddress: 127.0.0.1:0\n",
+    );
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     let max = talos_kms_server::listener::MAX_WATCHES;
@@ -640,6 +643,15 @@ async fn health_watch_streams_are_bounded_server_wide() {
         refused.headers().get("grpc-status").unwrap(),
         "8",
         "RESOURCE_EXHAUSTED beyond {max} Watches"
+    );
+    let metrics = scrape(&server.metrics_address(), None);
+    assert_eq!(
+        counter(
+            &metrics,
+            r#"talos_kms_calls_total{action="health_watch",outcome="refused",reason="watch_limit"}"#
+        ),
+        1,
+        "{metrics}"
     );
     // A Watch that ends gives its place back.
     drop(watches.pop());

@@ -636,13 +636,16 @@ impl Service<http::Request<Incoming>> for WithPeer {
                     watch = Some(permit);
                     AnswerKind::Health(self.health.call(request))
                 }
-                Err(_) => AnswerKind::Refused(Some(
-                    tonic::Status::resource_exhausted(format!(
-                        "{MAX_WATCHES} health Watch streams are open already; use Check, or \
+                Err(_) => {
+                    self.cuts.metrics.watch_refused();
+                    AnswerKind::Refused(Some(
+                        tonic::Status::resource_exhausted(format!(
+                            "{MAX_WATCHES} health Watch streams are open already; use Check, or \
                          close a Watch"
+                        ))
+                        .into_http(),
                     ))
-                    .into_http(),
-                )),
+                }
             }
         } else if request.uri().path().starts_with(HEALTH_PATH) {
             AnswerKind::Health(self.health.call(request))
@@ -743,7 +746,8 @@ impl Deadline {
     }
 }
 
-/// Where a connection's calls cut by `callTimeout` are counted and audited.
+/// Where a connection's calls cut by `callTimeout` (and its Watches over the limit) are
+/// counted and audited.
 struct Cuts {
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,

@@ -131,14 +131,15 @@ pub(super) fn describe(options: &PgOptions, error: &tokio_postgres::Error) -> St
     options.error(text)
 }
 
-/// The error of a batch, for each of its callers.
-pub(super) fn clone_error(error: &StoreError) -> StoreError {
+/// The error of a batch, for each of its callers; `batch` names what failed ("the seal
+/// batch", "the unseal lookup").
+pub(super) fn clone_error(options: &PgOptions, error: &StoreError, batch: &str) -> StoreError {
     match error {
         StoreError::Postgres { database, problem } => StoreError::Postgres {
             database: database.clone(),
             problem: problem.clone(),
         },
-        other => StoreError::Write(other.to_string()),
+        other => options.error(format!("{batch} failed: {other}")),
     }
 }
 
@@ -195,5 +196,20 @@ impl super::PgStore {
             })
         };
         deadline(options, CALL_DEADLINE, read).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_batch_error_says_which_batch_failed() {
+        let options = PgOptions::parse("postgres://kms@127.0.0.1/kms", Path::new("/")).unwrap();
+        let lookup = clone_error(&options, &StoreError::WriterStopped, "the unseal lookup");
+        let text = lookup.to_string();
+        assert!(text.contains("the unseal lookup failed"), "{text}");
+        assert!(!text.contains("write failed"), "{text}");
     }
 }

@@ -106,11 +106,11 @@ impl Store for PgStore {
             let tx = client.transaction().await?;
             let imported = tx
                 .execute(
+                    // Only the unique index decides, as for seals (`writer.rs`): a NOT EXISTS
+                    // may be planned once as a scan of the whole table, and kept.
                     "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
                      SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[],
                                           $5::bigint[], $6::bigint[])
-                                   AS new (nonce, node_uuid, ip, ciphertext, created_at, last_access)
-                     WHERE NOT EXISTS (SELECT 1 FROM records WHERE records.nonce = new.nonce)
                      ON CONFLICT (nonce) DO NOTHING",
                     &columns.params(),
                 )

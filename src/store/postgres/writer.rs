@@ -96,7 +96,7 @@ async fn write(options: &PgOptions, pool: &Pool, batch: Vec<(NewRecord, Reply)>,
         }
         Err(error) => {
             for (_, reply) in rows {
-                let _ = reply.send(Err(clone_error(&error)));
+                let _ = reply.send(Err(clone_error(options, &error, "the seal batch")));
             }
         }
     }
