@@ -7,6 +7,8 @@
 //! [`client`] behaves exactly like a Talos node and is shared by the tests, `bench` and the
 //! operator's `client` command. [`talos`] writes and lints the nodes' machine configs.
 
+#![deny(unsafe_code)]
+
 pub mod audit;
 pub mod bench;
 pub mod check;

@@ -850,6 +850,7 @@ fn reset_stream(socket: &TcpStream) {
 }
 
 /// The listening socket as [`Listener`] accepts from it.
+#[allow(unsafe_code)]
 pub fn accepting(tcp: tokio::net::TcpListener) -> std::io::Result<AsyncFd<std::net::TcpListener>> {
     let tcp = tcp.into_std()?;
     // SAFETY: the std listener owns its descriptor, and the AsyncFd owns the listener: the
