@@ -2,7 +2,8 @@
 //! connection within a deadline, and put a PostgreSQL error in words an operator can act on.
 
 use super::migrations;
-use super::options::{PgOptions, SslMode};
+use super::options::PgOptions;
+use super::tls::SslMode;
 use crate::store::StoreError;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::future::Future;

@@ -19,10 +19,12 @@ mod lookups;
 mod migrations;
 mod options;
 mod queries;
+mod tls;
 mod writer;
 
 pub use connection::PgInspection;
-pub use options::{PgOptions, SslMode, is_postgres_url, redact};
+pub use options::{PgOptions, is_postgres_url, redact};
+pub use tls::SslMode;
 
 use super::{Inserted, NewRecord, Record, RecordId, StoreError, UnixTime};
 use crate::sealing::SealNonce;
