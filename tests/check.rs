@@ -67,9 +67,12 @@ fn line_with<'a>(stdout: &'a str, words: &[&str]) -> Option<&'a str> {
 
 #[test]
 fn a_sound_setup_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let Setup {
+        dir: _dir,
+        pki: _,
+        config,
+        ..
+    } = Setup::new("");
     let checked = check(&config, &[]);
     assert_eq!(checked.code, Some(0), "{}", checked.stdout);
     assert_eq!(checked.stdout.lines().last(), Some("ok"));
@@ -164,9 +167,12 @@ fn names_that_nodes_do_not_use_are_named() {
 
 #[test]
 fn a_private_chain_is_noted_as_unable_to_unlock_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let Setup {
+        dir: _dir,
+        pki: _,
+        config,
+        ..
+    } = Setup::new("");
     let checked = check(&config, &[]);
     assert_eq!(
         checked.code,
@@ -183,9 +189,12 @@ fn a_private_chain_is_noted_as_unable_to_unlock_state() {
 
 #[test]
 fn a_database_on_proc_is_a_problem() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let Setup {
+        dir,
+        pki: _,
+        config,
+        ..
+    } = Setup::new("");
     let database = dir.path().join("kms.db").display().to_string();
     edit_config(&config, &database, "/proc/kms/kms.db");
     let checked = check(&config, &[]);
@@ -240,9 +249,9 @@ fn a_metrics_port_in_use_warns_and_serve_names_metrics_address() {
 /// `check` walks the path: a database under a regular file can never be created.
 #[test]
 fn a_database_under_a_file_is_a_problem_for_check_and_serve() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let Setup {
+        dir, pki, config, ..
+    } = Setup::new("");
     let database = dir.path().join("kms.db").display().to_string();
     let under_a_file = format!("{}/kms.db", pki.ca.display());
     edit_config(&config, &database, &under_a_file);
@@ -270,9 +279,12 @@ fn a_database_under_a_file_is_a_problem_for_check_and_serve() {
 
 #[test]
 fn a_key_or_config_readable_by_everyone_warns() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let Setup {
+        dir: _dir,
+        pki,
+        config,
+        ..
+    } = Setup::new("");
     for file in [&pki.key, &config] {
         std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
         let checked = check(&config, &[]);
@@ -299,9 +311,12 @@ fn a_missing_config_is_reported_and_nothing_is_written() {
 
 #[tokio::test]
 async fn check_changes_nothing_in_an_existing_database_and_speaks_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let Setup {
+        dir,
+        pki: _,
+        config,
+        ..
+    } = Setup::new("");
     let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
     server
         .client("127.0.0.1", None)

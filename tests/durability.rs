@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_burst_of_concurrent_seals_loses_no_acknowledged_seal() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let Setup {
+        dir, pki, config, ..
+    } = Setup::new("");
     let mut server = ServerProcess::start(&config).unwrap();
     let client = Arc::new(client_for("127.0.0.1", server.addr.port(), &pki.ca, None));
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
@@ -79,11 +79,9 @@ async fn kill_9_during_a_burst_of_concurrent_seals_loses_no_acknowledged_seal() 
 
 #[tokio::test]
 async fn sigterm_stops_cleanly_with_exit_0_and_private_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let server = ServerProcess::start(&config).unwrap();
-    let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
+    let running = Running::start("");
+    let dir = &running.dir;
+    let client = running.client();
     let sealed = client.seal(NODE, &random_passphrase()).await.unwrap();
     client.unseal(NODE, &sealed).await.unwrap();
 
@@ -94,6 +92,7 @@ async fn sigterm_stops_cleanly_with_exit_0_and_private_files() {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{name} must be private");
     }
+    let server = running.server;
     let status = tokio::task::spawn_blocking(move || server.terminate())
         .await
         .unwrap();
@@ -135,9 +134,12 @@ fn a_foreign_sqlite_file_is_refused_not_migrated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_log_even_at_trace_level() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let Setup {
+        dir: _dir,
+        pki,
+        config,
+        ..
+    } = Setup::new("");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,

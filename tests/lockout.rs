@@ -27,11 +27,9 @@ fn ip(text: &str) -> IpAddr {
 }
 
 /// The server binary with `extra` config; connections are served from loopback.
-fn start_server(dir: &Path, extra: &str) -> (ServerProcess, Pki) {
+fn start_server(extra: &str) -> Running {
     raise_own_file_limit();
-    let pki = write_pki(dir);
-    let config = write_config(dir, &pki, "127.0.0.1", extra);
-    (ServerProcess::start(&config).unwrap(), pki)
+    Running::start(extra)
 }
 
 /// The attacks open hundreds of sockets; a soft limit of 1,024 would make them fail here.
@@ -151,11 +149,12 @@ fn counter(metrics: &str, sample: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_silent_after_their_handshake_are_closed_and_do_not_lock_out_a_node() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki) = start_server(
-        dir.path(),
-        "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\n",
-    );
+    let Running {
+        dir: _dir,
+        server,
+        pki,
+        ..
+    } = start_server("maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\n");
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     // More completed TLS + HTTP/2 connections than there are slots, that never send a request.
@@ -191,10 +190,13 @@ async fn connections_silent_after_their_handshake_are_closed_and_do_not_lock_out
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_closed_and_do_not_lock_out_a_node() {
-    let dir = tempfile::tempdir().unwrap();
     // Without the idle timeout, a trickling handshake would hold its slot for 60 s.
-    let (server, pki) = start_server(
-        dir.path(),
+    let Running {
+        dir: _dir,
+        server,
+        pki,
+        ..
+    } = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\n\
          handshakeTimeout: 60s\n",
     );
@@ -235,10 +237,13 @@ async fn slowloris_connections_are_closed_and_do_not_lock_out_a_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_silent_sockets_than_slots_do_not_lock_out_a_node() {
-    let dir = tempfile::tempdir().unwrap();
     // Without eviction, 1,000 sockets would be let in 64 every idle timeout: 30 s.
-    let (server, pki) = start_server(
-        dir.path(),
+    let Running {
+        dir: _dir,
+        server,
+        pki,
+        ..
+    } = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 100000\nidleTimeout: 2s\n\
          metricsAddress: 127.0.0.1:0\n",
     );
@@ -314,9 +319,12 @@ async fn watch_from(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_with_calls_in_flight_holds_only_its_share() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki) = start_server(
-        dir.path(),
+    let Running {
+        dir: _dir,
+        server,
+        pki,
+        ..
+    } = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 16\nidleTimeout: 1s\n\
          metricsAddress: 127.0.0.1:0\n",
     );
@@ -354,17 +362,18 @@ async fn one_address_with_calls_in_flight_holds_only_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
     // Dual stack: IPv4 peers arrive as ::ffff:a.b.c.d and are matched as IPv4.
-    let config = write_config(
-        dir.path(),
-        &pki,
-        "::",
+    let Running {
+        dir,
+        mut server,
+        pki,
+        ..
+    } = Setup::on("::", |_| {
         "sealAllowedNetworks: [127.0.0.1/32]\nunsealAllowedNetworks: [127.0.0.1/32]\n\
-         metricsAddress: 127.0.0.1:0\n",
-    );
-    let mut server = ServerProcess::start(&config).unwrap();
+         metricsAddress: 127.0.0.1:0\n"
+            .into()
+    })
+    .start();
     let port = server.addr.port();
     let hello = client_hello(&client_tls(&pki.ca));
     for _ in 0..5 {
@@ -451,16 +460,14 @@ async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte
 async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() {
     use std::os::unix::process::CommandExt;
     raise_own_file_limit();
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
     // One address may take every slot here: what is tested is the file limit alone.
-    let config = write_config(
-        dir.path(),
-        &pki,
-        "127.0.0.1",
-        "idleTimeout: 5s\nmaxConnectionsPerAddress: 100000\n",
-    );
-    let server = ServerProcess::start_with(&config, |command| {
+    let setup = Setup::new("idleTimeout: 5s\nmaxConnectionsPerAddress: 100000\n");
+    let Running {
+        dir: _dir,
+        server,
+        pki,
+        ..
+    } = setup.start_with(|command| {
         // SAFETY: setrlimit is async-signal-safe, and the closure allocates nothing.
         unsafe {
             command.pre_exec(|| {
@@ -472,8 +479,7 @@ async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() 
                     .map_err(std::io::Error::from)
             });
         }
-    })
-    .unwrap();
+    });
     let warning = server
         .startup_log
         .iter()
@@ -496,8 +502,9 @@ async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_is_never_cut_by_the_idle_timeout() {
     use http_body_util::BodyExt;
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki) = start_server(dir.path(), "idleTimeout: 1s\n");
+    let Running {
+        dir, server, pki, ..
+    } = start_server("idleTimeout: 1s\n");
     let config = client_tls(&pki.ca);
     let watch = watch_from("127.0.0.1", server.addr.port(), &config)
         .await
@@ -565,10 +572,10 @@ async fn unfinished_call_from(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
-    let dir = tempfile::tempdir().unwrap();
     // Without the call timeout, every slot would stay busy for as long as the attacker likes.
-    let (server, pki) = start_server(
-        dir.path(),
+    let Running {
+        dir, server, pki, ..
+    } = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\ncallTimeout: 2s\n\
          metricsAddress: 127.0.0.1:0\n",
     );
@@ -616,11 +623,12 @@ async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_watch_streams_are_bounded_server_wide() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki) = start_server(
-        dir.path(),
-        "maxConnectionsPerAddress: 1000\nmetricsAddress: 127.0.0.1:0\n",
-    );
+    let Running {
+        dir: _dir,
+        server,
+        pki,
+        ..
+    } = start_server("maxConnectionsPerAddress: 1000\nmetricsAddress: 127.0.0.1:0\n");
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     let max = talos_kms_server::listener::MAX_WATCHES;

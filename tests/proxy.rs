@@ -151,23 +151,18 @@ async fn through_haproxy_the_binding_follows_the_real_client_across_replicas() {
     drop(haproxy);
 }
 
-/// A server on loopback trusting 127.0.0.9, idle timeout 1 s; `extra` config.
-fn proxied_server(dir: &Path, extra: &str) -> (ServerProcess, Pki, PathBuf) {
-    let pki = write_pki(dir);
-    let config = write_config(
-        dir,
-        &pki,
-        "127.0.0.1",
-        &format!(
+/// A server on loopback trusting 127.0.0.9, idle timeout 1 s; `extra` config. With the
+/// path of its audit trail.
+fn proxied_server(extra: &str) -> (Running, PathBuf) {
+    let running = Setup::with(|dir| {
+        format!(
             "auditLog: {}\ntrustedProxies: [\"{PROXY}\"]\nidleTimeout: 1s\n{extra}",
             dir.join("audit.jsonl").display()
-        ),
-    );
-    (
-        ServerProcess::start(&config).unwrap(),
-        pki,
-        dir.join("audit.jsonl"),
-    )
+        )
+    })
+    .start();
+    let audit_file = running.dir.path().join("audit.jsonl");
+    (running, audit_file)
 }
 
 async fn connect_from(source: &str, port: u16) -> TcpStream {
@@ -208,23 +203,14 @@ async fn health_after(port: u16, ca: &Path, source: &str, prefix: &[u8], piece: 
         )
         .await
         .expect("TLS after the PROXY header");
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
+    let response = grpc_over(
+        tls,
+        port,
+        "/grpc.health.v1.Health/Check",
+        "application/grpc",
+        &[],
     )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::post(format!(
-        "https://127.0.0.1:{port}/grpc.health.v1.Health/Check"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
-        0, 0, 0, 0, 0,
-    ])))
-    .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    .await;
     let body = response.into_body().collect().await.unwrap().to_bytes();
     health_status(&body)
 }
@@ -238,8 +224,8 @@ fn v2_carrying(client: &str, port: u16) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_read_only_from_trusted_proxies_and_only_when_whole_and_valid() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki, audit_file) = proxied_server(dir.path(), "");
+    let (running, audit_file) = proxied_server("");
+    let (server, pki) = (&running.server, &running.pki);
     let port = server.addr.port();
 
     // From an untrusted address, a header closes the connection, and the log says why.
@@ -333,11 +319,10 @@ async fn headers_are_read_only_from_trusted_proxies_and_only_when_whole_and_vali
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_allow_lists_apply_to_the_address_the_header_carries() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki, audit_file) = proxied_server(
-        dir.path(),
+    let (running, audit_file) = proxied_server(
         "sealAllowedNetworks: [\"127.0.0.1/32\"]\nunsealAllowedNetworks: [\"127.0.0.1/32\"]\n",
     );
+    let (server, pki) = (&running.server, &running.pki);
     let port = server.addr.port();
 
     // The proxy's own address is outside the allow-lists, yet it is admitted to read its
