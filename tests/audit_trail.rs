@@ -92,12 +92,9 @@ async fn answered_calls_stay_audited(fault: Fault, extra: &str, prefill: usize) 
         format!("auditLog: {}\n{extra}", trail.display())
     });
     let trail = setup.dir.path().join("audit.jsonl");
-    let Running {
-        dir: _dir,
-        server,
-        pki,
-        ..
-    } = setup.start();
+    let running = setup.start();
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let client = client_for("127.0.0.1", port, &pki.ca, None);
     client.seal("before", &random_passphrase()).await.unwrap();

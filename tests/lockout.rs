@@ -32,19 +32,6 @@ fn start_server(extra: &str) -> Running {
     Running::start(extra)
 }
 
-/// The attacks open hundreds of sockets; a soft limit of 1,024 would make them fail here.
-fn raise_own_file_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        },
-    );
-}
-
 /// The normal node: a seal, then its unseal, each on a fresh connection with Talos's 10 s
 /// deadline (the client's default).
 async fn node_seals_and_unseals(port: u16, ca: &Path) {
@@ -149,12 +136,10 @@ fn counter(metrics: &str, sample: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_silent_after_their_handshake_are_closed_and_do_not_lock_out_a_node() {
-    let Running {
-        dir: _dir,
-        server,
-        pki,
-        ..
-    } = start_server("maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\n");
+    let running =
+        start_server("maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\n");
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     // More completed TLS + HTTP/2 connections than there are slots, that never send a request.
@@ -191,15 +176,12 @@ async fn connections_silent_after_their_handshake_are_closed_and_do_not_lock_out
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_closed_and_do_not_lock_out_a_node() {
     // Without the idle timeout, a trickling handshake would hold its slot for 60 s.
-    let Running {
-        dir: _dir,
-        server,
-        pki,
-        ..
-    } = start_server(
+    let running = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\n\
          handshakeTimeout: 60s\n",
     );
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     let hello = Arc::new(client_hello(&config));
@@ -238,15 +220,12 @@ async fn slowloris_connections_are_closed_and_do_not_lock_out_a_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_silent_sockets_than_slots_do_not_lock_out_a_node() {
     // Without eviction, 1,000 sockets would be let in 64 every idle timeout: 30 s.
-    let Running {
-        dir: _dir,
-        server,
-        pki,
-        ..
-    } = start_server(
+    let running = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 100000\nidleTimeout: 2s\n\
          metricsAddress: 127.0.0.1:0\n",
     );
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     // Plain TCP connections that never send a byte; the kernel completes them all at once.
     let mut sockets = Vec::new();
@@ -256,7 +235,7 @@ async fn more_silent_sockets_than_slots_do_not_lock_out_a_node() {
 
     node_seals_and_unseals(port, &pki.ca).await;
 
-    let metrics = scrape(&server.metrics_address(), None);
+    let metrics = scrape(&running.server.metrics_address(), None);
     assert!(
         counter(
             &metrics,
@@ -319,15 +298,12 @@ async fn watch_from(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_with_calls_in_flight_holds_only_its_share() {
-    let Running {
-        dir: _dir,
-        server,
-        pki,
-        ..
-    } = start_server(
+    let running = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 16\nidleTimeout: 1s\n\
          metricsAddress: 127.0.0.1:0\n",
     );
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     // As many long calls as there are slots: none idle, none evictable.
@@ -348,7 +324,7 @@ async fn one_address_with_calls_in_flight_holds_only_its_share() {
 
     node_seals_and_unseals(port, &pki.ca).await;
 
-    let metrics = scrape(&server.metrics_address(), None);
+    let metrics = scrape(&running.server.metrics_address(), None);
     let turned_away = counter(
         &metrics,
         r#"talos_kms_connections_refused_total{reason="per_address"}"#,
@@ -363,18 +339,15 @@ async fn one_address_with_calls_in_flight_holds_only_its_share() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte() {
     // Dual stack: IPv4 peers arrive as ::ffff:a.b.c.d and are matched as IPv4.
-    let Running {
-        dir,
-        mut server,
-        pki,
-        ..
-    } = Setup::on("::", |_| {
+    let running = Setup::on("::", |_| {
         "sealAllowedNetworks: [127.0.0.1/32]\nunsealAllowedNetworks: [127.0.0.1/32]\n\
          metricsAddress: 127.0.0.1:0\n"
             .into()
     })
     .start();
-    let port = server.addr.port();
+    let dir = &running.dir;
+    let pki = &running.pki;
+    let port = running.port();
     let hello = client_hello(&client_tls(&pki.ca));
     for _ in 0..5 {
         // The reset may come before the connection is even reported made.
@@ -418,7 +391,7 @@ async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["calls_ok"], 20, "{report}");
 
-    let metrics = scrape(&server.metrics_address(), None);
+    let metrics = scrape(&running.server.metrics_address(), None);
     assert_eq!(
         counter(
             &metrics,
@@ -443,6 +416,7 @@ async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte
     assert_eq!(refused[0]["reason"], "network_not_allowed");
     assert_eq!(refused[0]["peer"], "127.0.0.2");
 
+    let mut server = running.server;
     let log = std::mem::replace(&mut server.log, std::sync::mpsc::channel().1);
     let status = tokio::task::spawn_blocking(move || server.terminate())
         .await
@@ -462,12 +436,7 @@ async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() 
     raise_own_file_limit();
     // One address may take every slot here: what is tested is the file limit alone.
     let setup = Setup::new("idleTimeout: 5s\nmaxConnectionsPerAddress: 100000\n");
-    let Running {
-        dir: _dir,
-        server,
-        pki,
-        ..
-    } = setup.start_with(|command| {
+    let running = setup.start_with(|command| {
         // SAFETY: setrlimit is async-signal-safe, and the closure allocates nothing.
         unsafe {
             command.pre_exec(|| {
@@ -480,6 +449,8 @@ async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() 
             });
         }
     });
+    let server = &running.server;
+    let pki = &running.pki;
     let warning = server
         .startup_log
         .iter()
@@ -502,9 +473,10 @@ async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_is_never_cut_by_the_idle_timeout() {
     use http_body_util::BodyExt;
-    let Running {
-        dir, server, pki, ..
-    } = start_server("idleTimeout: 1s\n");
+    let running = start_server("idleTimeout: 1s\n");
+    let dir = &running.dir;
+    let server = &running.server;
+    let pki = &running.pki;
     let config = client_tls(&pki.ca);
     let watch = watch_from("127.0.0.1", server.addr.port(), &config)
         .await
@@ -573,12 +545,13 @@ async fn unfinished_call_from(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
     // Without the call timeout, every slot would stay busy for as long as the attacker likes.
-    let Running {
-        dir, server, pki, ..
-    } = start_server(
+    let running = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\ncallTimeout: 2s\n\
          metricsAddress: 127.0.0.1:0\n",
     );
+    let dir = &running.dir;
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     let mut attack = JoinSet::new();
@@ -602,7 +575,7 @@ async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
     }
     assert!(cut > 0, "no attacker call was answered");
     // Counted and audited like any refusal.
-    let metrics = scrape(&server.metrics_address(), None);
+    let metrics = scrape(&running.server.metrics_address(), None);
     assert!(
         counter(
             &metrics,
@@ -623,12 +596,9 @@ async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_watch_streams_are_bounded_server_wide() {
-    let Running {
-        dir: _dir,
-        server,
-        pki,
-        ..
-    } = start_server("maxConnectionsPerAddress: 1000\nmetricsAddress: 127.0.0.1:0\n");
+    let running = start_server("maxConnectionsPerAddress: 1000\nmetricsAddress: 127.0.0.1:0\n");
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     let max = talos_kms_server::listener::MAX_WATCHES;
@@ -652,7 +622,7 @@ async fn health_watch_streams_are_bounded_server_wide() {
         "8",
         "RESOURCE_EXHAUSTED beyond {max} Watches"
     );
-    let metrics = scrape(&server.metrics_address(), None);
+    let metrics = scrape(&running.server.metrics_address(), None);
     assert_eq!(
         counter(
             &metrics,

@@ -101,15 +101,9 @@ async fn only_get_and_head_are_answered() {
 async fn a_flood_of_metrics_connections_is_capped_and_starves_neither_scrapes_nor_nodes() {
     raise_own_file_limit();
     // Few descriptors: without caps, the flood below takes them all and KMS accepts fail.
-    let (
-        Running {
-            dir: _dir,
-            server,
-            pki,
-            ..
-        },
-        metrics,
-    ) = start(Some(256));
+    let (running, metrics) = start(Some(256));
+    let server = &running.server;
+    let pki = &running.pki;
     let rss_before = rss_kib(server.child.id());
 
     // Slowloris: a request begun and never finished, on connections an address may hold.
@@ -195,18 +189,5 @@ async fn a_flood_of_metrics_connections_is_capped_and_starves_neither_scrapes_no
     assert!(
         rss_during < rss_before + 16 * 1024,
         "the server grew from {rss_before} KiB to {rss_during} KiB"
-    );
-}
-
-/// The test process holds 400 sockets.
-fn raise_own_file_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        },
     );
 }

@@ -246,12 +246,9 @@ fn until_message(socket: &UnixDatagram, wanted: &str) -> Vec<String> {
 
 #[test]
 fn systemd_hears_ready_reloading_stopping_and_watchdog_pings() {
-    let Setup {
-        dir,
-        pki: _,
-        config,
-        ..
-    } = Setup::new("");
+    let setup = Setup::new("");
+    let dir = &setup.dir;
+    let config = &setup.config;
     let (socket, path) = notify_socket(dir.path());
     let mut child = Command::new(BINARY)
         .args(["--config", config.to_str().unwrap()])

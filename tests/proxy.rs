@@ -189,7 +189,6 @@ async fn closed_silently<S: AsyncRead + Unpin>(mut stream: S) -> bool {
 /// `prefix` sent from `source` in pieces of `piece` bytes, a separate segment each; then TLS
 /// and a gRPC health check on the same connection. Its status (1: SERVING).
 async fn health_after(port: u16, ca: &Path, source: &str, prefix: &[u8], piece: usize) -> u8 {
-    use http_body_util::BodyExt;
     let mut tcp = connect_from(source, port).await;
     for chunk in prefix.chunks(piece) {
         tcp.write_all(chunk).await.unwrap();
@@ -203,16 +202,7 @@ async fn health_after(port: u16, ca: &Path, source: &str, prefix: &[u8], piece: 
         )
         .await
         .expect("TLS after the PROXY header");
-    let response = grpc_over(
-        tls,
-        port,
-        "/grpc.health.v1.Health/Check",
-        "application/grpc",
-        &[],
-    )
-    .await;
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    health_status(&body)
+    health_over(tls, port).await
 }
 
 fn v2_carrying(client: &str, port: u16) -> Vec<u8> {
@@ -236,7 +226,7 @@ async fn headers_are_read_only_from_trusted_proxies_and_only_when_whole_and_vali
         Some(ProxyV2::Carrying(ip("127.0.0.1"))),
     );
     assert!(spoofing.seal(NODE, &random_passphrase()).await.is_err());
-    let line = logged(&server, "which is not in trustedProxies")
+    let line = logged(server, "which is not in trustedProxies")
         .expect("the refusal is logged, naming trustedProxies");
     assert!(
         line.contains(&format!("PROXY header from {UNTRUSTED}")),
@@ -271,7 +261,7 @@ async fn headers_are_read_only_from_trusted_proxies_and_only_when_whole_and_vali
     }
     let headerless = node(port, &pki.ca, PROXY, None);
     assert!(headerless.seal(NODE, b"x").await.is_err());
-    logged(&server, "send-proxy-v2").expect("the log says how to fix a proxy without headers");
+    logged(server, "send-proxy-v2").expect("the log says how to fix a proxy without headers");
 
     // A header split across segments, byte by byte or in two, still parses; the client's
     // TLS bytes after it are intact.
@@ -352,7 +342,7 @@ async fn the_allow_lists_apply_to_the_address_the_header_carries() {
     let local = node(port, &pki.ca, PROXY, Some(ProxyV2::Local));
     assert!(local.seal(NODE, b"x").await.is_err());
 
-    logged(&server, "outside sealAllowedNetworks").expect("the refusal is logged");
+    logged(server, "outside sealAllowedNetworks").expect("the refusal is logged");
     let lines = audit(&audit_file);
     let refused = lines
         .iter()

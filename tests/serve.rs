@@ -62,13 +62,10 @@ fn untrusting_client(port: u16, source: &str) -> KmsClient {
 
 #[tokio::test]
 async fn failed_handshakes_are_logged_once_per_peer_and_reason() {
-    let Setup {
-        dir: _dir,
-        pki,
-        config,
-        ..
-    } = Setup::new("");
-    let mut server = ServerProcess::start(&config).unwrap();
+    let setup = Setup::new("");
+    let pki = &setup.pki;
+    let config = &setup.config;
+    let mut server = ServerProcess::start(config).unwrap();
     let port = server.addr.port();
     for source in ["127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2"] {
         let refused = untrusting_client(port, source).handshake().await;

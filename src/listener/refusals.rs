@@ -195,6 +195,42 @@ pub fn refused_connection(ip: Option<IpAddr>, detail: String) -> Event {
     event.detail(detail)
 }
 
+/// Logs (the first of each address and kind a minute) and, for the allow-list, audits a
+/// connection closed by the listener; the caller counted it. `via`: the trusted proxy whose
+/// PROXY header carried `ip`.
+pub(super) fn closed_early(
+    refusals: &Refusals,
+    audit: &AuditLog,
+    ip: IpAddr,
+    kind: Kind,
+    via: Option<IpAddr>,
+) {
+    if !refusals.record(ip, kind) {
+        tracing::debug!(peer = %ip, reason = kind.label(), "connection closed");
+        return;
+    }
+    match via {
+        Some(proxy) => {
+            tracing::warn!(peer = %ip, %proxy, reason = kind.label(), "{}", kind.message())
+        }
+        None => tracing::warn!(peer = %ip, reason = kind.label(), "{}", kind.message()),
+    }
+    if kind == Kind::Network {
+        let carried = via.map_or(String::new(), |proxy| {
+            format!(" (the address a PROXY header from the trusted proxy {proxy} carried)")
+        });
+        let line = refused_connection(
+            Some(ip),
+            format!(
+                "closed before TLS: the address{carried} is outside sealAllowedNetworks and \
+                 unsealAllowedNetworks; more from it are counted in one line a minute"
+            ),
+        );
+        // Refusing needs no audit line; a failing trail is reported by the audit log.
+        let _ = audit.write(&line);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,41 +290,5 @@ mod tests {
         let last = summary.audit.last().unwrap();
         assert!(last.peer.is_none());
         assert!(last.detail.as_deref().unwrap().starts_with("10 more"));
-    }
-}
-
-/// Logs (the first of each address and kind a minute) and, for the allow-list, audits a
-/// connection closed by the listener; the caller counted it. `via`: the trusted proxy whose
-/// PROXY header carried `ip`.
-pub(super) fn closed_early(
-    refusals: &Refusals,
-    audit: &AuditLog,
-    ip: IpAddr,
-    kind: Kind,
-    via: Option<IpAddr>,
-) {
-    if !refusals.record(ip, kind) {
-        tracing::debug!(peer = %ip, reason = kind.label(), "connection closed");
-        return;
-    }
-    match via {
-        Some(proxy) => {
-            tracing::warn!(peer = %ip, %proxy, reason = kind.label(), "{}", kind.message())
-        }
-        None => tracing::warn!(peer = %ip, reason = kind.label(), "{}", kind.message()),
-    }
-    if kind == Kind::Network {
-        let carried = via.map_or(String::new(), |proxy| {
-            format!(" (the address a PROXY header from the trusted proxy {proxy} carried)")
-        });
-        let line = refused_connection(
-            Some(ip),
-            format!(
-                "closed before TLS: the address{carried} is outside sealAllowedNetworks and \
-                 unsealAllowedNetworks; more from it are counted in one line a minute"
-            ),
-        );
-        // Refusing needs no audit line; a failing trail is reported by the audit log.
-        let _ = audit.write(&line);
     }
 }

@@ -241,6 +241,20 @@ impl Running {
     }
 }
 
+/// Raises this test process's soft limit of open files to its hard limit: the attacks and
+/// floods open hundreds of sockets, and a soft limit of 1,024 would make them fail here.
+pub fn raise_own_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    );
+}
+
 /// One gRPC call made by hand over TLS and HTTP/2, for what the Talos-like client does not
 /// do (other content-types, other services); the response body is left to read.
 pub async fn raw_grpc(
@@ -268,9 +282,23 @@ pub async fn grpc_over(
     content_type: &str,
     message: &[u8],
 ) -> http::Response<hyper::body::Incoming> {
+    let uri = format!("https://127.0.0.1:{port}{path}");
+    http2_call(tls, &uri, content_type, message).await
+}
+
+/// One gRPC call on its own HTTP/2 connection over `io`.
+async fn http2_call<IO>(
+    io: IO,
+    uri: &str,
+    content_type: &str,
+    message: &[u8],
+) -> http::Response<hyper::body::Incoming>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
+        hyper_util::rt::TokioIo::new(io),
     )
     .await
     .unwrap();
@@ -278,7 +306,7 @@ pub async fn grpc_over(
     let mut frame = vec![0];
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
     frame.extend_from_slice(message);
-    let request = http::Request::post(format!("https://127.0.0.1:{port}{path}"))
+    let request = http::Request::post(uri)
         .header("content-type", content_type)
         .header("te", "trailers")
         .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
@@ -553,10 +581,18 @@ pub fn assert_no_secret(text: &str, where_: &str, secrets: &[(&str, &[u8])]) {
 /// The status a gRPC health `Check` answers for the server as a whole: 1 SERVING,
 /// 2 NOT_SERVING.
 pub async fn grpc_health(port: u16, ca: &Path) -> u8 {
+    health_over(tls_connect(port, ca).await, port).await
+}
+
+/// [`grpc_health`] over a TLS connection made by the caller (after a PROXY header, say).
+pub async fn health_over(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    port: u16,
+) -> u8 {
     use http_body_util::BodyExt;
-    let response = raw_grpc(
+    let response = grpc_over(
+        tls,
         port,
-        ca,
         "/grpc.health.v1.Health/Check",
         "application/grpc",
         &[],
@@ -574,22 +610,8 @@ pub async fn plain_grpc(
     message: &[u8],
 ) -> http::Response<hyper::body::Incoming> {
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    let mut frame = vec![0];
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(message);
-    let request = http::Request::post(format!("http://{address}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
-        .unwrap();
-    sender.send_request(request).await.unwrap()
+    let uri = format!("http://{address}{path}");
+    http2_call(tcp, &uri, "application/grpc", message).await
 }
 
 /// The status in a HealthCheckResponse frame: `[flag, len(4), 0x08, status]`.
