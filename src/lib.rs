@@ -1,11 +1,14 @@
 //! talos-kms-server: the network KMS that Talos Linux nodes ask to seal and unseal their
 //! LUKS2 passphrases.
 //!
-//! A request flows one way through the modules: [`listener`] accepts the connection and
-//! completes TLS, [`policy`] decides whether it may proceed, [`service`] answers the gRPC
-//! call, [`sealing`] implements the legacy server's scheme, and [`store`] keeps the records.
+//! A request flows one way through the modules: [`listener`] accepts the connection (only
+//! the connection allow-list is applied there) and completes TLS, [`service`] answers the
+//! gRPC call after asking [`policy`] whether it may proceed, [`sealing`] implements the
+//! legacy server's scheme, and [`store`] keeps the records.
 //! [`client`] behaves exactly like a Talos node and is shared by the tests, `bench` and the
 //! operator's `client` command. [`talos`] writes and lints the nodes' machine configs.
+
+#![deny(unsafe_code)]
 
 pub mod audit;
 pub mod bench;

@@ -68,7 +68,8 @@ impl Metrics {
         let calls = Family::<CallLabels, Counter>::default();
         registry.register(
             "calls",
-            "Seal and Unseal calls, by outcome and the reason of a refusal",
+            "Seal and Unseal calls, by outcome and the reason of a refusal; health Watch \
+             streams refused over the limit of 64 (action health_watch, reason watch_limit)",
             calls.clone(),
         );
         // 0.1 ms to ~3 s: an unseal takes well under a millisecond, a seal a disk flush.
@@ -191,6 +192,17 @@ impl Metrics {
         self.latency
             .get_or_create(&ActionLabel { action })
             .observe(took.as_secs_f64());
+    }
+
+    /// A health Watch refused because the limit of streams was open already.
+    pub fn watch_refused(&self) {
+        self.calls
+            .get_or_create(&CallLabels {
+                action: "health_watch",
+                outcome: "refused",
+                reason: "watch_limit",
+            })
+            .inc();
     }
 
     pub fn handshake(&self) {

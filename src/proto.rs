@@ -23,6 +23,20 @@ pub struct Response {
     pub data: Vec<u8>,
 }
 
+// A passphrase (or a blob's key) in a message is zeroed when the message is dropped: for a
+// reply, once tonic has encoded it. The encoded copy in tonic's send buffer is not ours.
+impl Drop for Request {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.data);
+    }
+}
+
+impl Drop for Response {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.data);
+    }
+}
+
 /// tonic's codec with buffers sized for these messages: the default 8 KiB per call and
 /// direction cost more to allocate than the whole call. Requests and answers here are a few
 /// hundred bytes (a seal request at most ~530); a larger one still works, the buffer grows.

@@ -1,7 +1,7 @@
 //! Wires a listener, the service and a store into a running server, and stops it cleanly.
 
 use crate::audit::{AuditError, AuditLog};
-use crate::listener::{Listener, ListenerLimits, Slots, stopped};
+use crate::listener::{Listener, ListenerLimits, Serving, stopped};
 use crate::metrics::Metrics;
 use crate::os_error;
 use crate::policy::{Policy, Rules};
@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
@@ -153,14 +153,11 @@ impl Port {
             stop.subscribe(),
         ));
         let (finished_sender, finished) = mpsc::channel(1);
-        let mut limits = options.limits.fit_to_file_limit();
-        // Kept by the listener, not copied into every connection's limits.
-        let trusted_proxies = std::mem::take(&mut limits.trusted_proxies);
+        let limits = options.limits.fit_to_file_limit();
         let connection_networks = options.rules.connection_networks();
         let policy = Arc::new(Policy::new(options.rules, Arc::clone(&options.store)));
         tokio::spawn(tidy_policy(Arc::clone(&policy), stop.subscribe()));
-        let listener = Listener {
-            tcp,
+        let serving = Serving {
             tls: tokio_rustls::TlsAcceptor::from(options.tls),
             service: Arc::new(KmsService::new(
                 Arc::clone(&options.store),
@@ -168,23 +165,13 @@ impl Port {
                 Arc::clone(&options.metrics),
                 policy,
             )),
-            limit: Arc::new(Semaphore::new(limits.max_connections)),
-            slots: Arc::new(Slots::new(
-                limits.max_connections_per_address,
-                limits.idle_timeout,
-            )),
-            handshakes: Arc::new(Semaphore::new(limits.handshakes_at_once())),
-            limits,
-            connection_networks,
-            trusted_proxies,
-            handshake_failures: Arc::default(),
-            refusals: Arc::default(),
             health,
             metrics: Arc::clone(&options.metrics),
             audit: Arc::clone(&options.audit),
             shutdown,
             finished: finished_sender,
         };
+        let listener = Listener::new(tcp, limits, connection_networks, serving);
         tokio::spawn(sync_audit_trail(
             Arc::clone(&options.audit),
             stop.subscribe(),

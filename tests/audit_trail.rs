@@ -84,19 +84,17 @@ fn audited(path: &Path) -> Vec<(Action, String)> {
 /// Seals and unseals before and after `fault`; `prefill` bytes of older lines are in the
 /// trail at start.
 async fn answered_calls_stay_audited(fault: Fault, extra: &str, prefill: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let trail = dir.path().join("audit.jsonl");
     let filler = "{\"time\":\"2026-01-01T00:00:00.000Z\",\"action\":\"admin\",\"outcome\":\"ok\",\
                   \"detail\":\"an older line\"}\n";
-    write_private(&trail, &filler.repeat(prefill / filler.len()));
-    let config = write_config(
-        dir.path(),
-        &pki,
-        "127.0.0.1",
-        &format!("auditLog: {}\n{extra}", trail.display()),
-    );
-    let server = ServerProcess::start(&config).unwrap();
+    let setup = Setup::with(|dir| {
+        let trail = dir.join("audit.jsonl");
+        write_private(&trail, &filler.repeat(prefill / filler.len()));
+        format!("auditLog: {}\n{extra}", trail.display())
+    });
+    let trail = setup.dir.path().join("audit.jsonl");
+    let running = setup.start();
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let client = client_for("127.0.0.1", port, &pki.ca, None);
     client.seal("before", &random_passphrase()).await.unwrap();

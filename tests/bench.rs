@@ -55,10 +55,9 @@ fn assert_sane(report: &Value, calls: u64) {
 
 #[test]
 fn bench_measures_every_mode_and_checks_every_answer() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let server = ServerProcess::start(&config).unwrap();
+    let running = Running::start("");
+    let server = &running.server;
+    let pki = &running.pki;
 
     let ca = pki.ca.clone();
     for (args, calls) in [
@@ -94,13 +93,13 @@ fn bench_measures_every_mode_and_checks_every_answer() {
         ),
         (vec!["--mode", "handshake", "--requests", "100"], 100),
     ] {
-        let report = bench(&server, &ca, &args);
+        let report = bench(server, &ca, &args);
         assert_sane(&report, calls);
     }
 
     // Open loop: every scheduled call either ran or is counted as not started.
     let report = bench(
-        &server,
+        server,
         &ca,
         &[
             "--mode",
@@ -124,7 +123,7 @@ fn bench_measures_every_mode_and_checks_every_answer() {
     assert_eq!(report["mismatches"], 0);
 
     let storm = bench(
-        &server,
+        server,
         &ca,
         &["--mode", "storm", "--nodes", "20", "--volumes", "2"],
     );
@@ -135,7 +134,7 @@ fn bench_measures_every_mode_and_checks_every_answer() {
         storm["time_to_all_unsealed_s"].as_f64().unwrap() > 0.0,
         "{storm}"
     );
-    drop(server);
+    drop(running);
 }
 
 #[test]
@@ -224,9 +223,10 @@ fn bench_that_makes_no_call_fails_with_the_first_error() {
 #[test]
 fn unseal_bench_on_volumes_made_by_fill_adds_no_record() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let setup = Setup::new("");
+    let dir = &setup.dir;
+    let pki = &setup.pki;
+    let config = &setup.config;
     let database = dir.path().join("kms.db");
     let volumes = dir.path().join("volumes.jsonl");
     let output = run_binary(&[
@@ -245,7 +245,7 @@ fn unseal_bench_on_volumes_made_by_fill_adds_no_record() {
     assert_eq!(mode, 0o600, "the volumes file holds passphrases");
     assert_eq!(count_records(&database), 30);
 
-    let server = ServerProcess::start(&config).unwrap();
+    let server = ServerProcess::start(config).unwrap();
     let from = ["--volumes-from", volumes.to_str().unwrap()];
     let report = bench(
         &server,

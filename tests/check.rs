@@ -67,10 +67,9 @@ fn line_with<'a>(stdout: &'a str, words: &[&str]) -> Option<&'a str> {
 
 #[test]
 fn a_sound_setup_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let checked = check(&config, &[]);
+    let setup = Setup::new("");
+    let config = &setup.config;
+    let checked = check(config, &[]);
     assert_eq!(checked.code, Some(0), "{}", checked.stdout);
     assert_eq!(checked.stdout.lines().last(), Some("ok"));
 }
@@ -164,10 +163,9 @@ fn names_that_nodes_do_not_use_are_named() {
 
 #[test]
 fn a_private_chain_is_noted_as_unable_to_unlock_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let checked = check(&config, &[]);
+    let setup = Setup::new("");
+    let config = &setup.config;
+    let checked = check(config, &[]);
     assert_eq!(
         checked.code,
         Some(0),
@@ -183,12 +181,12 @@ fn a_private_chain_is_noted_as_unable_to_unlock_state() {
 
 #[test]
 fn a_database_on_proc_is_a_problem() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let setup = Setup::new("");
+    let dir = &setup.dir;
+    let config = &setup.config;
     let database = dir.path().join("kms.db").display().to_string();
-    edit_config(&config, &database, "/proc/kms/kms.db");
-    let checked = check(&config, &[]);
+    edit_config(config, &database, "/proc/kms/kms.db");
+    let checked = check(config, &[]);
     assert_eq!(checked.code, Some(1), "{}", checked.stdout);
     assert!(line_with(&checked.stdout, &["PROBLEM", "/proc/kms/kms.db", "kernel"]).is_some());
 }
@@ -240,13 +238,14 @@ fn a_metrics_port_in_use_warns_and_serve_names_metrics_address() {
 /// `check` walks the path: a database under a regular file can never be created.
 #[test]
 fn a_database_under_a_file_is_a_problem_for_check_and_serve() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let setup = Setup::new("");
+    let dir = &setup.dir;
+    let pki = &setup.pki;
+    let config = &setup.config;
     let database = dir.path().join("kms.db").display().to_string();
     let under_a_file = format!("{}/kms.db", pki.ca.display());
-    edit_config(&config, &database, &under_a_file);
-    let checked = check(&config, &[]);
+    edit_config(config, &database, &under_a_file);
+    let checked = check(config, &[]);
     assert_eq!(checked.code, Some(1), "{}", checked.stdout);
     assert!(
         line_with(
@@ -270,12 +269,12 @@ fn a_database_under_a_file_is_a_problem_for_check_and_serve() {
 
 #[test]
 fn a_key_or_config_readable_by_everyone_warns() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    for file in [&pki.key, &config] {
+    let setup = Setup::new("");
+    let pki = &setup.pki;
+    let config = &setup.config;
+    for file in [&pki.key, config] {
         std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let checked = check(&config, &[]);
+        let checked = check(config, &[]);
         assert_eq!(checked.code, Some(2), "{}", checked.stdout);
         let warning = line_with(&checked.stdout, &["WARNING", "readable by every user"]).unwrap();
         assert!(warning.contains(&file.display().to_string()), "{warning}");
@@ -299,9 +298,9 @@ fn a_missing_config_is_reported_and_nothing_is_written() {
 
 #[tokio::test]
 async fn check_changes_nothing_in_an_existing_database_and_speaks_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let setup = Setup::new("");
+    let dir = &setup.dir;
+    let config = &setup.config;
     let server = TestServer::start(dir.path(), "127.0.0.1:0").await;
     server
         .client("127.0.0.1", None)
@@ -311,7 +310,7 @@ async fn check_changes_nothing_in_an_existing_database_and_speaks_json() {
     server.running.shutdown().await.unwrap();
     let before = std::fs::read(dir.path().join("kms.db")).unwrap();
 
-    let checked = check(&config, &["--output", "json"]);
+    let checked = check(config, &["--output", "json"]);
     let report: serde_json::Value = serde_json::from_str(&checked.stdout).unwrap();
     assert_eq!(report["exit_code"].as_i64(), checked.code.map(i64::from));
     let database = report["findings"]

@@ -44,9 +44,8 @@ fn a_missing_config_gets_a_commented_default_and_a_failure() {
 
 #[test]
 fn an_unknown_config_key_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "bindAdress: \"::\"\n");
+    let setup = Setup::new("bindAdress: \"::\"\n");
+    let config = &setup.config;
     let output = run_binary(&["--config", config.to_str().unwrap()]);
     assert!(!output.status.success());
     assert!(

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_burst_of_concurrent_seals_loses_no_acknowledged_seal() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let mut server = ServerProcess::start(&config).unwrap();
+    let setup = Setup::new("");
+    let dir = &setup.dir;
+    let pki = &setup.pki;
+    let config = &setup.config;
+    let mut server = ServerProcess::start(config).unwrap();
     let client = Arc::new(client_for("127.0.0.1", server.addr.port(), &pki.ca, None));
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
 
@@ -54,7 +55,7 @@ async fn kill_9_during_a_burst_of_concurrent_seals_loses_no_acknowledged_seal() 
         acknowledged.len()
     );
 
-    let server = ServerProcess::start(&config).unwrap();
+    let server = ServerProcess::start(config).unwrap();
     let db = rusqlite::Connection::open(dir.path().join("kms.db")).unwrap();
     let integrity: String = db
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
@@ -79,11 +80,9 @@ async fn kill_9_during_a_burst_of_concurrent_seals_loses_no_acknowledged_seal() 
 
 #[tokio::test]
 async fn sigterm_stops_cleanly_with_exit_0_and_private_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let server = ServerProcess::start(&config).unwrap();
-    let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
+    let running = Running::start("");
+    let dir = &running.dir;
+    let client = running.client();
     let sealed = client.seal(NODE, &random_passphrase()).await.unwrap();
     client.unseal(NODE, &sealed).await.unwrap();
 
@@ -94,6 +93,7 @@ async fn sigterm_stops_cleanly_with_exit_0_and_private_files() {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{name} must be private");
     }
+    let server = running.server;
     let status = tokio::task::spawn_blocking(move || server.terminate())
         .await
         .unwrap();
@@ -135,17 +135,17 @@ fn a_foreign_sqlite_file_is_refused_not_migrated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_log_even_at_trace_level() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let text = std::fs::read_to_string(&config).unwrap();
+    let setup = Setup::new("");
+    let pki = &setup.pki;
+    let config = &setup.config;
+    let text = std::fs::read_to_string(config).unwrap();
     std::fs::write(
-        &config,
+        config,
         text.replace("kmsLogLevel: INFO", "kmsLogLevel: TRACE")
             .replace("rootLogLevel: WARNING", "rootLogLevel: TRACE"),
     )
     .unwrap();
-    let mut server = ServerProcess::start(&config).unwrap();
+    let mut server = ServerProcess::start(config).unwrap();
     let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
     let passphrase = random_passphrase();
     let sealed = client.seal(NODE, &passphrase).await.unwrap();

@@ -268,10 +268,12 @@ async fn database_file_replaced_while_serving() {
 
 #[test]
 fn a_new_empty_database_is_announced_with_its_full_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let server = ServerProcess::start(&config).unwrap();
+    let Running {
+        dir,
+        server,
+        config,
+        ..
+    } = Running::start("");
     let database = dir.path().join("kms.db");
     assert!(
         server.startup_log.iter().any(|line| line.contains("WARN")

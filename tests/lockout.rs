@@ -27,24 +27,9 @@ fn ip(text: &str) -> IpAddr {
 }
 
 /// The server binary with `extra` config; connections are served from loopback.
-fn start_server(dir: &Path, extra: &str) -> (ServerProcess, Pki) {
+fn start_server(extra: &str) -> Running {
     raise_own_file_limit();
-    let pki = write_pki(dir);
-    let config = write_config(dir, &pki, "127.0.0.1", extra);
-    (ServerProcess::start(&config).unwrap(), pki)
-}
-
-/// The attacks open hundreds of sockets; a soft limit of 1,024 would make them fail here.
-fn raise_own_file_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        },
-    );
+    Running::start(extra)
 }
 
 /// The normal node: a seal, then its unseal, each on a fresh connection with Talos's 10 s
@@ -151,11 +136,10 @@ fn counter(metrics: &str, sample: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_silent_after_their_handshake_are_closed_and_do_not_lock_out_a_node() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki) = start_server(
-        dir.path(),
-        "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\n",
-    );
+    let running =
+        start_server("maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\n");
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     // More completed TLS + HTTP/2 connections than there are slots, that never send a request.
@@ -191,13 +175,13 @@ async fn connections_silent_after_their_handshake_are_closed_and_do_not_lock_out
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_closed_and_do_not_lock_out_a_node() {
-    let dir = tempfile::tempdir().unwrap();
     // Without the idle timeout, a trickling handshake would hold its slot for 60 s.
-    let (server, pki) = start_server(
-        dir.path(),
+    let running = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\n\
          handshakeTimeout: 60s\n",
     );
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     let hello = Arc::new(client_hello(&config));
@@ -235,13 +219,13 @@ async fn slowloris_connections_are_closed_and_do_not_lock_out_a_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_silent_sockets_than_slots_do_not_lock_out_a_node() {
-    let dir = tempfile::tempdir().unwrap();
     // Without eviction, 1,000 sockets would be let in 64 every idle timeout: 30 s.
-    let (server, pki) = start_server(
-        dir.path(),
+    let running = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 100000\nidleTimeout: 2s\n\
          metricsAddress: 127.0.0.1:0\n",
     );
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     // Plain TCP connections that never send a byte; the kernel completes them all at once.
     let mut sockets = Vec::new();
@@ -251,7 +235,7 @@ async fn more_silent_sockets_than_slots_do_not_lock_out_a_node() {
 
     node_seals_and_unseals(port, &pki.ca).await;
 
-    let metrics = scrape(&server.metrics_address(), None);
+    let metrics = scrape(&running.server.metrics_address(), None);
     assert!(
         counter(
             &metrics,
@@ -314,12 +298,12 @@ async fn watch_from(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_with_calls_in_flight_holds_only_its_share() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki) = start_server(
-        dir.path(),
+    let running = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 16\nidleTimeout: 1s\n\
          metricsAddress: 127.0.0.1:0\n",
     );
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     // As many long calls as there are slots: none idle, none evictable.
@@ -340,7 +324,7 @@ async fn one_address_with_calls_in_flight_holds_only_its_share() {
 
     node_seals_and_unseals(port, &pki.ca).await;
 
-    let metrics = scrape(&server.metrics_address(), None);
+    let metrics = scrape(&running.server.metrics_address(), None);
     let turned_away = counter(
         &metrics,
         r#"talos_kms_connections_refused_total{reason="per_address"}"#,
@@ -354,18 +338,16 @@ async fn one_address_with_calls_in_flight_holds_only_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
     // Dual stack: IPv4 peers arrive as ::ffff:a.b.c.d and are matched as IPv4.
-    let config = write_config(
-        dir.path(),
-        &pki,
-        "::",
+    let running = Setup::on("::", |_| {
         "sealAllowedNetworks: [127.0.0.1/32]\nunsealAllowedNetworks: [127.0.0.1/32]\n\
-         metricsAddress: 127.0.0.1:0\n",
-    );
-    let mut server = ServerProcess::start(&config).unwrap();
-    let port = server.addr.port();
+         metricsAddress: 127.0.0.1:0\n"
+            .into()
+    })
+    .start();
+    let dir = &running.dir;
+    let pki = &running.pki;
+    let port = running.port();
     let hello = client_hello(&client_tls(&pki.ca));
     for _ in 0..5 {
         // The reset may come before the connection is even reported made.
@@ -409,7 +391,7 @@ async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["calls_ok"], 20, "{report}");
 
-    let metrics = scrape(&server.metrics_address(), None);
+    let metrics = scrape(&running.server.metrics_address(), None);
     assert_eq!(
         counter(
             &metrics,
@@ -434,6 +416,7 @@ async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte
     assert_eq!(refused[0]["reason"], "network_not_allowed");
     assert_eq!(refused[0]["peer"], "127.0.0.2");
 
+    let mut server = running.server;
     let log = std::mem::replace(&mut server.log, std::sync::mpsc::channel().1);
     let status = tokio::task::spawn_blocking(move || server.terminate())
         .await
@@ -451,16 +434,9 @@ async fn a_connection_from_outside_the_allow_lists_is_closed_before_any_tls_byte
 async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() {
     use std::os::unix::process::CommandExt;
     raise_own_file_limit();
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
     // One address may take every slot here: what is tested is the file limit alone.
-    let config = write_config(
-        dir.path(),
-        &pki,
-        "127.0.0.1",
-        "idleTimeout: 5s\nmaxConnectionsPerAddress: 100000\n",
-    );
-    let server = ServerProcess::start_with(&config, |command| {
+    let setup = Setup::new("idleTimeout: 5s\nmaxConnectionsPerAddress: 100000\n");
+    let running = setup.start_with(|command| {
         // SAFETY: setrlimit is async-signal-safe, and the closure allocates nothing.
         unsafe {
             command.pre_exec(|| {
@@ -472,8 +448,9 @@ async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() 
                     .map_err(std::io::Error::from)
             });
         }
-    })
-    .unwrap();
+    });
+    let server = &running.server;
+    let pki = &running.pki;
     let warning = server
         .startup_log
         .iter()
@@ -496,8 +473,10 @@ async fn a_low_file_limit_lowers_max_connections_instead_of_locking_out_nodes() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_is_never_cut_by_the_idle_timeout() {
     use http_body_util::BodyExt;
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki) = start_server(dir.path(), "idleTimeout: 1s\n");
+    let running = start_server("idleTimeout: 1s\n");
+    let dir = &running.dir;
+    let server = &running.server;
+    let pki = &running.pki;
     let config = client_tls(&pki.ca);
     let watch = watch_from("127.0.0.1", server.addr.port(), &config)
         .await
@@ -565,13 +544,14 @@ async fn unfinished_call_from(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
-    let dir = tempfile::tempdir().unwrap();
     // Without the call timeout, every slot would stay busy for as long as the attacker likes.
-    let (server, pki) = start_server(
-        dir.path(),
+    let running = start_server(
         "maxConnections: 64\nmaxConnectionsPerAddress: 1000\nidleTimeout: 1s\ncallTimeout: 2s\n\
          metricsAddress: 127.0.0.1:0\n",
     );
+    let dir = &running.dir;
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     let mut attack = JoinSet::new();
@@ -595,7 +575,7 @@ async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
     }
     assert!(cut > 0, "no attacker call was answered");
     // Counted and audited like any refusal.
-    let metrics = scrape(&server.metrics_address(), None);
+    let metrics = scrape(&running.server.metrics_address(), None);
     assert!(
         counter(
             &metrics,
@@ -616,8 +596,9 @@ async fn calls_whose_requests_never_end_are_cut_and_do_not_lock_out_a_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_watch_streams_are_bounded_server_wide() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki) = start_server(dir.path(), "maxConnectionsPerAddress: 1000\n");
+    let running = start_server("maxConnectionsPerAddress: 1000\nmetricsAddress: 127.0.0.1:0\n");
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     let config = client_tls(&pki.ca);
     let max = talos_kms_server::listener::MAX_WATCHES;
@@ -640,6 +621,15 @@ async fn health_watch_streams_are_bounded_server_wide() {
         refused.headers().get("grpc-status").unwrap(),
         "8",
         "RESOURCE_EXHAUSTED beyond {max} Watches"
+    );
+    let metrics = scrape(&running.server.metrics_address(), None);
+    assert_eq!(
+        counter(
+            &metrics,
+            r#"talos_kms_calls_total{action="health_watch",outcome="refused",reason="watch_limit"}"#
+        ),
+        1,
+        "{metrics}"
     );
     // A Watch that ends gives its place back.
     drop(watches.pop());

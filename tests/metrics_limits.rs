@@ -42,11 +42,9 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-fn start(dir: &std::path::Path, file_limit: Option<u64>) -> (ServerProcess, Pki, SocketAddr) {
+fn start(file_limit: Option<u64>) -> (Running, SocketAddr) {
     use std::os::unix::process::CommandExt;
-    let pki = write_pki(dir);
-    let config = write_config(dir, &pki, "127.0.0.1", "metricsAddress: 127.0.0.1:0\n");
-    let server = ServerProcess::start_with(&config, |command| {
+    let running = Setup::new("metricsAddress: 127.0.0.1:0\n").start_with(|command| {
         if let Some(files) = file_limit {
             // SAFETY: setrlimit is async-signal-safe, and the closure allocates nothing.
             unsafe {
@@ -60,16 +58,14 @@ fn start(dir: &std::path::Path, file_limit: Option<u64>) -> (ServerProcess, Pki,
                 });
             }
         }
-    })
-    .unwrap();
-    let metrics = server.metrics_address().parse().unwrap();
-    (server, pki, metrics)
+    });
+    let metrics = running.server.metrics_address().parse().unwrap();
+    (running, metrics)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_get_and_head_are_answered() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_server, _pki, metrics) = start(dir.path(), None);
+    let (_running, metrics) = start(None);
     for method in ["POST", "PUT", "DELETE", "TRACE", "PATCH"] {
         let answer = ask(
             metrics,
@@ -104,9 +100,10 @@ async fn only_get_and_head_are_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_metrics_connections_is_capped_and_starves_neither_scrapes_nor_nodes() {
     raise_own_file_limit();
-    let dir = tempfile::tempdir().unwrap();
     // Few descriptors: without caps, the flood below takes them all and KMS accepts fail.
-    let (server, pki, metrics) = start(dir.path(), Some(256));
+    let (running, metrics) = start(Some(256));
+    let server = &running.server;
+    let pki = &running.pki;
     let rss_before = rss_kib(server.child.id());
 
     // Slowloris: a request begun and never finished, on connections an address may hold.
@@ -192,18 +189,5 @@ async fn a_flood_of_metrics_connections_is_capped_and_starves_neither_scrapes_no
     assert!(
         rss_during < rss_before + 16 * 1024,
         "the server grew from {rss_before} KiB to {rss_during} KiB"
-    );
-}
-
-/// The test process holds 400 sockets.
-fn raise_own_file_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        },
     );
 }

@@ -15,10 +15,10 @@ const NOT_SERVING: u8 = 2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_until_the_database_is_gone_and_watch_says_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let server = ServerProcess::start(&config).unwrap();
+    let running = Running::start("");
+    let dir = &running.dir;
+    let server = &running.server;
+    let pki = &running.pki;
     let port = server.addr.port();
     assert_eq!(grpc_health(port, &pki.ca).await, SERVING);
 
@@ -53,15 +53,10 @@ async fn health_is_serving_until_the_database_is_gone_and_watch_says_so() {
 /// plain HTTP/2, with the same status as the KMS port, beside the scrapes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_port_answers_health_checks_without_tls_as_the_kubelet_asks() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(
-        dir.path(),
-        &pki,
-        "127.0.0.1",
-        "metricsAddress: 127.0.0.1:0\n",
-    );
-    let server = ServerProcess::start(&config).unwrap();
+    let running = Running::start("metricsAddress: 127.0.0.1:0\n");
+    let dir = &running.dir;
+    let server = &running.server;
+    let pki = &running.pki;
     let address = server.metrics_address();
     let check = |address: String| async move {
         let response = plain_grpc(&address, "/grpc.health.v1.Health/Check", &[]).await;
@@ -128,15 +123,9 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> Option<std::process::Output> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_calls_and_failed_handshakes_and_pass_promtool() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(
-        dir.path(),
-        &pki,
-        "127.0.0.1",
-        "metricsAddress: 127.0.0.1:0\n",
-    );
-    let server = ServerProcess::start(&config).unwrap();
+    let running = Running::start("metricsAddress: 127.0.0.1:0\n");
+    let server = &running.server;
+    let pki = &running.pki;
     let address = server.metrics_address();
     let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
     let secret = random_passphrase();
@@ -257,9 +246,9 @@ fn until_message(socket: &UnixDatagram, wanted: &str) -> Vec<String> {
 
 #[test]
 fn systemd_hears_ready_reloading_stopping_and_watchdog_pings() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let setup = Setup::new("");
+    let dir = &setup.dir;
+    let config = &setup.config;
     let (socket, path) = notify_socket(dir.path());
     let mut child = Command::new(BINARY)
         .args(["--config", config.to_str().unwrap()])

@@ -5,8 +5,6 @@
 mod common;
 
 use common::*;
-use std::net::IpAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use talos_kms_server::client::{ClientError, KmsClient, random_passphrase};
 use tonic::Code;
@@ -14,59 +12,23 @@ use tonic::Code;
 const NODE_1: &str = "127.0.0.1";
 const NODE_2: &str = "127.0.0.2";
 
-struct Running {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    ca: PathBuf,
-    server: ServerProcess,
+/// A server logging at `level` (this server's messages and the libraries').
+fn start_logging(extra_config: &str, level: &str) -> Running {
+    let setup = Setup::new(extra_config);
+    edit_config(
+        &setup.config,
+        "kmsLogLevel: INFO",
+        &format!("kmsLogLevel: {level}"),
+    );
+    edit_config(
+        &setup.config,
+        "rootLogLevel: WARNING",
+        &format!("rootLogLevel: {level}"),
+    );
+    setup.start()
 }
 
 impl Running {
-    fn start(extra_config: &str) -> Running {
-        Self::start_logging(extra_config, "INFO")
-    }
-
-    /// [`Running::start`] logging at `level` (this server's messages and the libraries').
-    fn start_logging(extra_config: &str, level: &str) -> Running {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = write_pki(dir.path());
-        let config = write_config(dir.path(), &pki, "127.0.0.1", extra_config);
-        edit_config(
-            &config,
-            "kmsLogLevel: INFO",
-            &format!("kmsLogLevel: {level}"),
-        );
-        edit_config(
-            &config,
-            "rootLogLevel: WARNING",
-            &format!("rootLogLevel: {level}"),
-        );
-        let server = ServerProcess::start(&config).unwrap();
-        Running {
-            ca: pki.ca.clone(),
-            _dir: dir,
-            config,
-            server,
-        }
-    }
-
-    /// A Talos-like client whose connections come from `source`.
-    fn node(&self, source: &str) -> KmsClient {
-        let source: IpAddr = source.parse().unwrap();
-        client_for("127.0.0.1", self.server.addr.port(), &self.ca, Some(source))
-    }
-
-    fn config(&self) -> &str {
-        self.config.to_str().unwrap()
-    }
-
-    /// Runs an admin command with this server's config; its stdout.
-    async fn admin(&self, args: &[&str]) -> String {
-        let mut all = args.to_vec();
-        all.extend(["--config", self.config()]);
-        run_ok(&all).await
-    }
-
     /// The audit trail's call lines, oldest first.
     async fn audit(&self) -> Vec<serde_json::Value> {
         self.admin(&["audit", "--output", "json"])
@@ -369,8 +331,14 @@ async fn an_operator_approves_a_waiting_node_and_denies_another() {
     for reason in ["pending_approval", "denied"] {
         assert!(running.audited_refusal(reason).await, "{reason}");
     }
-    let unknown =
-        run_binary_async(&["pending", "approve", "999", "--config", running.config()]).await;
+    let unknown = run_binary_async(&[
+        "pending",
+        "approve",
+        "999",
+        "--config",
+        running.config_str(),
+    ])
+    .await;
     assert!(!unknown.status.success());
     assert!(text(&unknown.stderr).contains("no request has id 999"));
 }
@@ -407,8 +375,7 @@ async fn a_node_sealing_from_a_new_address_is_flagged_or_refused_when_pinned() {
 
 #[test]
 fn bad_policy_config_is_explained() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
+    let setup = Setup::new("");
     for (extra, named) in [
         ("sealAllowedNetworks: [\"10.0.0.0/33\"]\n", "10.0.0.0/33"),
         (
@@ -419,8 +386,8 @@ fn bad_policy_config_is_explained() {
         ("rateLimitPerAddress: {perSecond: 10, burst: 2}\n", "burst"),
         ("idleTimeout: soon\n", "idleTimeout"),
     ] {
-        let config = write_config(dir.path(), &pki, "127.0.0.1", extra);
-        let output = run_binary(&["check", "--config", config.to_str().unwrap()]);
+        setup.rewrite(extra);
+        let output = run_binary(&["check", "--config", setup.config_str()]);
         let stderr = text(&output.stderr) + &text(&output.stdout);
         assert!(!output.status.success(), "{extra}");
         assert!(stderr.contains(named), "{extra}: {stderr}");
@@ -429,8 +396,7 @@ fn bad_policy_config_is_explained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_state_survives_a_restart_and_no_output_holds_a_secret() {
-    let mut running =
-        Running::start_logging("sealPolicy: approve\nunsealPolicy: window\n", "TRACE");
+    let mut running = start_logging("sealPolicy: approve\nunsealPolicy: window\n", "TRACE");
     let node = running.node(NODE_1);
     let secret = random_passphrase();
     let mut refusals = Vec::new();
@@ -510,15 +476,10 @@ fn drain_log(mut server: ServerProcess) -> String {
 
 #[test]
 fn check_shows_the_policy_and_warns_when_nothing_limits_seals() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(
-        dir.path(),
-        &pki,
-        "127.0.0.1",
+    let setup = Setup::new(
         "sealPolicy: window\nunsealPolicy: approve\nunsealAllowedNetworks: [\"10.0.0.0/24\"]\n",
     );
-    let output = run_binary(&["check", "--config", config.to_str().unwrap()]);
+    let output = run_binary(&["check", "--config", setup.config_str()]);
     let report = text(&output.stdout);
     assert!(
         report.contains("seal: only while a window is open")
@@ -528,14 +489,11 @@ fn check_shows_the_policy_and_warns_when_nothing_limits_seals() {
     );
     assert!(!report.contains("nothing limits seals"), "{report}");
 
-    let config = write_config(
-        dir.path(),
-        &pki,
-        "127.0.0.1",
+    setup.rewrite(
         "rateLimitPerAddress: {perSecond: 0}\nrateLimitGlobal: {perSecond: 0}\n\
          maxNewRecordsPerHour: 0\n",
     );
-    let output = run_binary(&["check", "--config", config.to_str().unwrap()]);
+    let output = run_binary(&["check", "--config", setup.config_str()]);
     assert!(text(&output.stdout).contains("nothing limits seals"));
     assert_eq!(output.status.code(), Some(2), "a warning");
 }

@@ -356,7 +356,8 @@ async fn a_seal_answers_in_as_few_tls_records_as_an_unseal() {
         .await;
         sealed = talos_kms_server::proto::Response::decode(&answer[..])
             .unwrap()
-            .data;
+            .data
+            .clone();
         seal_records = seal_records.min(records);
     }
     let (unsealed, unseal_records) = one_call_counting_records(
@@ -368,7 +369,8 @@ async fn a_seal_answers_in_as_few_tls_records_as_an_unseal() {
     .await;
     let unsealed = talos_kms_server::proto::Response::decode(&unsealed[..])
         .unwrap()
-        .data;
+        .data
+        .clone();
     assert_eq!(
         unsealed, passphrase,
         "the raw calls seal and unseal for real"

@@ -151,23 +151,18 @@ async fn through_haproxy_the_binding_follows_the_real_client_across_replicas() {
     drop(haproxy);
 }
 
-/// A server on loopback trusting 127.0.0.9, idle timeout 1 s; `extra` config.
-fn proxied_server(dir: &Path, extra: &str) -> (ServerProcess, Pki, PathBuf) {
-    let pki = write_pki(dir);
-    let config = write_config(
-        dir,
-        &pki,
-        "127.0.0.1",
-        &format!(
+/// A server on loopback trusting 127.0.0.9, idle timeout 1 s; `extra` config. With the
+/// path of its audit trail.
+fn proxied_server(extra: &str) -> (Running, PathBuf) {
+    let running = Setup::with(|dir| {
+        format!(
             "auditLog: {}\ntrustedProxies: [\"{PROXY}\"]\nidleTimeout: 1s\n{extra}",
             dir.join("audit.jsonl").display()
-        ),
-    );
-    (
-        ServerProcess::start(&config).unwrap(),
-        pki,
-        dir.join("audit.jsonl"),
-    )
+        )
+    })
+    .start();
+    let audit_file = running.dir.path().join("audit.jsonl");
+    (running, audit_file)
 }
 
 async fn connect_from(source: &str, port: u16) -> TcpStream {
@@ -194,7 +189,6 @@ async fn closed_silently<S: AsyncRead + Unpin>(mut stream: S) -> bool {
 /// `prefix` sent from `source` in pieces of `piece` bytes, a separate segment each; then TLS
 /// and a gRPC health check on the same connection. Its status (1: SERVING).
 async fn health_after(port: u16, ca: &Path, source: &str, prefix: &[u8], piece: usize) -> u8 {
-    use http_body_util::BodyExt;
     let mut tcp = connect_from(source, port).await;
     for chunk in prefix.chunks(piece) {
         tcp.write_all(chunk).await.unwrap();
@@ -208,25 +202,7 @@ async fn health_after(port: u16, ca: &Path, source: &str, prefix: &[u8], piece: 
         )
         .await
         .expect("TLS after the PROXY header");
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::post(format!(
-        "https://127.0.0.1:{port}/grpc.health.v1.Health/Check"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
-        0, 0, 0, 0, 0,
-    ])))
-    .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    health_status(&body)
+    health_over(tls, port).await
 }
 
 fn v2_carrying(client: &str, port: u16) -> Vec<u8> {
@@ -238,8 +214,8 @@ fn v2_carrying(client: &str, port: u16) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_read_only_from_trusted_proxies_and_only_when_whole_and_valid() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki, audit_file) = proxied_server(dir.path(), "");
+    let (running, audit_file) = proxied_server("");
+    let (server, pki) = (&running.server, &running.pki);
     let port = server.addr.port();
 
     // From an untrusted address, a header closes the connection, and the log says why.
@@ -250,7 +226,7 @@ async fn headers_are_read_only_from_trusted_proxies_and_only_when_whole_and_vali
         Some(ProxyV2::Carrying(ip("127.0.0.1"))),
     );
     assert!(spoofing.seal(NODE, &random_passphrase()).await.is_err());
-    let line = logged(&server, "which is not in trustedProxies")
+    let line = logged(server, "which is not in trustedProxies")
         .expect("the refusal is logged, naming trustedProxies");
     assert!(
         line.contains(&format!("PROXY header from {UNTRUSTED}")),
@@ -285,7 +261,7 @@ async fn headers_are_read_only_from_trusted_proxies_and_only_when_whole_and_vali
     }
     let headerless = node(port, &pki.ca, PROXY, None);
     assert!(headerless.seal(NODE, b"x").await.is_err());
-    logged(&server, "send-proxy-v2").expect("the log says how to fix a proxy without headers");
+    logged(server, "send-proxy-v2").expect("the log says how to fix a proxy without headers");
 
     // A header split across segments, byte by byte or in two, still parses; the client's
     // TLS bytes after it are intact.
@@ -333,11 +309,10 @@ async fn headers_are_read_only_from_trusted_proxies_and_only_when_whole_and_vali
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_allow_lists_apply_to_the_address_the_header_carries() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, pki, audit_file) = proxied_server(
-        dir.path(),
+    let (running, audit_file) = proxied_server(
         "sealAllowedNetworks: [\"127.0.0.1/32\"]\nunsealAllowedNetworks: [\"127.0.0.1/32\"]\n",
     );
+    let (server, pki) = (&running.server, &running.pki);
     let port = server.addr.port();
 
     // The proxy's own address is outside the allow-lists, yet it is admitted to read its
@@ -367,7 +342,7 @@ async fn the_allow_lists_apply_to_the_address_the_header_carries() {
     let local = node(port, &pki.ca, PROXY, Some(ProxyV2::Local));
     assert!(local.seal(NODE, b"x").await.is_err());
 
-    logged(&server, "outside sealAllowedNetworks").expect("the refusal is logged");
+    logged(server, "outside sealAllowedNetworks").expect("the refusal is logged");
     let lines = audit(&audit_file);
     let refused = lines
         .iter()

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use talos_kms_server::client::{ClientError, KmsClient};
+use talos_kms_server::client::ClientError;
 
 /// Records as `keys list --output json` prints them.
 async fn records(config: &Path) -> Vec<serde_json::Value> {
@@ -49,50 +49,29 @@ async fn audit_lines(config: &Path, filters: &[&str]) -> Vec<serde_json::Value> 
         .collect()
 }
 
-struct Running {
-    _dir: tempfile::TempDir,
-    config: std::path::PathBuf,
-    server: ServerProcess,
-    client: KmsClient,
-}
-
-fn start(extra_config: &str) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", extra_config);
-    let server = ServerProcess::start(&config).unwrap();
-    let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
-    Running {
-        _dir: dir,
-        config,
-        server,
-        client,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_record_unseals_to_random_bytes_until_restored() {
-    let running = start("");
+    let running = Running::start("");
     let config = running.config.to_str().unwrap();
     let (node_a, node_b) = ("node-a", "node-b");
     let (secret_a, secret_b) = (random_passphrase(), random_passphrase());
-    let sealed_a = running.client.seal(node_a, &secret_a).await.unwrap();
+    let sealed_a = running.client().seal(node_a, &secret_a).await.unwrap();
     let sealed_a2 = running
-        .client
+        .client()
         .seal(node_a, &random_passphrase())
         .await
         .unwrap();
-    let sealed_b = running.client.seal(node_b, &secret_b).await.unwrap();
+    let sealed_b = running.client().seal(node_b, &secret_b).await.unwrap();
     let listed = records(&running.config).await;
     assert_eq!(listed.len(), 3);
     let id_b = id_of(&listed, node_b);
 
     run_ok(&["keys", "revoke", &id_b, "--config", config]).await;
-    let answer = running.client.unseal(node_b, &sealed_b).await.unwrap();
+    let answer = running.client().unseal(node_b, &sealed_b).await.unwrap();
     assert_eq!(answer.len(), 32, "answered like a wrong key");
     assert_ne!(answer, secret_b, "a revoked record does not unseal");
     assert_eq!(
-        running.client.unseal(node_a, &sealed_a).await.unwrap(),
+        running.client().unseal(node_a, &sealed_a).await.unwrap(),
         secret_a
     );
     let refused = audit_lines(
@@ -112,7 +91,7 @@ async fn a_revoked_record_unseals_to_random_bytes_until_restored() {
 
     run_ok(&["keys", "restore", &id_b, "--config", config]).await;
     assert_eq!(
-        running.client.unseal(node_b, &sealed_b).await.unwrap(),
+        running.client().unseal(node_b, &sealed_b).await.unwrap(),
         secret_b
     );
 
@@ -121,12 +100,12 @@ async fn a_revoked_record_unseals_to_random_bytes_until_restored() {
     let revoked = run_ok(&["keys", "list", "--state", "revoked", "--config", config]).await;
     assert!(revoked.contains("2 records"), "{revoked}");
     assert_ne!(
-        running.client.unseal(node_a, &sealed_a).await.unwrap(),
+        running.client().unseal(node_a, &sealed_a).await.unwrap(),
         secret_a
     );
     assert_ne!(
         running
-            .client
+            .client()
             .unseal(node_a, &sealed_a2)
             .await
             .unwrap()
@@ -140,12 +119,12 @@ async fn a_revoked_record_unseals_to_random_bytes_until_restored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_deletes_only_when_told_to() {
-    let running = start("");
+    let running = Running::start("");
     let config = running.config.to_str().unwrap();
     let secret = random_passphrase();
-    let sealed = running.client.seal("keep", &secret).await.unwrap();
+    let sealed = running.client().seal("keep", &secret).await.unwrap();
     let doomed = running
-        .client
+        .client()
         .seal("doomed", &random_passphrase())
         .await
         .unwrap();
@@ -185,10 +164,10 @@ async fn purge_deletes_only_when_told_to() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0]["node_uuid"], "keep");
     assert_eq!(
-        running.client.unseal("keep", &sealed).await.unwrap(),
+        running.client().unseal("keep", &sealed).await.unwrap(),
         secret
     );
-    running.client.unseal("doomed", &doomed).await.unwrap();
+    running.client().unseal("doomed", &doomed).await.unwrap();
     let gone = audit_lines(
         &running.config,
         &["--action", "unseal", "--outcome", "refused"],
@@ -202,9 +181,9 @@ async fn every_outcome_is_audited_survives_kill_9_and_holds_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let trail = dir.path().join("trail/audit.jsonl");
     std::fs::create_dir(trail.parent().unwrap()).unwrap();
-    let mut running = start(&format!("auditLog: {}\n", trail.display()));
+    let mut running = Running::start(&format!("auditLog: {}\n", trail.display()));
     let config = running.config.clone();
-    let client = &running.client;
+    let client = running.client();
 
     let secret = random_passphrase();
     let sealed = client.seal(NODE, &secret).await.unwrap();
@@ -281,10 +260,8 @@ fn dir_of(config: &Path) -> &Path {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_refused_while_the_audit_trail_cannot_be_written() {
     // A device cannot hold the trail: refused at start, naming the path.
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "auditLog: /dev/full\n");
-    let refused = ServerProcess::start(&config)
+    let setup = Setup::new("auditLog: /dev/full\n");
+    let refused = ServerProcess::start(&setup.config)
         .err()
         .expect("refused at start");
     assert!(
@@ -293,14 +270,14 @@ async fn calls_are_refused_while_the_audit_trail_cannot_be_written() {
     );
 
     // Put there while serving: every write fails, so calls are refused.
-    let mut running = start("");
+    let mut running = Running::start("");
     let trail = running
         .config
         .parent()
         .unwrap()
         .join("talos-kms-server-audit.jsonl");
     running
-        .client
+        .client()
         .seal(NODE, &random_passphrase())
         .await
         .unwrap();
@@ -309,12 +286,12 @@ async fn calls_are_refused_while_the_audit_trail_cannot_be_written() {
     std::fs::rename(&link, &trail).unwrap();
     // The path is checked every 100 ms, not per line.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let seal = running.client.seal(NODE, &random_passphrase()).await;
+    let seal = running.client().seal(NODE, &random_passphrase()).await;
     assert!(
         matches!(&seal, Err(ClientError::Status(s)) if s.code() == tonic::Code::Unavailable),
         "{seal:?}"
     );
-    let unseal = running.client.unseal(NODE, &[7; 44]).await;
+    let unseal = running.client().unseal(NODE, &[7; 44]).await;
     assert!(
         matches!(&unseal, Err(ClientError::Status(s)) if s.code() == tonic::Code::Unavailable),
         "{unseal:?}"
@@ -332,11 +309,9 @@ async fn calls_are_refused_while_the_audit_trail_cannot_be_written() {
 
 #[test]
 fn admin_commands_never_create_a_database() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let setup = Setup::new("");
     let output = Command::new(BINARY)
-        .args(["keys", "list", "--config", config.to_str().unwrap()])
+        .args(["keys", "list", "--config", setup.config_str()])
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -346,7 +321,7 @@ fn admin_commands_never_create_a_database() {
         "{}",
         text(&output.stderr)
     );
-    assert!(!dir.path().join("kms.db").exists());
+    assert!(!setup.dir.path().join("kms.db").exists());
 }
 
 /// `--since`/`--until` are times, not text: ages, days, UTC times and offsets all compare

@@ -8,15 +8,9 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_refused_unseals_are_one_warning_and_a_summary() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(
-        dir.path(),
-        &pki,
-        "127.0.0.1",
-        "rateLimitPerAddress: {perSecond: 0}\n",
-    );
-    let server = ServerProcess::start(&config).unwrap();
+    let running = Running::start("rateLimitPerAddress: {perSecond: 0}\n");
+    let server = &running.server;
+    let pki = &running.pki;
     let node = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
     let mut blob = [7u8; 44];
     for n in 0..100u8 {

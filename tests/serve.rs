@@ -62,10 +62,10 @@ fn untrusting_client(port: u16, source: &str) -> KmsClient {
 
 #[tokio::test]
 async fn failed_handshakes_are_logged_once_per_peer_and_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let mut server = ServerProcess::start(&config).unwrap();
+    let setup = Setup::new("");
+    let pki = &setup.pki;
+    let config = &setup.config;
+    let mut server = ServerProcess::start(config).unwrap();
     let port = server.addr.port();
     for source in ["127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2"] {
         let refused = untrusting_client(port, source).handshake().await;
@@ -99,11 +99,8 @@ async fn failed_handshakes_are_logged_once_per_peer_and_reason() {
 
 #[tokio::test]
 async fn sighup_and_sigusr1_do_not_stop_the_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let server = ServerProcess::start(&config).unwrap();
-    let pid = server.child.id().to_string();
+    let running = Running::start("");
+    let pid = running.server.child.id().to_string();
     for signal in ["-HUP", "-USR1", "-USR2"] {
         assert!(
             Command::new("kill")
@@ -113,10 +110,11 @@ async fn sighup_and_sigusr1_do_not_stop_the_server() {
                 .success()
         );
     }
-    let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
+    let client = running.client();
     let passphrase = random_passphrase();
     let sealed = client.seal(NODE, &passphrase).await.unwrap();
     assert_eq!(client.unseal(NODE, &sealed).await.unwrap(), passphrase);
+    let server = running.server;
     let status = tokio::task::spawn_blocking(move || server.terminate())
         .await
         .unwrap();
@@ -152,10 +150,8 @@ fn a_start_that_cannot_bind_leaves_nothing_behind_and_says_why_once() {
 
 #[test]
 fn a_serving_process_can_never_dump_core() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = write_pki(dir.path());
-    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
-    let server = ServerProcess::start(&config).unwrap();
+    let running = Running::start("");
+    let server = &running.server;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
     let core = limits
         .lines()

@@ -41,6 +41,21 @@ async fn record_ids_are_never_reused() {
     store_contract::record_ids_are_never_reused(&store).await;
 }
 
+#[tokio::test]
+async fn an_unreadable_approval_is_an_error() {
+    let (dir, store) = store();
+    let path = dir.path().join("kms.db");
+    store_contract::an_unreadable_approval_is_an_error(&store, |id| async move {
+        // The schema's CHECK would refuse the state; a hand edit can switch it off.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.pragma_update(None, "ignore_check_constraints", true)
+            .unwrap();
+        conn.execute("UPDATE approvals SET state = 'expired' WHERE id = ?1", [id])
+            .unwrap();
+    })
+    .await;
+}
+
 /// The counter lives in the file: a restart does not hand out a purged id again either.
 #[tokio::test]
 async fn a_purged_id_stays_used_across_a_reopen() {

@@ -15,10 +15,37 @@ pub struct Admin {
     audit: AuditLog,
 }
 
+/// The arguments every admin command (`keys`, `window`, `pending`) takes.
+#[derive(clap::Args)]
+pub struct AdminArgs {
+    /// Config file of the server (YAML, legacy keys); the database is found there.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    /// The config file given as the command's own `--config` or before the command.
+    pub fn given(self, global: Option<PathBuf>) -> Option<PathBuf> {
+        self.config.or(global)
+    }
+
+    pub fn config_path(self, global: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+        config_path(self.config, global)
+    }
+}
+
 /// The config an admin command was given, as its own `--config` or before the command.
 pub fn config_path(own: Option<PathBuf>, global: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     own.or(global)
         .context("--config FILE is required: the server's config names the database")
+}
+
+/// `--output` of an admin command that prints what it found or did.
+#[derive(clap::Args, Clone, Copy)]
+pub struct OutputArg {
+    /// `text` for people; `json` for scripts (a listing prints one object per line).
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
 }
 
 impl Admin {

@@ -4,7 +4,7 @@
 //! PostgreSQL (`migrate`).
 
 use super::Output;
-use super::admin::{Admin, admin_event, config_path, print, refuse_existing};
+use super::admin::{Admin, AdminArgs, admin_event, config_path, print, refuse_existing};
 use super::progress::Progress;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -16,9 +16,8 @@ use talos_kms_server::store::{self, Database, PgOptions, SqliteStore};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Config file of the server (YAML, legacy keys); the database is found there.
-    #[arg(long, value_name = "FILE", global = true)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    admin: AdminArgs,
     /// `text` for people; `json` prints the summary as one JSON object, for scripts.
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     output: Output,
@@ -80,7 +79,7 @@ pub async fn run(
     config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let config = args.config.or(config);
+    let config = args.admin.given(config);
     let required = || config_path(config.clone(), None);
     match args.action {
         Action::Backup { file, force } => {

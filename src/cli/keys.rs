@@ -2,7 +2,7 @@
 //! change takes effect on the server's next request and goes to the audit trail.
 
 use super::Output;
-use super::admin::{Admin, config_path};
+use super::admin::{Admin, AdminArgs, OutputArg};
 use super::progress::Progress;
 use super::time_text::{date, parse_age, parse_date, rfc3339};
 use anyhow::bail;
@@ -17,9 +17,8 @@ const PAGE: usize = 10_000;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Config file of the server (YAML, legacy keys); the database is found there.
-    #[arg(long, value_name = "FILE", global = true)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    admin: AdminArgs,
     #[command(subcommand)]
     action: Action,
 }
@@ -30,17 +29,15 @@ enum Action {
     List {
         #[command(flatten)]
         filter: Filter,
-        /// `text` for people; `json` prints one object per record and line, for scripts.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Everything known of one record (never its key or ciphertext).
     Show {
         /// Record id, as `keys list` shows it.
         id: RecordId,
-        /// `text` for people, `json` for scripts.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Revoke records: their unseals get random bytes, like a wrong key. Reversible.
     Revoke {
@@ -76,10 +73,8 @@ enum Action {
         /// Show what would be deleted, delete nothing.
         #[arg(long, conflicts_with = "yes")]
         dry_run: bool,
-        /// `text` for people; `json` prints the records as `list` does, then the summary
-        /// as one object.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
@@ -113,11 +108,17 @@ pub async fn run(
     config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let config = config_path(args.config, config)?;
+    let config = args.admin.config_path(config)?;
     let admin = Admin::open(&config).await?;
     match args.action {
-        Action::List { filter, output } => list(&admin, filter.into(), output).await,
-        Action::Show { id, output } => show(&admin, id, output).await,
+        Action::List {
+            filter,
+            output: OutputArg { output },
+        } => list(&admin, filter.into(), output).await,
+        Action::Show {
+            id,
+            output: OutputArg { output },
+        } => show(&admin, id, output).await,
         Action::Revoke { ids, node } => {
             let ids = match node {
                 Some(node) => {
@@ -141,7 +142,7 @@ pub async fn run(
             not_accessed_for,
             yes,
             dry_run,
-            output,
+            output: OutputArg { output },
         } => {
             let filter = RecordFilter {
                 state: revoked.then_some(RecordState::Revoked),

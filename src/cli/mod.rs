@@ -89,7 +89,7 @@ enum Command {
 
 /// How a command prints its results.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     /// For people.
     Text,
     /// For scripts.

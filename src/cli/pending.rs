@@ -3,7 +3,7 @@
 //! node retries every 30 s); the change takes effect while the server runs.
 
 use super::Output;
-use super::admin::{Admin, config_path};
+use super::admin::{Admin, AdminArgs, OutputArg};
 use super::time_text::{date, parse_age, rfc3339};
 use anyhow::bail;
 use std::path::PathBuf;
@@ -13,9 +13,8 @@ use talos_kms_server::store::{self, Approval, ApprovalId, ApprovalState, Decisio
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Config file of the server (YAML, legacy keys); the database is found there.
-    #[arg(long, value_name = "FILE", global = true)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    admin: AdminArgs,
     #[command(subcommand)]
     action: Action,
 }
@@ -27,8 +26,8 @@ enum Action {
         /// Approved and denied requests too, not only those awaiting a decision.
         #[arg(long)]
         all: bool,
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Let these requests through for a time; the node's next retry succeeds.
     Approve {
@@ -53,9 +52,12 @@ pub async fn run(
     config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let admin = Admin::open(&config_path(args.config, config)?).await?;
+    let admin = Admin::open(&args.admin.config_path(config)?).await?;
     let (ids, decision, verb) = match args.action {
-        Action::List { all, output } => {
+        Action::List {
+            all,
+            output: OutputArg { output },
+        } => {
             let state = (!all).then_some(ApprovalState::Pending);
             list(&admin.store.approvals(state).await?, output);
             return Ok(ExitCode::SUCCESS);

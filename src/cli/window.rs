@@ -2,7 +2,7 @@
 //! `unsealPolicy: window`, while the server runs; the next request sees the change.
 
 use super::Output;
-use super::admin::{Admin, config_path};
+use super::admin::{Admin, AdminArgs, OutputArg};
 use super::time_text::{date, parse_age, rfc3339};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,9 +12,8 @@ use talos_kms_server::store::{self, Operation, Window};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Config file of the server (YAML, legacy keys); the database is found there.
-    #[arg(long, value_name = "FILE", global = true)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    admin: AdminArgs,
     #[command(subcommand)]
     action: Action,
 }
@@ -36,8 +35,8 @@ enum Action {
     },
     /// Show each operation's policy and window.
     Status {
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 
@@ -63,7 +62,7 @@ pub async fn run(
     config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let admin = Admin::open(&config_path(args.config, config)?).await?;
+    let admin = Admin::open(&args.admin.config_path(config)?).await?;
     match args.action {
         Action::Open {
             operation,
@@ -108,7 +107,9 @@ pub async fn run(
             println!("{detail}");
             admin.audit(Event::admin("window close", command_line).detail(detail))?;
         }
-        Action::Status { output } => status(&admin, output).await?,
+        Action::Status {
+            output: OutputArg { output },
+        } => status(&admin, output).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

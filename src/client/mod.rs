@@ -403,7 +403,7 @@ impl Connection {
             .seal(request)
             .await
             .map_err(|status| self.status_error(status))?;
-        Ok(response.into_inner().data)
+        Ok(std::mem::take(&mut response.into_inner().data))
     }
 
     pub async fn unseal(&mut self, node_uuid: &str, sealed: &[u8]) -> Result<Vec<u8>, ClientError> {
@@ -417,7 +417,7 @@ impl Connection {
             .unseal(request)
             .await
             .map_err(|status| self.status_error(status))?;
-        Ok(response.into_inner().data)
+        Ok(std::mem::take(&mut response.into_inner().data))
     }
 
     /// Waits until the connection can take a call. The generated client would turn a broken

@@ -3,7 +3,8 @@
 //! plain HTTP/2 for probes that cannot speak TLS (the kubelet's). Bounded like the KMS
 //! listener, so that no one who reaches it can starve the KMS port or fill the memory.
 
-use super::{HEALTH_PATH, Health, WATCH_PATH, stopped};
+use super::call::{HEALTH_PATH, WATCH_PATH};
+use super::{Health, stopped};
 use crate::locking::lock;
 use crate::metrics::Metrics;
 use http_body_util::Full;

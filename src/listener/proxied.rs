@@ -14,10 +14,11 @@
 //! - From anyone else, a connection that begins like a PROXY header is reset before TLS,
 //!   and said so in the log: one peek of the first bytes, only while `trustedProxies` is set.
 
+use super::accept::{address_of, allowed};
+use super::connection::reset_stream;
 use super::proxy_protocol::{self, Header, Invalid, MAX_HEADER, Parsed};
-use super::refusals::{Kind, Refusals};
+use super::refusals::{Kind, Refusals, closed_early};
 use super::slots::{Room, SlotHandle};
-use super::{address_of, allowed, closed_early, reset_stream};
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::policy::Networks;

@@ -3,7 +3,7 @@
 //! logged (and, for the allow-list, audited) on its own, the rest counted and summed up
 //! once a minute, like failed handshakes.
 
-use crate::audit::{Action, Event, Reason};
+use crate::audit::{Action, AuditLog, Event, Reason};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -193,6 +193,42 @@ pub fn refused_connection(ip: Option<IpAddr>, detail: String) -> Event {
     event.peer = ip.map(|ip| ip.to_string());
     event.node = None;
     event.detail(detail)
+}
+
+/// Logs (the first of each address and kind a minute) and, for the allow-list, audits a
+/// connection closed by the listener; the caller counted it. `via`: the trusted proxy whose
+/// PROXY header carried `ip`.
+pub(super) fn closed_early(
+    refusals: &Refusals,
+    audit: &AuditLog,
+    ip: IpAddr,
+    kind: Kind,
+    via: Option<IpAddr>,
+) {
+    if !refusals.record(ip, kind) {
+        tracing::debug!(peer = %ip, reason = kind.label(), "connection closed");
+        return;
+    }
+    match via {
+        Some(proxy) => {
+            tracing::warn!(peer = %ip, %proxy, reason = kind.label(), "{}", kind.message())
+        }
+        None => tracing::warn!(peer = %ip, reason = kind.label(), "{}", kind.message()),
+    }
+    if kind == Kind::Network {
+        let carried = via.map_or(String::new(), |proxy| {
+            format!(" (the address a PROXY header from the trusted proxy {proxy} carried)")
+        });
+        let line = refused_connection(
+            Some(ip),
+            format!(
+                "closed before TLS: the address{carried} is outside sealAllowedNetworks and \
+                 unsealAllowedNetworks; more from it are counted in one line a minute"
+            ),
+        );
+        // Refusing needs no audit line; a failing trail is reported by the audit log.
+        let _ = audit.write(&line);
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //!
 //! This module knows nothing of gRPC or storage: it turns bytes into bytes. The keys it
 //! holds are zeroed when dropped (aws-lc-rs cleanses its own key schedules); a passphrase
-//! handed back to the caller is the caller's to zero.
+//! handed back goes into the gRPC reply, which zeroes it once encoded (`proto.rs`).
 
 mod ip_text;
 

@@ -5,6 +5,7 @@ pub mod legacy_json;
 pub mod migrate;
 mod policy_state;
 pub mod postgres;
+mod sql;
 mod sqlite;
 
 pub use policy_state::{
@@ -228,6 +229,15 @@ pub enum StoreError {
     /// read from or written to it until a restart.
     #[error("database {path} {problem}; refusing every call until the server is restarted")]
     Lost { path: String, problem: String },
+    /// A row holds what this build does not know (written by hand, or by a newer version).
+    #[error(
+        "the database's {table} table holds a row this server cannot read ({problem}); run \
+         the talos-kms-server version that wrote it, or correct the row"
+    )]
+    Unreadable {
+        table: &'static str,
+        problem: String,
+    },
 }
 
 /// The storage interface of the server. Implementations must make [`Store::insert`] durable

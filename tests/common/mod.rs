@@ -142,6 +142,119 @@ pub fn write_config(dir: &Path, pki: &Pki, bind: &str, extra: &str) -> PathBuf {
     path
 }
 
+/// A test's own server on loopback, before it starts: a directory, its certificates and a
+/// config with `extra` appended. Start it, or use only its config (`check`, a refused start).
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    pub config: PathBuf,
+    bind: String,
+}
+
+impl Setup {
+    pub fn new(extra: &str) -> Setup {
+        Self::on("127.0.0.1", |_| extra.to_string())
+    }
+
+    /// A config whose `extra` lines name paths in the test's directory.
+    pub fn with(extra: impl FnOnce(&Path) -> String) -> Setup {
+        Self::on("127.0.0.1", extra)
+    }
+
+    /// A server bound to `bind` (`::` for dual stack) instead of 127.0.0.1.
+    pub fn on(bind: &str, extra: impl FnOnce(&Path) -> String) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = write_pki(dir.path());
+        let config = write_config(dir.path(), &pki, bind, &extra(dir.path()));
+        Setup {
+            dir,
+            pki,
+            config,
+            bind: bind.to_string(),
+        }
+    }
+
+    /// Writes the config again, with other `extra` lines.
+    pub fn rewrite(&self, extra: &str) {
+        write_config(self.dir.path(), &self.pki, &self.bind, extra);
+    }
+
+    pub fn config_str(&self) -> &str {
+        self.config.to_str().unwrap()
+    }
+
+    pub fn start(self) -> Running {
+        self.start_with(|_| ())
+    }
+
+    /// [`Setup::start`] with the command adjusted first (limits, environment).
+    pub fn start_with(self, adjust: impl FnOnce(&mut Command)) -> Running {
+        let server = ServerProcess::start_with(&self.config, adjust).unwrap();
+        Running {
+            server,
+            pki: self.pki,
+            config: self.config,
+            dir: self.dir,
+        }
+    }
+}
+
+/// A server process started from a [`Setup`]; dropping it stops the server, then removes its
+/// directory. Taken apart, bind `dir` first (`let Running { dir: _dir, server, pki, .. }`): it
+/// is then dropped last, and not at once as a field left to `..` would be.
+pub struct Running {
+    pub server: ServerProcess,
+    pub pki: Pki,
+    pub config: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Running {
+    pub fn start(extra: &str) -> Running {
+        Setup::new(extra).start()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.server.addr.port()
+    }
+
+    /// A Talos-like client whose connections come from `source` (one of 127.0.0.0/8).
+    pub fn node(&self, source: &str) -> KmsClient {
+        let source: IpAddr = source.parse().unwrap();
+        client_for("127.0.0.1", self.port(), &self.pki.ca, Some(source))
+    }
+
+    /// A Talos-like client connecting from wherever the system chooses.
+    pub fn client(&self) -> KmsClient {
+        client_for("127.0.0.1", self.port(), &self.pki.ca, None)
+    }
+
+    pub fn config_str(&self) -> &str {
+        self.config.to_str().unwrap()
+    }
+
+    /// Runs an admin command with this server's config; its stdout.
+    pub async fn admin(&self, args: &[&str]) -> String {
+        let mut all = args.to_vec();
+        all.extend(["--config", self.config_str()]);
+        run_ok(&all).await
+    }
+}
+
+/// Raises this test process's soft limit of open files to its hard limit: the attacks and
+/// floods open hundreds of sockets, and a soft limit of 1,024 would make them fail here.
+pub fn raise_own_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    );
+}
+
 /// One gRPC call made by hand over TLS and HTTP/2, for what the Talos-like client does not
 /// do (other content-types, other services); the response body is left to read.
 pub async fn raw_grpc(
@@ -151,10 +264,41 @@ pub async fn raw_grpc(
     content_type: &str,
     message: &[u8],
 ) -> http::Response<hyper::body::Incoming> {
-    let tls = tls_connect(port, ca).await;
+    grpc_over(
+        tls_connect(port, ca).await,
+        port,
+        path,
+        content_type,
+        message,
+    )
+    .await
+}
+
+/// [`raw_grpc`] over a TLS connection made by the caller (after a PROXY header, say).
+pub async fn grpc_over(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    port: u16,
+    path: &str,
+    content_type: &str,
+    message: &[u8],
+) -> http::Response<hyper::body::Incoming> {
+    let uri = format!("https://127.0.0.1:{port}{path}");
+    http2_call(tls, &uri, content_type, message).await
+}
+
+/// One gRPC call on its own HTTP/2 connection over `io`.
+async fn http2_call<IO>(
+    io: IO,
+    uri: &str,
+    content_type: &str,
+    message: &[u8],
+) -> http::Response<hyper::body::Incoming>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
+        hyper_util::rt::TokioIo::new(io),
     )
     .await
     .unwrap();
@@ -162,7 +306,7 @@ pub async fn raw_grpc(
     let mut frame = vec![0];
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
     frame.extend_from_slice(message);
-    let request = http::Request::post(format!("https://127.0.0.1:{port}{path}"))
+    let request = http::Request::post(uri)
         .header("content-type", content_type)
         .header("te", "trailers")
         .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
@@ -437,10 +581,18 @@ pub fn assert_no_secret(text: &str, where_: &str, secrets: &[(&str, &[u8])]) {
 /// The status a gRPC health `Check` answers for the server as a whole: 1 SERVING,
 /// 2 NOT_SERVING.
 pub async fn grpc_health(port: u16, ca: &Path) -> u8 {
+    health_over(tls_connect(port, ca).await, port).await
+}
+
+/// [`grpc_health`] over a TLS connection made by the caller (after a PROXY header, say).
+pub async fn health_over(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    port: u16,
+) -> u8 {
     use http_body_util::BodyExt;
-    let response = raw_grpc(
+    let response = grpc_over(
+        tls,
         port,
-        ca,
         "/grpc.health.v1.Health/Check",
         "application/grpc",
         &[],
@@ -458,22 +610,8 @@ pub async fn plain_grpc(
     message: &[u8],
 ) -> http::Response<hyper::body::Incoming> {
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    let mut frame = vec![0];
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(message);
-    let request = http::Request::post(format!("http://{address}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
-        .unwrap();
-    sender.send_request(request).await.unwrap()
+    let uri = format!("http://{address}{path}");
+    http2_call(tcp, &uri, "application/grpc", message).await
 }
 
 /// The status in a HealthCheckResponse frame: `[flag, len(4), 0x08, status]`.

@@ -269,3 +269,37 @@ pub async fn record_ids_are_never_reused(store: &dyn Store) {
         "id {next} after purging {newest} (first was {first})"
     );
 }
+
+/// A row the store cannot read (a state this build does not know, as a newer version or a
+/// hand edit leaves) is an error wherever a call meets it: never taken for "no approval",
+/// nor for "the pending limit is reached". `spoil` writes the unknown state into the row
+/// with the id it is given, behind the store's back.
+pub async fn an_unreadable_approval_is_an_error<F: std::future::Future<Output = ()>>(
+    store: &dyn Store,
+    spoil: impl FnOnce(i64) -> F,
+) {
+    let unseal = Operation::Unseal;
+    let noted = store
+        .note_pending(unseal, "n", "10.0.0.1", 100, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    spoil(noted.id).await;
+    let named = |refused: talos_kms_server::store::StoreError| {
+        let text = refused.to_string();
+        assert!(
+            text.contains("approvals") && text.contains("\"expired\""),
+            "{text}"
+        );
+    };
+    named(store.approval(unseal, "n", "10.0.0.1").await.unwrap_err());
+    named(store.approvals(None).await.unwrap_err());
+    // The next refused call of that node is refused for the row, not for a full queue (SQLite
+    // may already refuse to write the unknown state back).
+    assert!(
+        store
+            .note_pending(unseal, "n", "10.0.0.1", 130, 10)
+            .await
+            .is_err()
+    );
+}

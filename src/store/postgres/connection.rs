@@ -1,7 +1,9 @@
 //! The pool of connections to PostgreSQL, and what every store call does with it: take a
 //! connection within a deadline, and put a PostgreSQL error in words an operator can act on.
 
-use super::options::{PgOptions, SslMode};
+use super::migrations;
+use super::options::PgOptions;
+use super::tls::SslMode;
 use crate::store::StoreError;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::future::Future;
@@ -130,13 +132,85 @@ pub(super) fn describe(options: &PgOptions, error: &tokio_postgres::Error) -> St
     options.error(text)
 }
 
-/// The error of a batch, for each of its callers.
-pub(super) fn clone_error(error: &StoreError) -> StoreError {
+/// The error of a batch, for each of its callers; `batch` names what failed ("the seal
+/// batch", "the unseal lookup").
+pub(super) fn clone_error(options: &PgOptions, error: &StoreError, batch: &str) -> StoreError {
     match error {
         StoreError::Postgres { database, problem } => StoreError::Postgres {
             database: database.clone(),
             problem: problem.clone(),
         },
-        other => StoreError::Write(other.to_string()),
+        other => options.error(format!("{batch} failed: {other}")),
+    }
+}
+
+/// What a look at a PostgreSQL database finds, for `check`.
+pub struct PgInspection {
+    /// `None`: none of our tables yet (the server creates them at start).
+    pub schema_version: Option<usize>,
+    pub current_version: usize,
+    pub records: u64,
+    pub server_version: String,
+    pub tls: bool,
+}
+
+impl super::PgStore {
+    /// Reads what an operator needs to know, changing nothing (no migration).
+    pub async fn inspect(options: &PgOptions) -> Result<PgInspection, StoreError> {
+        let pool = pool(options)?;
+        let client = get(options, &pool, CALL_DEADLINE).await?;
+        let read = async {
+            let version = migrations::version(&client)
+                .await
+                .map_err(|refused| match refused {
+                    migrations::Refused::Database(e) => describe(options, &e),
+                    migrations::Refused::Problem(problem) => options.error(problem),
+                })?;
+            let server_version: String = client
+                .query_one("SHOW server_version", &[])
+                .await
+                .map_err(|e| describe(options, &e))?
+                .get(0);
+            let tls: bool = client
+                .query_one(
+                    "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), \
+                     false)",
+                    &[],
+                )
+                .await
+                .map_err(|e| describe(options, &e))?
+                .get(0);
+            let records = match version {
+                Some(v) if v > 0 => client
+                    .query_one("SELECT count(*) FROM records", &[])
+                    .await
+                    .map_err(|e| describe(options, &e))?
+                    .get::<_, i64>(0) as u64,
+                _ => 0,
+            };
+            Ok(PgInspection {
+                schema_version: version,
+                current_version: migrations::MIGRATIONS.len(),
+                records,
+                server_version,
+                tls,
+            })
+        };
+        deadline(options, CALL_DEADLINE, read).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_batch_error_says_which_batch_failed() {
+        let options = PgOptions::parse("postgres://kms@127.0.0.1/kms", Path::new("/")).unwrap();
+        let lookup = clone_error(&options, &StoreError::WriterStopped, "the unseal lookup");
+        let text = lookup.to_string();
+        assert!(text.contains("the unseal lookup failed"), "{text}");
+        assert!(!text.contains("write failed"), "{text}");
     }
 }

@@ -71,7 +71,7 @@ async fn answer(
         }
         Err(error) => {
             for (_, reply) in batch {
-                let _ = reply.send(Err(clone_error(&error)));
+                let _ = reply.send(Err(clone_error(options, &error, "the unseal lookup")));
             }
         }
     }

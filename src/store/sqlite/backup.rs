@@ -5,12 +5,12 @@
 //! `.db` file alone misses the commits still in its `-wal`, and a copy taken mid-write is
 //! torn.
 
-use super::{
-    APPLICATION_ID, BUSY_TIMEOUT, MIGRATIONS, SqliteStore, StoreError, configure, describe,
-    schema_state,
-};
+use super::SqliteStore;
+use super::connection::{BUSY_TIMEOUT, configure, describe};
+use super::migrations::{APPLICATION_ID, MIGRATIONS, schema_state};
 use crate::os_error::plain;
 use crate::sealing::{NONCE_LEN, TAG_LEN};
+use crate::store::StoreError;
 use crate::store::UnixTime;
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::types::ValueRef;

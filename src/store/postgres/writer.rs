@@ -1,4 +1,6 @@
-//! Seals written in batches: the seals that arrive while the previous batch commits go
+//! The writes that are batched: seals, and the last-access times noted by unseals.
+//!
+//! Seals are written in batches: the seals that arrive while the previous batch commits go
 //! together in one `INSERT ... SELECT FROM unnest(...)`, one statement and one commit for
 //! all, and each is answered once that commit returned. One batch commits at a time: the
 //! busier PostgreSQL is, the larger the batches grow. (Measured with `bench`, durable seals
@@ -6,14 +8,17 @@
 //! 0.75–0.80x with four at once; PostgreSQL's CPU per seal is what limits it.)
 
 use super::columns::Columns;
-use super::connection::{clone_error, deadline, describe, get};
+use super::connection::{CALL_DEADLINE, clone_error, deadline, describe, get};
 use super::options::PgOptions;
-use crate::store::{Inserted, NewRecord, StoreError};
+use crate::locking::lock;
+use crate::store::{Inserted, NewRecord, RecordId, StoreError, UnixTime};
 use deadpool_postgres::Pool;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
+const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// Seals in one statement at most.
 const MAX_BATCH: usize = 256;
 
@@ -91,8 +96,56 @@ async fn write(options: &PgOptions, pool: &Pool, batch: Vec<(NewRecord, Reply)>,
         }
         Err(error) => {
             for (_, reply) in rows {
-                let _ = reply.send(Err(clone_error(&error)));
+                let _ = reply.send(Err(clone_error(options, &error, "the seal batch")));
             }
         }
     }
+}
+
+/// Writes the buffered access times every 2 s, for as long as the store lives.
+pub(super) async fn flush_accesses_every(
+    options: PgOptions,
+    pool: Pool,
+    accesses: Arc<Mutex<HashMap<RecordId, UnixTime>>>,
+) {
+    let mut ticks = tokio::time::interval(ACCESS_FLUSH_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = write_accesses(&options, &pool, &accesses).await {
+            tracing::warn!(%error, "last-access times not written yet; retrying");
+        }
+    }
+}
+
+pub(super) async fn write_accesses(
+    options: &PgOptions,
+    pool: &Pool,
+    accesses: &Mutex<HashMap<RecordId, UnixTime>>,
+) -> Result<(), StoreError> {
+    let pending = std::mem::take(&mut *lock(accesses));
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let (ids, times): (Vec<i64>, Vec<i64>) = pending.iter().map(|(id, at)| (*id, *at)).unzip();
+    let written = deadline(options, CALL_DEADLINE, async {
+        let client = get(options, pool, CALL_DEADLINE).await?;
+        client
+            .execute(
+                "UPDATE records SET last_access = greatest(coalesce(records.last_access, 0), a.at)
+                 FROM unnest($1::bigint[], $2::bigint[]) AS a(id, at) WHERE records.id = a.id",
+                &[&ids, &times],
+            )
+            .await
+            .map_err(|e| describe(options, &e))
+    })
+    .await;
+    if written.is_err() {
+        // Kept for the next attempt, unless newer ones arrived meanwhile.
+        let mut current = lock(accesses);
+        for (id, at) in pending {
+            current.entry(id).or_insert(at);
+        }
+    }
+    written.map(drop)
 }

@@ -1,0 +1,438 @@
+//! The [`Store`] queries: reads run inline on a pooled reader, writes go to the writer.
+
+use super::SqliteStore;
+use super::writer::Job;
+use crate::locking::lock;
+use crate::sealing::SealNonce;
+use crate::store::sql::{
+    self, APPROVAL_COLUMNS, ApprovalRow, Dialect, INFO_COLUMNS, Value, WINDOW_COLUMNS, approvals,
+    conditions,
+};
+use crate::store::{
+    Approval, ApprovalId, ApprovalState, Decision, ImportBatch, ImportReport, Inserted, NewRecord,
+    NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, Store, StoreError,
+    StoredRecord, UnixTime, Window,
+};
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, params};
+use tokio::sync::oneshot;
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Insert(record, reply))?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
+        let found = self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT id, node_uuid, ip, ciphertext, created_at, last_access, revoked_at
+                 FROM records WHERE nonce = ?1",
+            )?
+            .query_row([&nonce[..]], |row| {
+                Ok(Record {
+                    id: row.get(0)?,
+                    node_uuid: row.get(1)?,
+                    ip: row.get(2)?,
+                    ciphertext: row.get(3)?,
+                    created_at: row.get(4)?,
+                    last_access: row.get(5)?,
+                    revoked_at: row.get(6)?,
+                })
+            })
+            .optional()
+        })?;
+        // "Nothing found" in a file that is no longer the configured one proves nothing.
+        if found.is_none() {
+            self.file.verify()?;
+        }
+        Ok(found)
+    }
+
+    fn record_access(&self, id: RecordId, at: UnixTime) {
+        lock(&self.accesses).insert(id, at);
+    }
+
+    async fn import(&self, batch: ImportBatch) -> Result<ImportReport, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Import(batch, reply))?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    async fn has_imported(&self, fingerprint: &str) -> Result<bool, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT 1 FROM legacy_imports WHERE fingerprint = ?1")?
+                .exists([fingerprint])
+        })
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        self.file.verify()?;
+        self.read(|conn| {
+            conn.query_row("SELECT 1 FROM records LIMIT 1", [], |_| Ok(()))
+                .optional()
+        })?;
+        Ok(())
+    }
+
+    async fn count(&self) -> Result<u64, StoreError> {
+        self.read(|conn| conn.query_row("SELECT count(*) FROM records", [], |row| row.get(0)))
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Flush(reply))?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.flush().await?;
+        // Blocks while the writer checkpoints: once, at the very end.
+        self.close_connections();
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        filter: &RecordFilter,
+        after: RecordId,
+        limit: usize,
+    ) -> Result<Vec<RecordInfo>, StoreError> {
+        let (conditions, values) = conditions(filter, after, Dialect::Sqlite);
+        self.read(|conn| {
+            let mut statement = conn.prepare(&format!(
+                "SELECT {INFO_COLUMNS} FROM records WHERE {conditions} ORDER BY id LIMIT {limit}"
+            ))?;
+            let rows = statement.query_map(
+                rusqlite::params_from_iter(values.iter().map(bound)),
+                info_of,
+            )?;
+            rows.collect()
+        })
+    }
+
+    async fn export(
+        &self,
+        filter: &RecordFilter,
+        after: RecordId,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let (conditions, values) = conditions(filter, after, Dialect::Sqlite);
+        self.read(|conn| {
+            let mut statement = conn.prepare(&format!(
+                "SELECT {INFO_COLUMNS}, nonce, ciphertext FROM records WHERE {conditions} \
+                 ORDER BY id LIMIT {limit}"
+            ))?;
+            let rows = statement.query_map(
+                rusqlite::params_from_iter(values.iter().map(bound)),
+                |row| {
+                    let nonce: Vec<u8> = row.get(6)?;
+                    Ok(StoredRecord {
+                        info: info_of(row)?,
+                        // The schema's CHECK holds every nonce at 12 bytes.
+                        nonce: SealNonce::try_from(nonce.as_slice()).unwrap_or_default(),
+                        ciphertext: row.get(7)?,
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+    }
+
+    async fn set_revoked(
+        &self,
+        ids: &[RecordId],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        self.write(move |conn| {
+            let change = if revoked_at.is_some() {
+                "revoked_at IS NULL"
+            } else {
+                "revoked_at IS NOT NULL"
+            };
+            let mut statement = conn.prepare_cached(&format!(
+                "UPDATE records SET revoked_at = ?2 WHERE id = ?1 AND {change}"
+            ))?;
+            let mut changed = 0;
+            for id in ids {
+                changed += statement.execute(params![id, revoked_at])? as u64;
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    async fn node_summary(&self, node_uuid: &str, ip: &str) -> Result<NodeSummary, StoreError> {
+        self.read(|conn| {
+            let (records, elsewhere): (u64, u64) = conn
+                .prepare_cached(
+                    "SELECT count(*), coalesce(sum(revoked_at IS NULL AND ip != ?2), 0)
+                     FROM records WHERE node_uuid = ?1",
+                )?
+                .query_row(params![node_uuid, ip], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            let other_addresses = if elsewhere == 0 {
+                Vec::new()
+            } else {
+                conn.prepare_cached(
+                    "SELECT DISTINCT ip FROM records
+                     WHERE node_uuid = ?1 AND revoked_at IS NULL AND ip != ?2 LIMIT 8",
+                )?
+                .query_map(params![node_uuid, ip], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+            };
+            Ok(NodeSummary {
+                records,
+                other_addresses,
+            })
+        })
+    }
+
+    async fn created_since(&self, since: UnixTime) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT count(*) FROM records WHERE created_at >= ?1")?
+                .query_row([since], |row| row.get(0))
+        })
+    }
+
+    async fn windows(&self) -> Result<Vec<Window>, StoreError> {
+        let rows = self.read(|conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {WINDOW_COLUMNS} FROM windows ORDER BY operation"
+            ))?;
+            let rows = statement.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        rows.into_iter()
+            .map(|(operation, opened_at, closes_at)| sql::window(&operation, opened_at, closes_at))
+            .collect()
+    }
+
+    async fn open_window(&self, window: Window) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO windows (operation, opened_at, closes_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (operation) DO UPDATE
+                 SET opened_at = excluded.opened_at, closes_at = excluded.closes_at",
+            )?
+            .execute(params![
+                window.operation.as_str(),
+                window.opened_at,
+                window.closes_at
+            ])
+            .map(|changed| changed as u64)
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn close_window(&self, operation: Operation) -> Result<bool, StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached("DELETE FROM windows WHERE operation = ?1")?
+                .execute([operation.as_str()])
+                .map(|changed| changed as u64)
+        })
+        .await
+        .map(|changed| changed > 0)
+    }
+
+    async fn approval(
+        &self,
+        operation: Operation,
+        node_uuid: &str,
+        ip: &str,
+    ) -> Result<Option<Approval>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals
+                 WHERE operation = ?1 AND node_uuid = ?2 AND ip = ?3"
+            ))?
+            .query_row(params![operation.as_str(), node_uuid, ip], approval_row)
+            .optional()
+        })?
+        .map(ApprovalRow::decode)
+        .transpose()
+    }
+
+    async fn note_pending(
+        &self,
+        operation: Operation,
+        node_uuid: &str,
+        ip: &str,
+        at: UnixTime,
+        max_pending: u64,
+    ) -> Result<Option<Approval>, StoreError> {
+        let (node_uuid, ip) = (node_uuid.to_string(), ip.to_string());
+        self.write_approval(move |conn| {
+            let key = params![operation.as_str(), node_uuid, ip, at];
+            let touched = conn
+                .prepare_cached(&Dialect::Sqlite.sql(&approvals::touch()))?
+                .query_row(key, approval_row)
+                .optional()?;
+            if touched.is_some() {
+                return Ok(touched);
+            }
+            let pending: i64 = conn
+                .prepare_cached(approvals::COUNT_PENDING)?
+                .query_row([], |row| row.get(0))?;
+            if !approvals::room_for_one_more(pending, max_pending) {
+                return Ok(None);
+            }
+            conn.prepare_cached(&Dialect::Sqlite.sql(&approvals::add_pending()))?
+                .query_row(key, approval_row)
+                .map(Some)
+        })
+        .await
+    }
+
+    async fn approvals(&self, state: Option<ApprovalState>) -> Result<Vec<Approval>, StoreError> {
+        let rows = self.read(|conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals
+                 WHERE ?1 IS NULL OR state = ?1 ORDER BY id"
+            ))?;
+            let rows = statement.query_map([state.map(ApprovalState::as_str)], approval_row)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        rows.into_iter().map(ApprovalRow::decode).collect()
+    }
+
+    async fn decide(
+        &self,
+        id: ApprovalId,
+        decision: Decision,
+        at: UnixTime,
+    ) -> Result<Option<Approval>, StoreError> {
+        let (state, until) = approvals::decided(decision);
+        self.write_approval(move |conn| {
+            conn.prepare_cached(&Dialect::Sqlite.sql(&approvals::decide()))?
+                .query_row(params![id, state, until, at], approval_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn delete(&self, ids: &[RecordId], filter: &RecordFilter) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        let (conditions, values) = conditions(filter, 0, Dialect::Sqlite);
+        self.write(move |conn| {
+            let mut statement = conn.prepare(&format!(
+                "DELETE FROM records WHERE id = ?{} AND {conditions}",
+                values.len() + 1
+            ))?;
+            let mut deleted = 0;
+            for id in ids {
+                let mut bound_values: Vec<rusqlite::types::Value> =
+                    values.iter().map(bound).collect();
+                bound_values.push(id.into());
+                deleted += statement.execute(rusqlite::params_from_iter(bound_values))? as u64;
+            }
+            Ok(deleted)
+        })
+        .await
+    }
+
+    async fn copy_records(&self, records: &[StoredRecord]) -> Result<u64, StoreError> {
+        let rows: Vec<_> = records
+            .iter()
+            .map(|r| {
+                (
+                    r.info.id,
+                    r.nonce,
+                    r.info.node_uuid.clone(),
+                    r.info.ip.clone(),
+                    r.ciphertext.clone(),
+                    r.info.created_at,
+                    r.info.last_access,
+                    r.info.revoked_at,
+                )
+            })
+            .collect();
+        self.write(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "INSERT OR IGNORE INTO records
+                 (id, nonce, node_uuid, ip, ciphertext, created_at, last_access, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            let mut added = 0;
+            for (id, nonce, node, ip, ciphertext, created, accessed, revoked) in &rows {
+                added += statement.execute(params![
+                    id,
+                    &nonce[..],
+                    node,
+                    ip,
+                    ciphertext,
+                    created,
+                    accessed,
+                    revoked
+                ])? as u64;
+            }
+            Ok(added)
+        })
+        .await
+    }
+
+    async fn copy_approvals(&self, approvals: &[Approval]) -> Result<u64, StoreError> {
+        let approvals = approvals.to_vec();
+        self.write(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "INSERT OR IGNORE INTO approvals ({APPROVAL_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            ))?;
+            let mut added = 0;
+            for a in &approvals {
+                added += statement.execute(params![
+                    a.id,
+                    a.operation.as_str(),
+                    a.node_uuid,
+                    a.ip,
+                    a.state.as_str(),
+                    a.first_seen,
+                    a.last_seen,
+                    i64::try_from(a.attempts).unwrap_or(i64::MAX),
+                    a.approved_until,
+                    a.decided_at
+                ])? as u64;
+            }
+            Ok(added)
+        })
+        .await
+    }
+}
+
+fn approval_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ApprovalRow> {
+    Ok(ApprovalRow {
+        id: row.get(0)?,
+        operation: row.get(1)?,
+        node_uuid: row.get(2)?,
+        ip: row.get(3)?,
+        state: row.get(4)?,
+        first_seen: row.get(5)?,
+        last_seen: row.get(6)?,
+        attempts: row.get(7)?,
+        approved_until: row.get(8)?,
+        decided_at: row.get(9)?,
+    })
+}
+
+fn info_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordInfo> {
+    Ok(RecordInfo {
+        id: row.get(0)?,
+        node_uuid: row.get(1)?,
+        ip: row.get(2)?,
+        created_at: row.get(3)?,
+        last_access: row.get(4)?,
+        revoked_at: row.get(5)?,
+    })
+}
+
+fn bound(value: &Value) -> rusqlite::types::Value {
+    match value {
+        Value::Integer(number) => (*number).into(),
+        Value::Text(text) => text.clone().into(),
+    }
+}

@@ -1,0 +1,306 @@
+//! The one writer thread: whatever queued up while the previous commit was flushing is
+//! committed together (group commit), and each job is answered only once that commit
+//! reached the file at the configured path.
+
+use super::connection::describe;
+use super::opened_file::OpenedFile;
+use crate::locking::lock;
+use crate::store::sql::ApprovalRow;
+use crate::store::{
+    ImportBatch, ImportReport, Inserted, NewRecord, RecordId, StoreError, UnixTime,
+};
+use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// Caps one group commit, so that one transaction never holds a huge backlog hostage.
+const MAX_BATCH: usize = 1024;
+
+pub(super) enum Job {
+    Insert(NewRecord, oneshot::Sender<Result<Inserted, StoreError>>),
+    Import(
+        ImportBatch,
+        oneshot::Sender<Result<ImportReport, StoreError>>,
+    ),
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// An admin change; answers how many records it changed.
+    Write(WriteFn, oneshot::Sender<Result<u64, StoreError>>),
+    /// A step of the approval state machine; answers the approval as written.
+    Approval(
+        ApprovalFn,
+        oneshot::Sender<Result<Option<ApprovalRow>, StoreError>>,
+    ),
+}
+
+type WriteFn = Box<dyn FnOnce(&Connection) -> rusqlite::Result<u64> + Send>;
+type ApprovalFn = Box<dyn FnOnce(&Connection) -> rusqlite::Result<Option<ApprovalRow>> + Send>;
+
+pub(super) fn write_loop(
+    mut conn: Connection,
+    queue: mpsc::Receiver<Job>,
+    accesses: Arc<Mutex<HashMap<RecordId, UnixTime>>>,
+    file: &OpenedFile,
+) {
+    let mut last_access_flush = Instant::now();
+    loop {
+        let mut batch = Vec::new();
+        match queue.recv_timeout(ACCESS_FLUSH_INTERVAL) {
+            Ok(job) => batch.push(job),
+            // Idle: notice a vanished file before a node's call would.
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = file.verify();
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                commit_batch(&mut conn, Vec::new(), &accesses, true, file);
+                checkpoint(&conn, file);
+                return;
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let flush_accesses = last_access_flush.elapsed() >= ACCESS_FLUSH_INTERVAL
+            || batch.iter().any(|job| matches!(job, Job::Flush(_)));
+        if flush_accesses {
+            last_access_flush = Instant::now();
+        }
+        if !batch.is_empty() || flush_accesses {
+            commit_batch(&mut conn, batch, &accesses, flush_accesses, file);
+        }
+    }
+}
+
+/// Moves every committed page from the journal into the database file before the writer's
+/// connection, the last one, closes (which then removes the journal files).
+fn checkpoint(conn: &Connection, file: &OpenedFile) {
+    if file.not_lost().is_err() {
+        return;
+    }
+    let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        row.get::<_, i64>(0)
+    });
+    match result {
+        Ok(0) => {}
+        Ok(_) => tracing::warn!(
+            "the database journal could not be moved into {} at close: a reader still had \
+             it open",
+            file.path.display()
+        ),
+        Err(e) => tracing::error!(
+            problem = %describe(&e),
+            "the database journal could not be moved into {} at close",
+            file.path.display()
+        ),
+    }
+}
+
+/// Runs every queued job in one transaction, commits once, then answers each job; nothing
+/// is acknowledged unless the commit reached the file at the configured path.
+fn commit_batch(
+    conn: &mut Connection,
+    batch: Vec<Job>,
+    accesses: &Mutex<HashMap<RecordId, UnixTime>>,
+    flush_accesses: bool,
+    file: &OpenedFile,
+) {
+    if file.not_lost().is_err() {
+        for job in batch {
+            match job {
+                Job::Insert(_, reply) => drop(reply.send(Err(file.lost_error()))),
+                Job::Import(_, reply) => drop(reply.send(Err(file.lost_error()))),
+                Job::Flush(reply) => drop(reply.send(Err(file.lost_error()))),
+                Job::Write(_, reply) => drop(reply.send(Err(file.lost_error()))),
+                Job::Approval(_, reply) => drop(reply.send(Err(file.lost_error()))),
+            }
+        }
+        return;
+    }
+    let pending = if flush_accesses {
+        std::mem::take(&mut *lock(accesses))
+    } else {
+        HashMap::new()
+    };
+    if batch.is_empty() && pending.is_empty() {
+        return;
+    }
+    let mut done = Vec::with_capacity(batch.len());
+    let committed = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for job in batch {
+            done.push(match job {
+                Job::Insert(record, reply) => Done::Insert(insert(&tx, &record), reply),
+                Job::Import(batch, reply) => {
+                    Done::Import(all_or_nothing(&tx, |tx| import(tx, &batch)), reply)
+                }
+                Job::Flush(reply) => Done::Flush(reply),
+                Job::Write(change, reply) => Done::Write(all_or_nothing(&tx, change), reply),
+                Job::Approval(step, reply) => Done::Approval(all_or_nothing(&tx, step), reply),
+            });
+        }
+        let mut touch = tx.prepare_cached(
+            "UPDATE records SET last_access = max(coalesce(last_access, 0), ?2) WHERE id = ?1",
+        )?;
+        for (id, at) in &pending {
+            touch.execute(params![id, at])?;
+        }
+        drop(touch);
+        tx.commit()
+    })();
+
+    let failure = if file.verify().is_err() {
+        Some(Failure::Lost)
+    } else {
+        committed
+            .as_ref()
+            .err()
+            .map(|e| Failure::Commit(describe(e)))
+    };
+    if let Some(Failure::Commit(problem)) = &failure {
+        tracing::error!(%problem, "database commit failed; the requests in it were refused");
+    }
+    if failure.is_some() {
+        // Keep the access times for the next attempt, unless newer ones arrived meanwhile.
+        let mut current = lock(accesses);
+        for (id, at) in pending {
+            current.entry(id).or_insert(at);
+        }
+    }
+    // Nothing is acknowledged unless the whole transaction committed.
+    for finished in done {
+        match finished {
+            Done::Insert(result, reply) => {
+                let _ = reply.send(settle(&failure, result, file));
+            }
+            Done::Import(result, reply) => {
+                let _ = reply.send(settle(&failure, result, file));
+            }
+            Done::Flush(reply) => {
+                let _ = reply.send(settle(&failure, Ok(()), file));
+            }
+            Done::Write(result, reply) => {
+                let _ = reply.send(settle(&failure, result, file));
+            }
+            Done::Approval(result, reply) => {
+                let _ = reply.send(settle(&failure, result, file));
+            }
+        }
+    }
+}
+
+/// Runs a job of several statements inside the group's transaction so that a failure
+/// undoes all of the job and none of its neighbours.
+fn all_or_nothing<T>(
+    tx: &Connection,
+    job: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    tx.execute_batch("SAVEPOINT job")?;
+    match job(tx) {
+        Ok(value) => {
+            tx.execute_batch("RELEASE job")?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = tx.execute_batch("ROLLBACK TO job; RELEASE job");
+            Err(e)
+        }
+    }
+}
+
+/// Why a whole group commit was refused.
+enum Failure {
+    Commit(String),
+    Lost,
+}
+
+fn settle<T>(
+    failure: &Option<Failure>,
+    result: rusqlite::Result<T>,
+    file: &OpenedFile,
+) -> Result<T, StoreError> {
+    match (failure, result) {
+        (Some(Failure::Lost), _) => Err(file.lost_error()),
+        (Some(Failure::Commit(problem)), _) => Err(StoreError::Write(problem.clone())),
+        (None, Ok(value)) => Ok(value),
+        (None, Err(e)) => Err(StoreError::Write(describe(&e))),
+    }
+}
+
+/// A job that ran inside the transaction, waiting for the commit to be answered.
+enum Done {
+    Insert(
+        rusqlite::Result<Inserted>,
+        oneshot::Sender<Result<Inserted, StoreError>>,
+    ),
+    Import(
+        rusqlite::Result<ImportReport>,
+        oneshot::Sender<Result<ImportReport, StoreError>>,
+    ),
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+    Write(
+        rusqlite::Result<u64>,
+        oneshot::Sender<Result<u64, StoreError>>,
+    ),
+    Approval(
+        rusqlite::Result<Option<ApprovalRow>>,
+        oneshot::Sender<Result<Option<ApprovalRow>, StoreError>>,
+    ),
+}
+
+/// Binds a record to the six columns of an `INSERT ... VALUES (?1, ..., ?6)` and runs it.
+fn execute_insert(
+    statement: &mut rusqlite::Statement<'_>,
+    record: &NewRecord,
+) -> rusqlite::Result<usize> {
+    statement.execute(params![
+        &record.nonce[..],
+        record.node_uuid,
+        record.ip,
+        record.ciphertext,
+        record.created_at,
+        record.last_access,
+    ])
+}
+
+fn insert(tx: &Connection, record: &NewRecord) -> rusqlite::Result<Inserted> {
+    let mut statement = tx.prepare_cached(
+        "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    match execute_insert(&mut statement, record) {
+        Ok(_) => Ok(Inserted::Stored(tx.last_insert_rowid())),
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+            Ok(Inserted::NonceTaken)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn import(tx: &Connection, batch: &ImportBatch) -> rusqlite::Result<ImportReport> {
+    let mut statement = tx.prepare_cached(
+        "INSERT OR IGNORE INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut report = ImportReport::default();
+    for record in &batch.records {
+        let added = execute_insert(&mut statement, record)?;
+        if added == 1 {
+            report.imported += 1;
+        } else {
+            report.skipped += 1;
+        }
+    }
+    if let Some(fingerprint) = &batch.fingerprint {
+        tx.execute(
+            "INSERT OR REPLACE INTO legacy_imports (fingerprint, imported_at, records)
+             VALUES (?1, ?2, ?3)",
+            params![fingerprint, crate::store::now(), batch.records.len()],
+        )?;
+    }
+    Ok(report)
+}
