@@ -5,12 +5,15 @@ use crate::audit::Rotation;
 use crate::listener::ListenerLimits;
 use crate::logging::LogLevel;
 use crate::policy::{Mode, Networks, RateLimit, Rules};
+use crate::sealing::foreign::{AesKey, GustinnKeys, Scheme, TakeOver};
 pub use crate::store::Database;
 use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+use zeroize::Zeroizing;
 
 pub const DEFAULT_PORT: u16 = 50051;
 /// The embedded database's file name when `database` is not set: beside `nodeDbFile`, where
@@ -101,6 +104,16 @@ bindAddress: "0.0.0.0"
 # address it carries is then used for everything: seals, allow-lists, limits, the audit.
 # trustedProxies: ["10.0.0.5/32"]   # none by default: no header is ever read
 
+# Taking over from the reference KMS server of the makers of Talos (siderolabs/kms-client)
+# or its fork gustinn/talos-kms (README, "Taking over from the reference server or
+# gustinn/talos-kms"): Unseal also opens their blobs with their keys (raw 16, 24 or 32-byte
+# AES key files, read at start); Seal always makes this server's own records. Each of their
+# blobs is bound to the first node UUID and address that unseals it here.
+# takeOver:
+#   - {scheme: sidero-reference, keyFile: "/etc/talos-kms-server/reference.key"}
+#   - {scheme: gustinn, keyDir: "/etc/talos-kms-server/gustinn-keys", ipBinding: false}
+#   - {scheme: gustinn, keyFile: "/etc/talos-kms-server/gustinn.key", keyId: "v1", ipBinding: true}
+
 # OFF, ERROR, WARN, INFO, DEBUG, TRACE (SEVERE, WARNING, FINE, FINER, FINEST also accepted).
 kmsLogLevel: "INFO"   # this server's own messages
 rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
@@ -147,6 +160,7 @@ struct RawConfig {
     max_header_list_size: Option<u32>,
     max_message_size: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
+    take_over: Option<Vec<RawTakeOver>>,
 }
 
 #[derive(Deserialize)]
@@ -154,6 +168,17 @@ struct RawConfig {
 struct RawRateLimit {
     per_second: u32,
     burst: Option<u32>,
+}
+
+/// One `takeOver` entry, as written.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTakeOver {
+    scheme: String,
+    key_file: Option<PathBuf>,
+    key_dir: Option<PathBuf>,
+    key_id: Option<String>,
+    ip_binding: Option<bool>,
 }
 
 /// A validated configuration.
@@ -176,6 +201,10 @@ pub struct Config {
     /// Who may seal and unseal.
     pub policy: Rules,
     pub limits: ListenerLimits,
+    /// Keys of the servers taken over (`takeOver`), read at start.
+    pub take_over: Arc<TakeOver>,
+    /// What `check` says of each `takeOver` entry: scheme, file and key ids, never a key.
+    pub take_over_sources: Vec<String>,
 }
 
 impl fmt::Debug for Config {
@@ -374,6 +403,8 @@ impl Config {
             Some(mib) => Ok(mib.saturating_mul(1 << 20)),
             None => Ok(defaults.max_bytes),
         });
+        let (take_over, take_over_sources) =
+            take_over(raw.take_over.unwrap_or_default(), &resolve, problems);
         let metrics_address = problems.check(match raw.metrics_address {
             None => Ok(None),
             Some(text) => text.parse::<SocketAddr>().map(Some).map_err(|_| {
@@ -401,8 +432,152 @@ impl Config {
             listen: SocketAddr::new(ip?, raw.port.unwrap_or(DEFAULT_PORT)),
             kms_log_level: kms_log_level?,
             root_log_level: root_log_level?,
+            take_over: Arc::new(take_over),
+            take_over_sources,
         })
     }
+}
+
+/// Reads the keys of every `takeOver` entry; each problem names the entry, the file and the
+/// fix, and the next entry is still read.
+fn take_over(
+    entries: Vec<RawTakeOver>,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+    problems: &mut Problems,
+) -> (TakeOver, Vec<String>) {
+    let mut take_over = TakeOver::default();
+    let mut sources = Vec::new();
+    for (index, entry) in entries.into_iter().enumerate() {
+        let name = format!("takeOver entry {}", index + 1);
+        let Some(scheme) = Scheme::parse(&entry.scheme) else {
+            problems.check::<()>(Err(format!(
+                "{name}: scheme {:?} is not one of {}",
+                entry.scheme,
+                Scheme::NAMES.join(", ")
+            )));
+            continue;
+        };
+        let name = format!("{name} ({scheme})");
+        match scheme {
+            Scheme::SideroReference => {
+                if entry.key_dir.is_some() || entry.key_id.is_some() || entry.ip_binding.is_some() {
+                    problems.check::<()>(Err(format!(
+                        "{name}: takes only keyFile (the reference server has one key and                          binds no address); remove keyDir, keyId and ipBinding"
+                    )));
+                    continue;
+                }
+                let Some(file) = entry.key_file.map(resolve) else {
+                    problems.check::<()>(Err(format!(
+                        "{name}: keyFile is missing; it names the file the reference server                          read its key from (its --key-file)"
+                    )));
+                    continue;
+                };
+                if let Some(key) = problems.check(read_key(&name, &file)) {
+                    sources.push(format!("{scheme}: {} ({key:?})", file.display()));
+                    take_over.reference.push(key);
+                }
+            }
+            Scheme::Gustinn => {
+                let Some(ip_binding) = entry.ip_binding else {
+                    problems.check::<()>(Err(format!(
+                        "{name}: ipBinding is missing; set it to true when that server ran                          with client IP binding, false otherwise (a wrong value opens none                          of its blobs)"
+                    )));
+                    continue;
+                };
+                let keys = match (entry.key_file, entry.key_dir, entry.key_id) {
+                    (Some(file), None, Some(id)) => {
+                        let file = resolve(file);
+                        problems
+                            .check(key_id(&name, &id))
+                            .and_then(|()| problems.check(read_key(&name, &file)))
+                            .map(|key| (file.display().to_string(), vec![(id, key)]))
+                    }
+                    (None, Some(dir), None) => {
+                        let dir = resolve(dir);
+                        problems
+                            .check(read_key_dir(&name, &dir))
+                            .map(|keys| (dir.display().to_string(), keys))
+                    }
+                    (Some(_), None, None) => problems.check(Err(format!(
+                        "{name}: keyFile needs keyId, the key id that server was started with                          (it is written into every blob)"
+                    ))),
+                    (None, Some(_), Some(_)) => problems.check(Err(format!(
+                        "{name}: keyDir takes no keyId: every file in it is a key and its name                          the key id; remove keyId"
+                    ))),
+                    _ => problems.check(Err(format!(
+                        "{name}: give either keyDir (a directory of key files, one per key id)                          or keyFile with keyId"
+                    ))),
+                };
+                if let Some((source, keys)) = keys {
+                    let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
+                    sources.push(format!(
+                        "{scheme}: {source} (key ids {}; IP binding {})",
+                        ids.join(", "),
+                        if ip_binding { "on" } else { "off" }
+                    ));
+                    take_over.gustinn.push(GustinnKeys { keys, ip_binding });
+                }
+            }
+        }
+    }
+    (take_over, sources)
+}
+
+/// A raw AES key file: 16, 24 or 32 bytes, as the servers taken over read them.
+fn read_key(name: &str, file: &Path) -> Result<AesKey, String> {
+    let bytes = std::fs::read(file)
+        .map(Zeroizing::new)
+        .map_err(|e| format!("{name}: cannot read key file {}: {e}", file.display()))?;
+    let len = bytes.len();
+    AesKey::new(bytes).ok_or_else(|| {
+        format!(
+            "{name}: key file {} holds {len} bytes; an AES key file holds exactly 16, 24 or 32              raw bytes (the same file that server read: copy it unchanged, not as base64 or              hex, and without a newline added)",
+            file.display()
+        )
+    })
+}
+
+/// A gustinn key id: 1 to 255 bytes, written into every blob.
+fn key_id(name: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 255 {
+        return Err(format!(
+            "{name}: keyId {id:?} must be 1 to 255 bytes long, as that server required"
+        ));
+    }
+    Ok(())
+}
+
+/// Every key of a gustinn key directory, named by file; dotfiles and directories (the
+/// `..data` of a Kubernetes secret mount) are skipped, as that server skips them.
+fn read_key_dir(name: &str, dir: &Path) -> Result<Vec<(String, AesKey)>, String> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("{name}: cannot read key directory {}: {e}", dir.display()))?;
+    let mut keys = Vec::new();
+    for entry in entries {
+        let entry = entry
+            .map_err(|e| format!("{name}: cannot read key directory {}: {e}", dir.display()))?;
+        let path = entry.path();
+        let Some(id) = entry.file_name().to_str().map(str::to_string) else {
+            return Err(format!(
+                "{name}: {} is not a UTF-8 name, so it cannot be a key id; move it out of {}",
+                path.display(),
+                dir.display()
+            ));
+        };
+        // Followed through symbolic links: Kubernetes mounts each key as a link.
+        if id.starts_with('.') || path.is_dir() {
+            continue;
+        }
+        keys.push((id, read_key(name, &path)?));
+    }
+    if keys.is_empty() {
+        return Err(format!(
+            "{name}: key directory {} holds no key file (dotfiles and directories are              skipped); copy that server's key files there, one per key id",
+            dir.display()
+        ));
+    }
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(keys)
 }
 
 /// Problems found so far; each check adds its own and the next check still runs.

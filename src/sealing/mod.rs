@@ -10,6 +10,7 @@
 //! holds are zeroed when dropped (aws-lc-rs cleanses its own key schedules); a passphrase
 //! handed back to the caller is the caller's to zero.
 
+pub mod foreign;
 mod ip_text;
 
 pub use ip_text::{ip_text, peer_ip_text};

@@ -13,6 +13,7 @@
 //! server reconnects by itself. Every call has a deadline; meanwhile calls fail with
 //! [`StoreError::Postgres`] (`UNAVAILABLE` to nodes) and health checks report it.
 
+mod bindings;
 mod columns;
 mod connection;
 mod lookups;
@@ -23,9 +24,9 @@ mod seals;
 pub use options::{PgOptions, SslMode, is_postgres_url, redact};
 
 use super::{
-    Approval, ApprovalId, ApprovalState, Decision, ImportBatch, ImportReport, Inserted, NewRecord,
-    NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, RecordState, Store,
-    StoreError, StoredRecord, UnixTime, Window,
+    Approval, ApprovalId, ApprovalState, Binding, BindingId, Decision, Fingerprint, ImportBatch,
+    ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record, RecordFilter,
+    RecordId, RecordInfo, RecordState, Store, StoreError, StoredRecord, UnixTime, Window,
 };
 use crate::locking::lock;
 use crate::sealing::SealNonce;
@@ -797,6 +798,35 @@ impl Store for PgStore {
             Ok(added)
         })
         .await
+    }
+
+    async fn binding(&self, fingerprint: &Fingerprint) -> Result<Option<Binding>, StoreError> {
+        self.binding_of(fingerprint).await
+    }
+
+    async fn bind(&self, binding: NewBinding) -> Result<Binding, StoreError> {
+        self.bind_first(binding).await
+    }
+
+    async fn binding_used(&self, id: BindingId, at: UnixTime) -> Result<(), StoreError> {
+        self.note_binding_use(id, at).await
+    }
+
+    async fn bindings(
+        &self,
+        filter: &RecordFilter,
+        after: BindingId,
+        limit: usize,
+    ) -> Result<Vec<Binding>, StoreError> {
+        self.list_bindings(filter, after, limit).await
+    }
+
+    async fn set_bindings_revoked(
+        &self,
+        ids: &[BindingId],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError> {
+        self.revoke_bindings(ids, revoked_at).await
     }
 
     async fn copy_approvals(&self, approvals: &[Approval]) -> Result<u64, StoreError> {

@@ -12,9 +12,9 @@
 //! store refuses everything until a restart.
 
 use super::{
-    Approval, ApprovalId, ApprovalState, Decision, ImportBatch, ImportReport, Inserted, NewRecord,
-    NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, RecordState, Store,
-    StoreError, StoredRecord, UnixTime, Window,
+    Approval, ApprovalId, ApprovalState, Binding, BindingId, Decision, Fingerprint, ImportBatch,
+    ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record, RecordFilter,
+    RecordId, RecordInfo, RecordState, Store, StoreError, StoredRecord, UnixTime, Window,
 };
 use crate::locking::lock;
 use crate::sealing::SealNonce;
@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 mod backup;
+mod bindings;
 
 /// Marks the file as ours ("TKMS"), so that a foreign SQLite file is never migrated.
 const APPLICATION_ID: i64 = 0x544B_4D53;
@@ -119,6 +120,20 @@ const MIGRATIONS: &[&str] = &[
         FROM approvals;
     DROP TABLE approvals;
     ALTER TABLE approvals_autoincrement RENAME TO approvals;
+",
+    // Foreign blobs (`takeOver`) bound to their first caller, by fingerprint.
+    "
+    CREATE TABLE foreign_bindings (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        fingerprint BLOB    NOT NULL UNIQUE CHECK (length(fingerprint) = 32),
+        scheme      TEXT    NOT NULL,
+        node_uuid   TEXT    NOT NULL,
+        ip          TEXT    NOT NULL,
+        created_at  INTEGER NOT NULL,
+        last_access INTEGER,
+        revoked_at  INTEGER
+    );
+    CREATE INDEX foreign_bindings_by_node ON foreign_bindings (node_uuid);
 ",
 ];
 
@@ -782,6 +797,35 @@ impl Store for SqliteStore {
             Ok(added)
         })
         .await
+    }
+
+    async fn binding(&self, fingerprint: &Fingerprint) -> Result<Option<Binding>, StoreError> {
+        self.binding_of(fingerprint)
+    }
+
+    async fn bind(&self, binding: NewBinding) -> Result<Binding, StoreError> {
+        self.bind_first(binding).await
+    }
+
+    async fn binding_used(&self, id: BindingId, at: UnixTime) -> Result<(), StoreError> {
+        self.note_binding_use(id, at).await
+    }
+
+    async fn bindings(
+        &self,
+        filter: &RecordFilter,
+        after: BindingId,
+        limit: usize,
+    ) -> Result<Vec<Binding>, StoreError> {
+        self.list_bindings(filter, after, limit)
+    }
+
+    async fn set_bindings_revoked(
+        &self,
+        ids: &[BindingId],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError> {
+        self.revoke_bindings(ids, revoked_at).await
     }
 
     async fn copy_approvals(&self, approvals: &[Approval]) -> Result<u64, StoreError> {
