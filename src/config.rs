@@ -462,13 +462,15 @@ fn take_over(
             Scheme::SideroReference => {
                 if entry.key_dir.is_some() || entry.key_id.is_some() || entry.ip_binding.is_some() {
                     problems.check::<()>(Err(format!(
-                        "{name}: takes only keyFile (the reference server has one key and                          binds no address); remove keyDir, keyId and ipBinding"
+                        "{name}: takes only keyFile (the reference server has one key and \
+                         binds no address); remove keyDir, keyId and ipBinding"
                     )));
                     continue;
                 }
                 let Some(file) = entry.key_file.map(resolve) else {
                     problems.check::<()>(Err(format!(
-                        "{name}: keyFile is missing; it names the file the reference server                          read its key from (its --key-file)"
+                        "{name}: keyFile is missing; it names the file the reference server \
+                         read its key from (its --key-file)"
                     )));
                     continue;
                 };
@@ -480,7 +482,9 @@ fn take_over(
             Scheme::Gustinn => {
                 let Some(ip_binding) = entry.ip_binding else {
                     problems.check::<()>(Err(format!(
-                        "{name}: ipBinding is missing; set it to true when that server ran                          with client IP binding, false otherwise (a wrong value opens none                          of its blobs)"
+                        "{name}: ipBinding is missing; set it to true when that server ran \
+                         with client IP binding, false otherwise (a wrong value opens none \
+                         of its blobs)"
                     )));
                     continue;
                 };
@@ -499,13 +503,16 @@ fn take_over(
                             .map(|keys| (dir.display().to_string(), keys))
                     }
                     (Some(_), None, None) => problems.check(Err(format!(
-                        "{name}: keyFile needs keyId, the key id that server was started with                          (it is written into every blob)"
+                        "{name}: keyFile needs keyId, the key id that server was started with \
+                         (it is written into every blob)"
                     ))),
                     (None, Some(_), Some(_)) => problems.check(Err(format!(
-                        "{name}: keyDir takes no keyId: every file in it is a key and its name                          the key id; remove keyId"
+                        "{name}: keyDir takes no keyId: every file in it is a key and its name \
+                         the key id; remove keyId"
                     ))),
                     _ => problems.check(Err(format!(
-                        "{name}: give either keyDir (a directory of key files, one per key id)                          or keyFile with keyId"
+                        "{name}: give either keyDir (a directory of key files, one per key id) \
+                         or keyFile with keyId"
                     ))),
                 };
                 if let Some((source, keys)) = keys {
@@ -531,7 +538,9 @@ fn read_key(name: &str, file: &Path) -> Result<AesKey, String> {
     let len = bytes.len();
     AesKey::new(bytes).ok_or_else(|| {
         format!(
-            "{name}: key file {} holds {len} bytes; an AES key file holds exactly 16, 24 or 32              raw bytes (the same file that server read: copy it unchanged, not as base64 or              hex, and without a newline added)",
+            "{name}: key file {} holds {len} bytes; an AES key file holds exactly 16, 24 or 32 \
+             raw bytes (the same file that server read: copy it unchanged, not as base64 or \
+             hex, and without a newline added)",
             file.display()
         )
     })
@@ -572,7 +581,8 @@ fn read_key_dir(name: &str, dir: &Path) -> Result<Vec<(String, AesKey)>, String>
     }
     if keys.is_empty() {
         return Err(format!(
-            "{name}: key directory {} holds no key file (dotfiles and directories are              skipped); copy that server's key files there, one per key id",
+            "{name}: key directory {} holds no key file (dotfiles and directories are \
+             skipped); copy that server's key files there, one per key id",
             dir.display()
         ));
     }
@@ -1100,6 +1110,105 @@ rootLogLevel: "WARNING"
             "sealPolicy",
             "idleTimeout",
             "maxMessageSize",
+        ] {
+            assert!(error.contains(named), "{named}: {error}");
+        }
+    }
+
+    /// A config naming `takeOver` entries in `dir`, with the required keys.
+    fn take_over_config(dir: &Path, entries: &str) -> Result<Config, String> {
+        Config::parse(
+            &dir.join("config.yaml"),
+            &format!("database: x\nserverCertFile: a\nserverKeyFile: b\ntakeOver:\n{entries}"),
+        )
+    }
+
+    #[test]
+    fn the_commented_take_over_example_is_valid_once_its_key_files_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let example: String = DEFAULT_CONFIG
+            .lines()
+            .filter(|line| line.starts_with("# takeOver:") || line.starts_with("#   - {scheme"))
+            .map(|line| format!("{}\n", &line[2..]))
+            .collect();
+        assert_eq!(example.lines().count(), 4, "{example}");
+        let example = example.replace("/etc/talos-kms-server/", "");
+        std::fs::write(dir.path().join("reference.key"), [1u8; 32]).unwrap();
+        std::fs::write(dir.path().join("gustinn.key"), [2u8; 16]).unwrap();
+        std::fs::create_dir(dir.path().join("gustinn-keys")).unwrap();
+        std::fs::write(dir.path().join("gustinn-keys/v2"), [3u8; 24]).unwrap();
+        let text = format!("database: x\nserverCertFile: a\nserverKeyFile: b\n{example}");
+        let config = Config::parse(&dir.path().join("config.yaml"), &text).unwrap();
+        assert_eq!(config.take_over.reference.len(), 1);
+        assert_eq!(config.take_over.gustinn.len(), 2);
+        assert_eq!(config.take_over_sources.len(), 3);
+        assert!(config.take_over_sources[1].contains("key ids v2; IP binding off"));
+    }
+
+    #[test]
+    fn take_over_key_problems_name_the_file_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        // A base64 text of a 32-byte key, as an operator might copy it.
+        std::fs::write(path("b64.key"), format!("{}\n", "QUJD".repeat(11))).unwrap();
+        let error = take_over_config(
+            dir.path(),
+            "  - {scheme: sidero-reference, keyFile: b64.key}\n",
+        )
+        .err()
+        .unwrap();
+        assert!(error.contains("b64.key holds 45 bytes"), "{error}");
+        assert!(error.contains("16, 24 or 32 raw bytes"), "{error}");
+
+        // A key directory with junk: a dotfile and a subdirectory are skipped as gustinn
+        // skips them; a file of the wrong length is named.
+        std::fs::create_dir_all(path("keys/..2026_12_06/sub")).unwrap();
+        std::fs::write(path("keys/..2026_12_06/v1"), [1u8; 32]).unwrap();
+        std::os::unix::fs::symlink("..2026_12_06", path("keys/..data")).unwrap();
+        std::os::unix::fs::symlink("..data/v1", path("keys/v1")).unwrap();
+        std::fs::write(path("keys/.hidden"), b"not a key").unwrap();
+        std::fs::create_dir(path("keys/subdir")).unwrap();
+        let config = take_over_config(
+            dir.path(),
+            "  - {scheme: gustinn, keyDir: keys, ipBinding: true}\n",
+        )
+        .unwrap();
+        let ids: Vec<&str> = config.take_over.gustinn[0]
+            .keys
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect();
+        assert_eq!(ids, ["v1"]);
+        std::fs::write(path("keys/README"), b"rotate monthly").unwrap();
+        let error = take_over_config(
+            dir.path(),
+            "  - {scheme: gustinn, keyDir: keys, ipBinding: true}\n",
+        )
+        .err()
+        .unwrap();
+        assert!(error.contains("README holds 14 bytes"), "{error}");
+
+        std::fs::create_dir(path("empty")).unwrap();
+        let error = take_over_config(
+            dir.path(),
+            "- {scheme: gustinn, keyDir: empty, ipBinding: false}\n\
+               - {scheme: gustinn, keyFile: b64.key, ipBinding: false}\n\
+               - {scheme: gustinn, keyDir: keys}\n\
+               - {scheme: omni, keyFile: x}\n\
+               - {scheme: sidero-reference, keyFile: missing.key}\n\
+               - {scheme: sidero-reference, keyFile: b64.key, ipBinding: true}\n",
+        )
+        .err()
+        .unwrap();
+        assert!(error.starts_with("6 problems:"), "{error}");
+        for named in [
+            "takeOver entry 1 (gustinn): key directory",
+            "holds no key file",
+            "takeOver entry 2 (gustinn): keyFile needs keyId",
+            "takeOver entry 3 (gustinn): ipBinding is missing",
+            "takeOver entry 4: scheme \"omni\" is not one of sidero-reference, gustinn",
+            "takeOver entry 5 (sidero-reference): cannot read key file",
+            "takeOver entry 6 (sidero-reference): takes only keyFile",
         ] {
             assert!(error.contains(named), "{named}: {error}");
         }
