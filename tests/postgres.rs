@@ -793,7 +793,14 @@ async fn both_stores_answer_every_call_alike() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_contract_holds_on_postgres() {
     let Some(pg) = PgCluster::start() else { return };
-    for name in ["lookups", "summaries", "windows", "approvals", "ids"] {
+    for name in [
+        "lookups",
+        "summaries",
+        "windows",
+        "approvals",
+        "ids",
+        "bindings",
+    ] {
         pg.create_database(name);
     }
     let options = |name: &str| pg_options(&pg.url(name, ""));
@@ -807,6 +814,8 @@ async fn the_store_contract_holds_on_postgres() {
     store_contract::approvals_wait_pass_expire_and_deny(&store).await;
     let store = PgStore::open(&options("ids")).await.unwrap();
     store_contract::record_ids_are_never_reused(&store).await;
+    let store = PgStore::open(&options("bindings")).await.unwrap();
+    store_contract::foreign_blobs_are_bound_once(&store).await;
 }
 
 /// Runs the binary with `env` set, to completion (60 s at most).
