@@ -475,7 +475,11 @@ fn take_over(
                     continue;
                 };
                 if let Some(key) = problems.check(read_key(&name, &file)) {
-                    sources.push(format!("{scheme}: {} ({key:?})", file.display()));
+                    sources.push(format!(
+                        "{scheme}: {} (AES-{} key)",
+                        file.display(),
+                        key.bits()
+                    ));
                     take_over.reference.push(key);
                 }
             }

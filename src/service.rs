@@ -228,11 +228,16 @@ impl KmsService {
         let node = &request.node_uuid;
         let ip = peer_ip_text(&peer);
         let event = Event::call(Action::Unseal, &ip, node);
-        if let Err(refusal) = self.policy.admit_unseal(request, peer.ip(), &ip).await {
+        let foreign_blobs = !self.take_over.is_empty();
+        if let Err(refusal) = self
+            .policy
+            .admit_unseal(request, peer.ip(), &ip, foreign_blobs)
+            .await
+        {
             return Err(self.refused_by_policy(event, refusal));
         }
         // By length alone: this server's own blobs never reach the foreign path.
-        if request.data.len() != SEALED_LEN && !self.take_over.is_empty() {
+        if foreign_blobs && request.data.len() != SEALED_LEN {
             return self.unseal_foreign(peer, request, event).await;
         }
         let Some(blob) = SealedBlob::parse(&request.data) else {

@@ -66,6 +66,11 @@ impl AesKey {
         matches!(bytes.len(), 16 | 24 | 32).then_some(AesKey(bytes))
     }
 
+    /// 128, 192 or 256.
+    pub fn bits(&self) -> usize {
+        self.0.len() * 8
+    }
+
     fn open(&self, nonce: &[u8], ciphertext: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
         let algorithm = match self.0.len() {
             16 => &AES_128_GCM,
@@ -86,7 +91,7 @@ impl AesKey {
 
 impl std::fmt::Debug for AesKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AesKey(AES-{})", self.0.len() * 8)
+        write!(f, "AesKey(AES-{})", self.bits())
     }
 }
 
