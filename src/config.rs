@@ -5,12 +5,15 @@ use crate::audit::Rotation;
 use crate::listener::ListenerLimits;
 use crate::logging::LogLevel;
 use crate::policy::{Mode, Networks, RateLimit, Rules};
+use crate::sealing::foreign::{AesKey, GustinnKeys, Scheme, TakeOver};
 pub use crate::store::Database;
 use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+use zeroize::Zeroizing;
 
 pub const DEFAULT_PORT: u16 = 50051;
 /// The embedded database's file name when `database` is not set: beside `nodeDbFile`, where
@@ -101,6 +104,16 @@ bindAddress: "0.0.0.0"
 # address it carries is then used for everything: seals, allow-lists, limits, the audit.
 # trustedProxies: ["10.0.0.5/32"]   # none by default: no header is ever read
 
+# Taking over from the reference KMS server of the makers of Talos (siderolabs/kms-client)
+# or its fork gustinn/talos-kms (README, "Taking over from the reference server or
+# gustinn/talos-kms"): Unseal also opens their blobs with their keys (raw 16, 24 or 32-byte
+# AES key files, read at start); Seal always makes this server's own records. Each of their
+# blobs is bound to the first node UUID and address that unseals it here.
+# takeOver:
+#   - {scheme: sidero-reference, keyFile: "/etc/talos-kms-server/reference.key"}
+#   - {scheme: gustinn, keyDir: "/etc/talos-kms-server/gustinn-keys", ipBinding: false}
+#   - {scheme: gustinn, keyFile: "/etc/talos-kms-server/gustinn.key", keyId: "v1", ipBinding: true}
+
 # OFF, ERROR, WARN, INFO, DEBUG, TRACE (SEVERE, WARNING, FINE, FINER, FINEST also accepted).
 kmsLogLevel: "INFO"   # this server's own messages
 rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
@@ -147,6 +160,7 @@ struct RawConfig {
     max_header_list_size: Option<u32>,
     max_message_size: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
+    take_over: Option<Vec<RawTakeOver>>,
 }
 
 #[derive(Deserialize)]
@@ -154,6 +168,17 @@ struct RawConfig {
 struct RawRateLimit {
     per_second: u32,
     burst: Option<u32>,
+}
+
+/// One `takeOver` entry, as written.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTakeOver {
+    scheme: String,
+    key_file: Option<PathBuf>,
+    key_dir: Option<PathBuf>,
+    key_id: Option<String>,
+    ip_binding: Option<bool>,
 }
 
 /// A validated configuration.
@@ -176,6 +201,10 @@ pub struct Config {
     /// Who may seal and unseal.
     pub policy: Rules,
     pub limits: ListenerLimits,
+    /// Keys of the servers taken over (`takeOver`), read at start.
+    pub take_over: Arc<TakeOver>,
+    /// What `check` says of each `takeOver` entry: scheme, file and key ids, never a key.
+    pub take_over_sources: Vec<String>,
 }
 
 impl fmt::Debug for Config {
@@ -374,6 +403,8 @@ impl Config {
             Some(mib) => Ok(mib.saturating_mul(1 << 20)),
             None => Ok(defaults.max_bytes),
         });
+        let (take_over, take_over_sources) =
+            take_over(raw.take_over.unwrap_or_default(), &resolve, problems);
         let metrics_address = problems.check(match raw.metrics_address {
             None => Ok(None),
             Some(text) => text.parse::<SocketAddr>().map(Some).map_err(|_| {
@@ -401,8 +432,183 @@ impl Config {
             listen: SocketAddr::new(ip?, raw.port.unwrap_or(DEFAULT_PORT)),
             kms_log_level: kms_log_level?,
             root_log_level: root_log_level?,
+            take_over: Arc::new(take_over),
+            take_over_sources,
         })
     }
+}
+
+/// Reads the keys of every `takeOver` entry; each problem names the entry, the file and the
+/// fix, and the next entry is still read.
+fn take_over(
+    entries: Vec<RawTakeOver>,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+    problems: &mut Problems,
+) -> (TakeOver, Vec<String>) {
+    let mut take_over = TakeOver::default();
+    let mut sources = Vec::new();
+    for (index, entry) in entries.into_iter().enumerate() {
+        let name = format!("takeOver entry {}", index + 1);
+        let Some(scheme) = Scheme::parse(&entry.scheme) else {
+            problems.check::<()>(Err(format!(
+                "{name}: scheme {:?} is not one of {}",
+                entry.scheme,
+                Scheme::NAMES.join(", ")
+            )));
+            continue;
+        };
+        let name = format!("{name} ({scheme})");
+        match scheme {
+            Scheme::SideroReference => {
+                if entry.key_dir.is_some() || entry.key_id.is_some() || entry.ip_binding.is_some() {
+                    problems.check::<()>(Err(format!(
+                        "{name}: takes only keyFile (the reference server has one key and \
+                         binds no address); remove keyDir, keyId and ipBinding"
+                    )));
+                    continue;
+                }
+                let Some(file) = entry.key_file.map(resolve) else {
+                    problems.check::<()>(Err(format!(
+                        "{name}: keyFile is missing; it names the file the reference server \
+                         read its key from (its --key-file)"
+                    )));
+                    continue;
+                };
+                if let Some(key) = problems.check(read_key(&name, &file)) {
+                    sources.push(format!(
+                        "{scheme}: {} (AES-{} key)",
+                        file.display(),
+                        key.bits()
+                    ));
+                    take_over.reference.push(key);
+                }
+            }
+            Scheme::Gustinn => {
+                let Some(ip_binding) = entry.ip_binding else {
+                    problems.check::<()>(Err(format!(
+                        "{name}: ipBinding is missing; set it to true when that server ran \
+                         with client IP binding, false otherwise (a wrong value opens none \
+                         of its blobs)"
+                    )));
+                    continue;
+                };
+                let keys = match (entry.key_file, entry.key_dir, entry.key_id) {
+                    (Some(file), None, Some(id)) => {
+                        let file = resolve(file);
+                        problems
+                            .check(key_id(&name, &id))
+                            .and_then(|()| problems.check(read_key(&name, &file)))
+                            .map(|key| (file.display().to_string(), vec![(id, key)]))
+                    }
+                    (None, Some(dir), None) => {
+                        let dir = resolve(dir);
+                        problems
+                            .check(read_key_dir(&name, &dir))
+                            .map(|keys| (dir.display().to_string(), keys))
+                    }
+                    (Some(_), None, None) => problems.check(Err(format!(
+                        "{name}: keyFile needs keyId, the key id that server was started with \
+                         (it is written into every blob)"
+                    ))),
+                    (None, Some(_), Some(_)) => problems.check(Err(format!(
+                        "{name}: keyDir takes no keyId: every file in it is a key and its name \
+                         the key id; remove keyId"
+                    ))),
+                    _ => problems.check(Err(format!(
+                        "{name}: give either keyDir (a directory of key files, one per key id) \
+                         or keyFile with keyId"
+                    ))),
+                };
+                if let Some((source, keys)) = keys {
+                    let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
+                    sources.push(format!(
+                        "{scheme}: {source} (key ids {}; IP binding {})",
+                        ids.join(", "),
+                        if ip_binding { "on" } else { "off" }
+                    ));
+                    take_over.gustinn.push(GustinnKeys { keys, ip_binding });
+                }
+            }
+        }
+    }
+    (take_over, sources)
+}
+
+/// A raw AES key file: 16, 24 or 32 bytes, as the servers taken over read them.
+fn read_key(name: &str, file: &Path) -> Result<AesKey, String> {
+    use std::io::Read;
+    // A byte more than the longest key says "too long" without reading a huge file whole;
+    // a fixed buffer, so that no copy of the key is left behind by a growing one.
+    let mut buffer = Zeroizing::new([0u8; 33]);
+    let mut len = 0;
+    let cannot_read =
+        |e: std::io::Error| format!("{name}: cannot read key file {}: {e}", file.display());
+    let mut opened = std::fs::File::open(file).map_err(cannot_read)?;
+    while len < buffer.len() {
+        match opened.read(&mut buffer[len..]) {
+            Ok(0) => break,
+            Ok(read) => len += read,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(cannot_read(e)),
+        }
+    }
+    let bytes = Zeroizing::new(buffer[..len].to_vec());
+    let len = match bytes.len() {
+        33 => "more than 32".to_string(),
+        len => len.to_string(),
+    };
+    AesKey::new(bytes).ok_or_else(|| {
+        format!(
+            "{name}: key file {} holds {len} bytes; an AES key file holds exactly 16, 24 or 32 \
+             raw bytes (the same file that server read: copy it unchanged, not as base64 or \
+             hex, and without a newline added)",
+            file.display()
+        )
+    })
+}
+
+/// A gustinn key id: 1 to 255 bytes, written into every blob.
+fn key_id(name: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 255 {
+        return Err(format!(
+            "{name}: keyId {id:?} must be 1 to 255 bytes long, as that server required"
+        ));
+    }
+    Ok(())
+}
+
+/// Every key of a gustinn key directory, named by file; dotfiles and directories (the
+/// `..data` of a Kubernetes secret mount) are skipped, as that server skips them.
+fn read_key_dir(name: &str, dir: &Path) -> Result<Vec<(String, AesKey)>, String> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("{name}: cannot read key directory {}: {e}", dir.display()))?;
+    let mut keys = Vec::new();
+    for entry in entries {
+        let entry = entry
+            .map_err(|e| format!("{name}: cannot read key directory {}: {e}", dir.display()))?;
+        let path = entry.path();
+        let Some(id) = entry.file_name().to_str().map(str::to_string) else {
+            return Err(format!(
+                "{name}: {} is not a UTF-8 name, so it cannot be a key id; move it out of {}",
+                path.display(),
+                dir.display()
+            ));
+        };
+        // Followed through symbolic links: Kubernetes mounts each key as a link.
+        if id.starts_with('.') || path.is_dir() {
+            continue;
+        }
+        keys.push((id, read_key(name, &path)?));
+    }
+    if keys.is_empty() {
+        return Err(format!(
+            "{name}: key directory {} holds no key file (dotfiles and directories are \
+             skipped); copy that server's key files there, one per key id",
+            dir.display()
+        ));
+    }
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(keys)
 }
 
 /// Problems found so far; each check adds its own and the next check still runs.
@@ -925,6 +1131,108 @@ rootLogLevel: "WARNING"
             "sealPolicy",
             "idleTimeout",
             "maxMessageSize",
+        ] {
+            assert!(error.contains(named), "{named}: {error}");
+        }
+    }
+
+    /// A config naming `takeOver` entries in `dir`, with the required keys.
+    fn take_over_config(dir: &Path, entries: &str) -> Result<Config, String> {
+        Config::parse(
+            &dir.join("config.yaml"),
+            &format!("database: x\nserverCertFile: a\nserverKeyFile: b\ntakeOver:\n{entries}"),
+        )
+    }
+
+    #[test]
+    fn the_commented_take_over_example_is_valid_once_its_key_files_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let example: String = DEFAULT_CONFIG
+            .lines()
+            .filter(|line| line.starts_with("# takeOver:") || line.starts_with("#   - {scheme"))
+            .map(|line| format!("{}\n", &line[2..]))
+            .collect();
+        assert_eq!(example.lines().count(), 4, "{example}");
+        let example = example.replace("/etc/talos-kms-server/", "");
+        std::fs::write(dir.path().join("reference.key"), [1u8; 32]).unwrap();
+        std::fs::write(dir.path().join("gustinn.key"), [2u8; 16]).unwrap();
+        std::fs::create_dir(dir.path().join("gustinn-keys")).unwrap();
+        std::fs::write(dir.path().join("gustinn-keys/v2"), [3u8; 24]).unwrap();
+        let text = format!("database: x\nserverCertFile: a\nserverKeyFile: b\n{example}");
+        let config = Config::parse(&dir.path().join("config.yaml"), &text).unwrap();
+        assert_eq!(config.take_over.reference.len(), 1);
+        assert_eq!(config.take_over.gustinn.len(), 2);
+        assert_eq!(config.take_over_sources.len(), 3);
+        assert!(config.take_over_sources[1].contains("key ids v2; IP binding off"));
+    }
+
+    #[test]
+    fn take_over_key_problems_name_the_file_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        // A base64 text of a 32-byte key, as an operator might copy it.
+        std::fs::write(path("b64.key"), format!("{}\n", "QUJD".repeat(11))).unwrap();
+        let error = take_over_config(
+            dir.path(),
+            "  - {scheme: sidero-reference, keyFile: b64.key}\n",
+        )
+        .err()
+        .unwrap();
+        assert!(
+            error.contains("b64.key holds more than 32 bytes"),
+            "{error}"
+        );
+        assert!(error.contains("16, 24 or 32 raw bytes"), "{error}");
+
+        // A key directory with junk: a dotfile and a subdirectory are skipped as gustinn
+        // skips them; a file of the wrong length is named.
+        std::fs::create_dir_all(path("keys/..2026_12_06/sub")).unwrap();
+        std::fs::write(path("keys/..2026_12_06/v1"), [1u8; 32]).unwrap();
+        std::os::unix::fs::symlink("..2026_12_06", path("keys/..data")).unwrap();
+        std::os::unix::fs::symlink("..data/v1", path("keys/v1")).unwrap();
+        std::fs::write(path("keys/.hidden"), b"not a key").unwrap();
+        std::fs::create_dir(path("keys/subdir")).unwrap();
+        let config = take_over_config(
+            dir.path(),
+            "  - {scheme: gustinn, keyDir: keys, ipBinding: true}\n",
+        )
+        .unwrap();
+        let ids: Vec<&str> = config.take_over.gustinn[0]
+            .keys
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect();
+        assert_eq!(ids, ["v1"]);
+        std::fs::write(path("keys/README"), b"rotate monthly").unwrap();
+        let error = take_over_config(
+            dir.path(),
+            "  - {scheme: gustinn, keyDir: keys, ipBinding: true}\n",
+        )
+        .err()
+        .unwrap();
+        assert!(error.contains("README holds 14 bytes"), "{error}");
+
+        std::fs::create_dir(path("empty")).unwrap();
+        let error = take_over_config(
+            dir.path(),
+            "- {scheme: gustinn, keyDir: empty, ipBinding: false}\n\
+               - {scheme: gustinn, keyFile: b64.key, ipBinding: false}\n\
+               - {scheme: gustinn, keyDir: keys}\n\
+               - {scheme: omni, keyFile: x}\n\
+               - {scheme: sidero-reference, keyFile: missing.key}\n\
+               - {scheme: sidero-reference, keyFile: b64.key, ipBinding: true}\n",
+        )
+        .err()
+        .unwrap();
+        assert!(error.starts_with("6 problems:"), "{error}");
+        for named in [
+            "takeOver entry 1 (gustinn): key directory",
+            "holds no key file",
+            "takeOver entry 2 (gustinn): keyFile needs keyId",
+            "takeOver entry 3 (gustinn): ipBinding is missing",
+            "takeOver entry 4: scheme \"omni\" is not one of sidero-reference, gustinn",
+            "takeOver entry 5 (sidero-reference): cannot read key file",
+            "takeOver entry 6 (sidero-reference): takes only keyFile",
         ] {
             assert!(error.contains(named), "{named}: {error}");
         }

@@ -6,6 +6,7 @@ use crate::metrics::Metrics;
 use crate::os_error;
 use crate::policy::{Policy, Rules};
 use crate::proto::KMSServiceServer;
+use crate::sealing::foreign::TakeOver;
 use crate::service::KmsService;
 use crate::store::{ApprovalState, Store, StoreError};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -43,6 +44,8 @@ pub struct ServerOptions {
     pub rules: Rules,
     /// `maxConnections` is lowered at start when the open-file limit cannot hold it.
     pub limits: ListenerLimits,
+    /// Keys of the servers taken over (`takeOver`), whose blobs Unseal also opens.
+    pub take_over: Arc<TakeOver>,
 }
 
 pub struct RunningServer {
@@ -164,6 +167,7 @@ impl Port {
                 Arc::clone(&options.audit),
                 Arc::clone(&options.metrics),
                 policy,
+                options.take_over,
             )),
             health,
             metrics: Arc::clone(&options.metrics),

@@ -2,11 +2,14 @@
 //! operations, answers every unseal failure the same way, and writes each call's audit line
 //! before its answer leaves.
 
+mod foreign;
+
 use crate::audit::{Action, AuditLog, Event, Reason};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, Refusal};
 use crate::proto::{self, KMSService};
-use crate::sealing::{self, SealedBlob, peer_ip_text};
+use crate::sealing::foreign::TakeOver;
+use crate::sealing::{self, SEALED_LEN, SealedBlob, peer_ip_text};
 use crate::store::{self, Inserted, NewRecord, Store};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,6 +37,8 @@ pub struct KmsService {
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     policy: Arc<Policy>,
+    /// Keys of the servers taken over; empty unless `takeOver` is configured.
+    take_over: Arc<TakeOver>,
 }
 
 impl KmsService {
@@ -42,12 +47,14 @@ impl KmsService {
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
         policy: Arc<Policy>,
+        take_over: Arc<TakeOver>,
     ) -> Self {
         Self {
             store,
             audit,
             metrics,
             policy,
+            take_over,
         }
     }
 
@@ -221,8 +228,17 @@ impl KmsService {
         let node = &request.node_uuid;
         let ip = peer_ip_text(&peer);
         let event = Event::call(Action::Unseal, &ip, node);
-        if let Err(refusal) = self.policy.admit_unseal(request, peer.ip(), &ip).await {
+        let foreign_blobs = !self.take_over.is_empty();
+        if let Err(refusal) = self
+            .policy
+            .admit_unseal(request, peer.ip(), &ip, foreign_blobs)
+            .await
+        {
             return Err(self.refused_by_policy(event, refusal));
+        }
+        // By length alone: this server's own blobs never reach the foreign path.
+        if foreign_blobs && request.data.len() != SEALED_LEN {
+            return self.unseal_foreign(peer, request, event).await;
         }
         let Some(blob) = SealedBlob::parse(&request.data) else {
             let status = Status::invalid_argument("malformed sealed blob");

@@ -503,7 +503,7 @@ async fn replicas_starting_at_once_on_an_empty_database_make_the_schema_once() {
                 &name,
                 "SELECT string_agg(version::text, ',' ORDER BY version) FROM talos_kms_schema"
             ),
-            "1,2,3"
+            "1,2,3,4,5"
         );
     }
 }
@@ -801,6 +801,7 @@ async fn the_store_contract_holds_on_postgres() {
         "approvals",
         "ids",
         "unreadable",
+        "bindings",
     ] {
         pg.create_database(name);
     }
@@ -828,6 +829,8 @@ async fn the_store_contract_holds_on_postgres() {
         std::future::ready(())
     })
     .await;
+    let store = PgStore::open(&options("bindings")).await.unwrap();
+    store_contract::foreign_blobs_are_bound_once(&store).await;
 }
 
 /// Runs the binary with `env` set, to completion (60 s at most).

@@ -56,6 +56,12 @@ async fn an_unreadable_approval_is_an_error() {
     .await;
 }
 
+#[tokio::test]
+async fn foreign_blobs_are_bound_once() {
+    let (_dir, store) = store();
+    store_contract::foreign_blobs_are_bound_once(&store).await;
+}
+
 /// The counter lives in the file: a restart does not hand out a purged id again either.
 #[tokio::test]
 async fn a_purged_id_stays_used_across_a_reopen() {

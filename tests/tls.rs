@@ -254,6 +254,7 @@ async fn key_formats_and_types_load_and_serve() {
                 metrics_port: None,
                 rules: Default::default(),
                 limits: Default::default(),
+                take_over: Default::default(),
             },
         )
         .unwrap();

@@ -452,6 +452,7 @@ mod tests {
                 metrics_port: None,
                 rules: Default::default(),
                 limits: Default::default(),
+                take_over: Default::default(),
             },
         )
         .unwrap();

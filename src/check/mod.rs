@@ -110,6 +110,13 @@ pub async fn run(config_path: &Path, options: &CheckOptions) -> Report {
     certificate::check(&mut report, &config, options).await;
     database(&mut report, &config).await;
     policy(&mut report, &config);
+    for source in &config.take_over_sources {
+        report.add(
+            "takeOver",
+            Level::Info,
+            format!("unseals blobs of {source}"),
+        );
+    }
     report
 }
 

@@ -69,6 +69,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         metrics_port: None,
         rules: Default::default(),
         limits: Default::default(),
+        take_over: Default::default(),
     };
     let dir_path = dir.path().to_path_buf();
     // The full path, so that the printed command works from `cargo run` too.

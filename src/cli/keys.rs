@@ -1,5 +1,8 @@
 //! `keys`: list, show, revoke, restore and purge records, while the server runs; every
 //! change takes effect on the server's next request and goes to the audit trail.
+//!
+//! Bindings of foreign blobs (`takeOver`) are shown and revoked like records of their
+//! scheme, with ids `b1`, `b2`...
 
 use super::Output;
 use super::admin::{Admin, AdminArgs, OutputArg};
@@ -10,7 +13,9 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use talos_kms_server::audit::Event;
-use talos_kms_server::store::{self, RecordFilter, RecordId, RecordInfo, RecordState, UnixTime};
+use talos_kms_server::store::{
+    self, Binding, BindingId, RecordFilter, RecordId, RecordInfo, RecordState, UnixTime,
+};
 
 /// Records read per query: bounds memory for listings of millions.
 const PAGE: usize = 10_000;
@@ -25,7 +30,8 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum Action {
-    /// One row per record: id, node UUID, address, created, last access, state.
+    /// One row per record: id, node UUID, address, created, last access, state, scheme
+    /// (`native`, or that of a server taken over: its bindings have ids `b1`, `b2`...).
     List {
         #[command(flatten)]
         filter: Filter,
@@ -35,24 +41,25 @@ enum Action {
     /// Everything known of one record (never its key or ciphertext).
     Show {
         /// Record id, as `keys list` shows it.
-        id: RecordId,
+        #[arg(value_parser = parse_key)]
+        id: Key,
         #[command(flatten)]
         output: OutputArg,
     },
     /// Revoke records: their unseals get random bytes, like a wrong key. Reversible.
     Revoke {
         /// Record ids, as `keys list` shows them.
-        #[arg(required_unless_present = "node", conflicts_with = "node")]
-        ids: Vec<RecordId>,
-        /// Every record of this node UUID instead.
+        #[arg(required_unless_present = "node", conflicts_with = "node", value_parser = parse_key)]
+        ids: Vec<Key>,
+        /// Every record (and binding) of this node UUID instead.
         #[arg(long, value_name = "UUID")]
         node: Option<String>,
     },
     /// Undo a revocation: the records unseal again.
     Restore {
         /// Record ids, as `keys list --state revoked` shows them.
-        #[arg(required = true)]
-        ids: Vec<RecordId>,
+        #[arg(required = true, value_parser = parse_key)]
+        ids: Vec<Key>,
     },
     /// Delete records for good: revoked ones, or those not used for a time (give one or
     /// both). Shows them and asks first.
@@ -97,6 +104,38 @@ struct Filter {
     created_before: Option<UnixTime>,
 }
 
+/// A record id as `keys list` shows it: a number for this server's own records, `b` and a
+/// number for a binding of a foreign blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Key {
+    Record(RecordId),
+    Binding(BindingId),
+}
+
+fn parse_key(text: &str) -> Result<Key, String> {
+    let (binding, number) = match text.strip_prefix('b') {
+        Some(number) => (true, number),
+        None => (false, text),
+    };
+    let id = number.parse().map_err(|_| {
+        format!("{text:?} is not a record id: a number, or b and a number for a binding")
+    })?;
+    Ok(if binding {
+        Key::Binding(id)
+    } else {
+        Key::Record(id)
+    })
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Record(id) => write!(f, "{id}"),
+            Key::Binding(id) => write!(f, "b{id}"),
+        }
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum State {
     Active,
@@ -126,7 +165,15 @@ pub async fn run(
                         node_uuid: Some(node.clone()),
                         ..RecordFilter::default()
                     };
-                    let ids = ids_of(&admin, &filter).await?;
+                    let mut ids: Vec<Key> = ids_of(&admin, &filter)
+                        .await?
+                        .into_iter()
+                        .map(Key::Record)
+                        .collect();
+                    for_each_binding(&admin, &filter, |binding| {
+                        ids.push(Key::Binding(binding.info.id));
+                    })
+                    .await?;
                     if ids.is_empty() {
                         bail!("no record has node UUID {node:?}; `keys list` shows the records");
                     }
@@ -190,6 +237,26 @@ async fn for_each(
     }
 }
 
+/// Calls `each` with every binding of a foreign blob matching `filter`, a page at a time.
+async fn for_each_binding(
+    admin: &Admin,
+    filter: &RecordFilter,
+    mut each: impl FnMut(&Binding),
+) -> anyhow::Result<u64> {
+    let (mut after, mut count) = (0, 0);
+    loop {
+        let page = admin.store.bindings(filter, after, PAGE).await?;
+        for binding in &page {
+            each(binding);
+        }
+        count += page.len() as u64;
+        match page.last() {
+            Some(last) if page.len() == PAGE => after = last.info.id,
+            _ => return Ok(count),
+        }
+    }
+}
+
 async fn ids_of(admin: &Admin, filter: &RecordFilter) -> anyhow::Result<Vec<RecordId>> {
     let mut ids = Vec::new();
     for_each(admin, filter, |record| ids.push(record.id)).await?;
@@ -202,14 +269,25 @@ async fn list(admin: &Admin, filter: RecordFilter, output: Output) -> anyhow::Re
         writeln!(stdout, "{}", header())?;
     }
     let mut failed = None;
-    let count = for_each(admin, &filter, |record| {
+    let mut print = |key: Key, scheme: &str, record: &RecordInfo| {
         let line = match output {
-            Output::Text => row(record),
-            Output::Json => json(record).to_string(),
+            Output::Text => row(key, scheme, record),
+            Output::Json => json(key, scheme, record).to_string(),
         };
         if let Err(e) = writeln!(stdout, "{line}") {
             failed.get_or_insert(e);
         }
+    };
+    let mut count = for_each(admin, &filter, |record| {
+        print(Key::Record(record.id), NATIVE, record);
+    })
+    .await?;
+    count += for_each_binding(admin, &filter, |binding| {
+        print(
+            Key::Binding(binding.info.id),
+            &binding.scheme,
+            &binding.info,
+        );
     })
     .await?;
     if let Some(e) = failed {
@@ -221,18 +299,35 @@ async fn list(admin: &Admin, filter: RecordFilter, output: Output) -> anyhow::Re
     Ok(ExitCode::SUCCESS)
 }
 
-async fn show(admin: &Admin, id: RecordId, output: Output) -> anyhow::Result<ExitCode> {
-    let filter = RecordFilter {
-        ids: Some(vec![id]),
-        ..RecordFilter::default()
+async fn show(admin: &Admin, key: Key, output: Output) -> anyhow::Result<ExitCode> {
+    let (id, found) = match key {
+        Key::Record(id) => (
+            id,
+            admin
+                .store
+                .list(&only(id), 0, 1)
+                .await?
+                .pop()
+                .map(|r| (NATIVE.to_string(), r)),
+        ),
+        Key::Binding(id) => (
+            id,
+            admin
+                .store
+                .bindings(&only(id), 0, 1)
+                .await?
+                .pop()
+                .map(|b| (b.scheme, b.info)),
+        ),
     };
-    let Some(record) = admin.store.list(&filter, 0, 1).await?.pop() else {
-        bail!("no record has id {id}; `keys list` shows the records");
+    let Some((scheme, record)) = found.filter(|(_, record)| record.id == id) else {
+        bail!("no record has id {key}; `keys list` shows the records");
     };
     match output {
-        Output::Json => println!("{}", json(&record)),
+        Output::Json => println!("{}", json(key, &scheme, &record)),
         Output::Text => {
-            println!("id           {}", record.id);
+            println!("id           {key}");
+            println!("scheme       {scheme}");
             println!("node UUID    {}", record.node_uuid);
             println!("address      {}", record.ip);
             println!("created      {}", date(Some(record.created_at)));
@@ -246,21 +341,48 @@ async fn show(admin: &Admin, id: RecordId, output: Output) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// Revokes (`Some`) or restores (`None`) records by id.
+fn only(id: i64) -> RecordFilter {
+    RecordFilter {
+        ids: Some(vec![id]),
+        ..RecordFilter::default()
+    }
+}
+
+/// Revokes (`Some`) or restores (`None`) records and bindings by id.
 async fn change(
     admin: &Admin,
-    ids: &[RecordId],
+    keys: &[Key],
     revoked_at: Option<UnixTime>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let filter = RecordFilter {
-        ids: Some(ids.to_vec()),
-        ..RecordFilter::default()
-    };
-    let known = ids_of(admin, &filter).await?;
-    let unknown: Vec<String> = ids
+    let (mut records, mut bindings) = (Vec::new(), Vec::new());
+    for key in keys {
+        match *key {
+            Key::Record(id) => records.push(id),
+            Key::Binding(id) => bindings.push(id),
+        }
+    }
+    let mut known: Vec<Key> = Vec::new();
+    if !records.is_empty() {
+        let filter = RecordFilter {
+            ids: Some(records),
+            ..RecordFilter::default()
+        };
+        known.extend(ids_of(admin, &filter).await?.into_iter().map(Key::Record));
+    }
+    if !bindings.is_empty() {
+        let filter = RecordFilter {
+            ids: Some(bindings),
+            ..RecordFilter::default()
+        };
+        for_each_binding(admin, &filter, |binding| {
+            known.push(Key::Binding(binding.info.id));
+        })
+        .await?;
+    }
+    let unknown: Vec<String> = keys
         .iter()
-        .filter(|id| !known.contains(id))
+        .filter(|key| !known.contains(key))
         .map(ToString::to_string)
         .collect();
     if !unknown.is_empty() {
@@ -269,7 +391,25 @@ async fn change(
             unknown.join(", ")
         );
     }
-    let changed = admin.store.set_revoked(&known, revoked_at).await?;
+    let (records, bindings): (Vec<Key>, Vec<Key>) =
+        known.iter().partition(|key| matches!(key, Key::Record(_)));
+    let ids = |keys: Vec<Key>| -> Vec<i64> {
+        keys.into_iter()
+            .map(|key| match key {
+                Key::Record(id) | Key::Binding(id) => id,
+            })
+            .collect()
+    };
+    let mut changed = 0;
+    if !records.is_empty() {
+        changed += admin.store.set_revoked(&ids(records), revoked_at).await?;
+    }
+    if !bindings.is_empty() {
+        changed += admin
+            .store
+            .set_bindings_revoked(&ids(bindings), revoked_at)
+            .await?;
+    }
     let (verb, already) = match revoked_at {
         Some(_) => ("revoked", "already revoked"),
         None => ("restored", "already active"),
@@ -297,9 +437,10 @@ async fn purge(
         println!("{}", header());
     }
     for_each(admin, &filter, |record| {
+        let key = Key::Record(record.id);
         match output {
-            Output::Text => println!("{}", row(record)),
-            Output::Json => println!("{}", json(record)),
+            Output::Text => println!("{}", row(key, NATIVE, record)),
+            Output::Json => println!("{}", json(key, NATIVE, record)),
         }
         doomed.push(record.id);
     })
@@ -362,17 +503,20 @@ fn confirmed(count: usize) -> anyhow::Result<bool> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES"))
 }
 
+/// The scheme column of this server's own records.
+const NATIVE: &str = "native";
+
 fn header() -> String {
     format!(
-        "{:>8}  {:<36}  {:<15}  {:<19}  {:<19}  STATE",
-        "ID", "NODE UUID", "ADDRESS", "CREATED", "LAST ACCESS"
+        "{:>8}  {:<36}  {:<15}  {:<19}  {:<19}  {:<7}  SCHEME",
+        "ID", "NODE UUID", "ADDRESS", "CREATED", "LAST ACCESS", "STATE"
     )
 }
 
-fn row(record: &RecordInfo) -> String {
+fn row(key: Key, scheme: &str, record: &RecordInfo) -> String {
     format!(
-        "{:>8}  {:<36}  {:<15}  {:<19}  {:<19}  {}",
-        record.id,
+        "{:>8}  {:<36}  {:<15}  {:<19}  {:<19}  {:<7}  {scheme}",
+        key.to_string(),
         record.node_uuid,
         record.ip,
         date(Some(record.created_at)),
@@ -381,9 +525,15 @@ fn row(record: &RecordInfo) -> String {
     )
 }
 
-fn json(record: &RecordInfo) -> serde_json::Value {
+/// A record's id is its number, a binding's the text `keys revoke` takes (`b3`).
+fn json(key: Key, scheme: &str, record: &RecordInfo) -> serde_json::Value {
+    let id = match key {
+        Key::Record(id) => serde_json::json!(id),
+        Key::Binding(_) => serde_json::json!(key.to_string()),
+    };
     serde_json::json!({
-        "id": record.id,
+        "id": id,
+        "scheme": scheme,
         "node_uuid": record.node_uuid,
         "ip": record.ip,
         "created": rfc3339(Some(record.created_at)),

@@ -85,6 +85,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         metrics_port,
         rules: config.policy.clone(),
         limits: config.limits.clone(),
+        take_over: Arc::clone(&config.take_over),
     };
     serve_until_signal(port, options, OnHangup::Reload(identity), |_| ()).await?;
     if let Some(path) = config.database.sqlite_path() {

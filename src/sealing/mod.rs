@@ -10,6 +10,7 @@
 //! holds are zeroed when dropped (aws-lc-rs cleanses its own key schedules); a passphrase
 //! handed back goes into the gRPC reply, which zeroes it once encoded (`proto.rs`).
 
+pub mod foreign;
 mod ip_text;
 
 pub use ip_text::{ip_text, peer_ip_text};

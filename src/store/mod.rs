@@ -1,6 +1,7 @@
 //! Where records live. The request path sees only the [`Store`] trait; SQLite is the
 //! embedded backend, and a shared PostgreSQL backend for replicas fits behind the same trait.
 
+mod bindings;
 pub mod legacy_json;
 pub mod migrate;
 mod policy_state;
@@ -8,6 +9,7 @@ pub mod postgres;
 mod sql;
 mod sqlite;
 
+pub use bindings::{Binding, BindingId, Fingerprint, NewBinding};
 pub use policy_state::{
     Approval, ApprovalId, ApprovalState, Decision, NodeSummary, Operation, Window,
 };
@@ -359,4 +361,30 @@ pub trait Store: Send + Sync + 'static {
     /// Adds approvals exactly as another store holds them, skipping each whose id or
     /// (operation, node, address) is already there, durably; returns how many were added.
     async fn copy_approvals(&self, approvals: &[Approval]) -> Result<u64, StoreError>;
+
+    /// The binding of the foreign blob with this fingerprint, if it was ever unsealed.
+    async fn binding(&self, fingerprint: &Fingerprint) -> Result<Option<Binding>, StoreError>;
+
+    /// Binds a foreign blob to its first caller, durably; when it is bound already (two
+    /// first unseals at once), nothing changes and the binding that holds is returned.
+    async fn bind(&self, binding: NewBinding) -> Result<Binding, StoreError>;
+
+    /// Notes an unseal of a bound blob, durably.
+    async fn binding_used(&self, id: BindingId, at: UnixTime) -> Result<(), StoreError>;
+
+    /// Up to `limit` bindings matching `filter` with ids above `after`, in id order.
+    async fn bindings(
+        &self,
+        filter: &RecordFilter,
+        after: BindingId,
+        limit: usize,
+    ) -> Result<Vec<Binding>, StoreError>;
+
+    /// Revokes (`Some(time)`) or restores (`None`) the bindings with these ids, durably;
+    /// returns how many changed state.
+    async fn set_bindings_revoked(
+        &self,
+        ids: &[BindingId],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError>;
 }

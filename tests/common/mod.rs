@@ -95,6 +95,7 @@ impl TestServer {
                 metrics_port: None,
                 rules,
                 limits: Default::default(),
+                take_over: Default::default(),
             },
         )
         .unwrap();

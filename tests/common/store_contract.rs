@@ -2,7 +2,8 @@
 //! each backend (SQLite here; PostgreSQL where it is available).
 
 use talos_kms_server::store::{
-    Approval, ApprovalState, Decision, Inserted, NewRecord, Operation, RecordFilter, Store, Window,
+    Approval, ApprovalState, Binding, Decision, Inserted, NewBinding, NewRecord, Operation,
+    RecordFilter, RecordInfo, RecordState, Store, Window,
 };
 
 fn record(nonce: u8, node: &str, ip: &str, created_at: i64) -> NewRecord {
@@ -301,5 +302,123 @@ pub async fn an_unreadable_approval_is_an_error<F: std::future::Future<Output = 
             .note_pending(unseal, "n", "10.0.0.1", 130, 10)
             .await
             .is_err()
+    );
+}
+
+fn binding(fingerprint: u8, scheme: &str, node: &str, ip: &str, at: i64) -> NewBinding {
+    NewBinding {
+        fingerprint: [fingerprint; 32],
+        scheme: scheme.into(),
+        node_uuid: node.into(),
+        ip: ip.into(),
+        at,
+    }
+}
+
+/// A foreign blob is bound once, to its first caller: a second first unseal (another
+/// replica, a race) gets the binding that holds; bindings are listed, filtered, used and
+/// revoked like records, and never mixed with them.
+pub async fn foreign_blobs_are_bound_once(store: &dyn Store) {
+    let everything = RecordFilter::default();
+    assert!(store.binding(&[1; 32]).await.unwrap().is_none());
+    assert!(store.bindings(&everything, 0, 10).await.unwrap().is_empty());
+
+    let first = store
+        .bind(binding(1, "gustinn", "node-f", "10.0.3.1", 1_000))
+        .await
+        .unwrap();
+    assert_eq!(first.scheme, "gustinn");
+    assert_eq!(
+        (first.info.node_uuid.as_str(), first.info.ip.as_str()),
+        ("node-f", "10.0.3.1")
+    );
+    assert_eq!(
+        (
+            first.info.created_at,
+            first.info.last_access,
+            first.info.revoked_at
+        ),
+        (1_000, None, None)
+    );
+    let raced = store
+        .bind(binding(1, "gustinn", "node-x", "10.0.3.9", 2_000))
+        .await
+        .unwrap();
+    assert_eq!(raced, first, "the first binding holds");
+    assert_eq!(store.binding(&[1; 32]).await.unwrap(), Some(first.clone()));
+
+    let second = store
+        .bind(binding(2, "sidero-reference", "node-g", "10.0.3.2", 1_500))
+        .await
+        .unwrap();
+    assert!(second.info.id > first.info.id);
+    store.binding_used(first.info.id, 3_000).await.unwrap();
+    let used = store.binding(&[1; 32]).await.unwrap().unwrap();
+    assert_eq!(used.info.last_access, Some(3_000));
+
+    let listed = store.bindings(&everything, 0, 10).await.unwrap();
+    assert_eq!(listed, [used.clone(), second.clone()]);
+    let page = store
+        .bindings(&everything, first.info.id, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        page,
+        std::slice::from_ref(&second),
+        "a page starts after its id"
+    );
+    let of_node = RecordFilter {
+        node_uuid: Some("node-g".into()),
+        ..RecordFilter::default()
+    };
+    assert_eq!(
+        store.bindings(&of_node, 0, 10).await.unwrap(),
+        std::slice::from_ref(&second)
+    );
+    assert!(
+        store.list(&everything, 0, 10).await.unwrap().is_empty(),
+        "bindings are not records"
+    );
+
+    let ids = [first.info.id, second.info.id];
+    assert_eq!(
+        store.set_bindings_revoked(&ids, Some(4_000)).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        store.set_bindings_revoked(&ids, Some(5_000)).await.unwrap(),
+        0
+    );
+    let revoked = RecordFilter {
+        state: Some(RecordState::Revoked),
+        ..RecordFilter::default()
+    };
+    assert_eq!(store.bindings(&revoked, 0, 10).await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .binding(&[2; 32])
+            .await
+            .unwrap()
+            .unwrap()
+            .info
+            .revoked_at,
+        Some(4_000)
+    );
+    assert_eq!(
+        store
+            .set_bindings_revoked(&[second.info.id], None)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.bindings(&revoked, 0, 10).await.unwrap(),
+        [Binding {
+            info: RecordInfo {
+                revoked_at: Some(4_000),
+                ..used.info
+            },
+            ..used
+        }]
     );
 }

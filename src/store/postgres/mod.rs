@@ -13,6 +13,7 @@
 //! server reconnects by itself. Every call has a deadline; meanwhile calls fail with
 //! [`StoreError::Postgres`] (`UNAVAILABLE` to nodes) and health checks report it.
 
+mod bindings;
 mod columns;
 mod connection;
 mod lookups;

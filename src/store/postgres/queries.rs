@@ -12,9 +12,9 @@ use crate::store::sql::{
     conditions,
 };
 use crate::store::{
-    Approval, ApprovalId, ApprovalState, Decision, ImportBatch, ImportReport, Inserted, NewRecord,
-    NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, Store, StoreError,
-    StoredRecord, UnixTime, Window,
+    Approval, ApprovalId, ApprovalState, Binding, BindingId, Decision, Fingerprint, ImportBatch,
+    ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record, RecordFilter,
+    RecordId, RecordInfo, Store, StoreError, StoredRecord, UnixTime, Window,
 };
 use async_trait::async_trait;
 use std::time::Duration;
@@ -55,7 +55,7 @@ fn approval_of(row: Option<&Row>) -> Result<Option<ApprovalRow>, tokio_postgres:
     row.map(approval_row).transpose()
 }
 
-fn params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
+pub(super) fn params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
     values
         .iter()
         .map(|value| match value {
@@ -499,6 +499,35 @@ impl Store for PgStore {
             Ok(added)
         })
         .await
+    }
+
+    async fn binding(&self, fingerprint: &Fingerprint) -> Result<Option<Binding>, StoreError> {
+        self.binding_of(fingerprint).await
+    }
+
+    async fn bind(&self, binding: NewBinding) -> Result<Binding, StoreError> {
+        self.bind_first(binding).await
+    }
+
+    async fn binding_used(&self, id: BindingId, at: UnixTime) -> Result<(), StoreError> {
+        self.note_binding_use(id, at).await
+    }
+
+    async fn bindings(
+        &self,
+        filter: &RecordFilter,
+        after: BindingId,
+        limit: usize,
+    ) -> Result<Vec<Binding>, StoreError> {
+        self.list_bindings(filter, after, limit).await
+    }
+
+    async fn set_bindings_revoked(
+        &self,
+        ids: &[BindingId],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError> {
+        self.revoke_bindings(ids, revoked_at).await
     }
 
     async fn copy_approvals(&self, approvals: &[Approval]) -> Result<u64, StoreError> {

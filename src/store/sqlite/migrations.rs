@@ -92,6 +92,20 @@ pub(super) const MIGRATIONS: &[&str] = &[
     DROP TABLE approvals;
     ALTER TABLE approvals_autoincrement RENAME TO approvals;
 ",
+    // Foreign blobs (`takeOver`) bound to their first caller, by fingerprint.
+    "
+    CREATE TABLE foreign_bindings (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        fingerprint BLOB    NOT NULL UNIQUE CHECK (length(fingerprint) = 32),
+        scheme      TEXT    NOT NULL,
+        node_uuid   TEXT    NOT NULL,
+        ip          TEXT    NOT NULL,
+        created_at  INTEGER NOT NULL,
+        last_access INTEGER,
+        revoked_at  INTEGER
+    );
+    CREATE INDEX foreign_bindings_by_node ON foreign_bindings (node_uuid);
+",
 ];
 
 /// The applied schema version, after making sure the file is ours (or empty) and not newer

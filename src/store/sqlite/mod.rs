@@ -12,6 +12,7 @@
 //! store refuses everything until a restart.
 
 mod backup;
+mod bindings;
 mod connection;
 mod migrations;
 mod opened_file;

@@ -9,9 +9,9 @@ use crate::store::sql::{
     conditions,
 };
 use crate::store::{
-    Approval, ApprovalId, ApprovalState, Decision, ImportBatch, ImportReport, Inserted, NewRecord,
-    NodeSummary, Operation, Record, RecordFilter, RecordId, RecordInfo, Store, StoreError,
-    StoredRecord, UnixTime, Window,
+    Approval, ApprovalId, ApprovalState, Binding, BindingId, Decision, Fingerprint, ImportBatch,
+    ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record, RecordFilter,
+    RecordId, RecordInfo, Store, StoreError, StoredRecord, UnixTime, Window,
 };
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
@@ -376,6 +376,35 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn binding(&self, fingerprint: &Fingerprint) -> Result<Option<Binding>, StoreError> {
+        self.binding_of(fingerprint)
+    }
+
+    async fn bind(&self, binding: NewBinding) -> Result<Binding, StoreError> {
+        self.bind_first(binding).await
+    }
+
+    async fn binding_used(&self, id: BindingId, at: UnixTime) -> Result<(), StoreError> {
+        self.note_binding_use(id, at).await
+    }
+
+    async fn bindings(
+        &self,
+        filter: &RecordFilter,
+        after: BindingId,
+        limit: usize,
+    ) -> Result<Vec<Binding>, StoreError> {
+        self.list_bindings(filter, after, limit)
+    }
+
+    async fn set_bindings_revoked(
+        &self,
+        ids: &[BindingId],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError> {
+        self.revoke_bindings(ids, revoked_at).await
+    }
+
     async fn copy_approvals(&self, approvals: &[Approval]) -> Result<u64, StoreError> {
         let approvals = approvals.to_vec();
         self.write(move |conn| {
@@ -430,7 +459,7 @@ fn info_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordInfo> {
     })
 }
 
-fn bound(value: &Value) -> rusqlite::types::Value {
+pub(super) fn bound(value: &Value) -> rusqlite::types::Value {
     match value {
         Value::Integer(number) => (*number).into(),
         Value::Text(text) => text.clone().into(),

@@ -1,0 +1,119 @@
+//! Bindings of foreign blobs (`takeOver`) in SQLite; the `Store` impl delegates here.
+
+use super::SqliteStore;
+use super::queries::bound;
+use crate::store::sql::{Dialect, conditions};
+use crate::store::{
+    Binding, BindingId, Fingerprint, NewBinding, RecordFilter, RecordInfo, StoreError, UnixTime,
+};
+use rusqlite::{OptionalExtension, params};
+
+const COLUMNS: &str = "id, scheme, node_uuid, ip, created_at, last_access, revoked_at";
+
+fn binding_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Binding> {
+    Ok(Binding {
+        scheme: row.get(1)?,
+        info: RecordInfo {
+            id: row.get(0)?,
+            node_uuid: row.get(2)?,
+            ip: row.get(3)?,
+            created_at: row.get(4)?,
+            last_access: row.get(5)?,
+            revoked_at: row.get(6)?,
+        },
+    })
+}
+
+impl SqliteStore {
+    pub(super) fn binding_of(
+        &self,
+        fingerprint: &Fingerprint,
+    ) -> Result<Option<Binding>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM foreign_bindings WHERE fingerprint = ?1"
+            ))?
+            .query_row([&fingerprint[..]], binding_of)
+            .optional()
+        })
+    }
+
+    pub(super) async fn bind_first(&self, binding: NewBinding) -> Result<Binding, StoreError> {
+        let fingerprint = binding.fingerprint;
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO foreign_bindings (fingerprint, scheme, node_uuid, ip, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (fingerprint) DO NOTHING",
+            )?
+            .execute(params![
+                &binding.fingerprint[..],
+                binding.scheme,
+                binding.node_uuid,
+                binding.ip,
+                binding.at
+            ])
+            .map(|added| added as u64)
+        })
+        .await?;
+        self.binding_of(&fingerprint)?.ok_or_else(|| {
+            StoreError::Write("a binding just written cannot be read back".to_string())
+        })
+    }
+
+    pub(super) async fn note_binding_use(
+        &self,
+        id: BindingId,
+        at: UnixTime,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached("UPDATE foreign_bindings SET last_access = ?2 WHERE id = ?1")?
+                .execute(params![id, at])
+                .map(|changed| changed as u64)
+        })
+        .await
+        .map(drop)
+    }
+
+    pub(super) fn list_bindings(
+        &self,
+        filter: &RecordFilter,
+        after: BindingId,
+        limit: usize,
+    ) -> Result<Vec<Binding>, StoreError> {
+        let (condition, values) = conditions(filter, after, Dialect::Sqlite);
+        self.read(|conn| {
+            let mut statement = conn.prepare(&format!(
+                "SELECT {COLUMNS} FROM foreign_bindings WHERE {condition} ORDER BY id LIMIT {limit}"
+            ))?;
+            let rows = statement.query_map(
+                rusqlite::params_from_iter(values.iter().map(bound)),
+                binding_of,
+            )?;
+            rows.collect()
+        })
+    }
+
+    pub(super) async fn revoke_bindings(
+        &self,
+        ids: &[BindingId],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        self.write(move |conn| {
+            let change = if revoked_at.is_some() {
+                "revoked_at IS NULL"
+            } else {
+                "revoked_at IS NOT NULL"
+            };
+            let mut statement = conn.prepare_cached(&format!(
+                "UPDATE foreign_bindings SET revoked_at = ?2 WHERE id = ?1 AND {change}"
+            ))?;
+            let mut changed = 0;
+            for id in ids {
+                changed += statement.execute(params![id, revoked_at])? as u64;
+            }
+            Ok(changed)
+        })
+        .await
+    }
+}
