@@ -12,6 +12,7 @@ pub mod bench;
 pub mod check;
 pub mod client;
 pub mod config;
+pub mod custody;
 pub mod hardening;
 pub mod listener;
 mod locking;
