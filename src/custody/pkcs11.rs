@@ -57,9 +57,11 @@ impl HsmKey {
             self.session()?
                 .decrypt(&Mechanism::AesGcm(params), self.key, sealed)
                 .map_err(|e| match e {
-                    Pkcs11Error::Pkcs11(RvError::EncryptedDataInvalid, _) => {
-                        CustodyError::WrongRoot { version }
-                    }
+                    // SoftHSM2 answers a GCM tag that does not match with CKR_GENERAL_ERROR.
+                    Pkcs11Error::Pkcs11(
+                        RvError::EncryptedDataInvalid | RvError::GeneralError,
+                        _,
+                    ) => CustodyError::WrongRoot { version },
                     e => self.failed("unwrap a data key with", e),
                 })?,
         );
@@ -210,22 +212,26 @@ fn log_in(
         ))
     })?;
     let session = pkcs11.open_rw_session(slot).map_err(unreachable)?;
-    session
-        .login(UserType::User, Some(&AuthPin::from(pin)))
-        .map_err(|e| match e {
-            Pkcs11Error::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _) => {
-                CustodyError::source(format!(
-                    "token {token_label:?} refused the PIN from {}: it is wrong; write the \
+    // The login is the application's, not the session's: a second key source in the same
+    // process finds the token logged in already.
+    let login = match session.login(UserType::User, Some(&AuthPin::from(pin))) {
+        Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        other => other,
+    };
+    login.map_err(|e| match e {
+        Pkcs11Error::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _) => {
+            CustodyError::source(format!(
+                "token {token_label:?} refused the PIN from {}: it is wrong; write the \
                      user PIN there (too many tries lock the token)",
-                    pin_path.display()
-                ))
-            }
-            Pkcs11Error::Pkcs11(RvError::PinLocked, _) => CustodyError::source(format!(
-                "token {token_label:?} is locked after too many wrong PINs; unlock it with the \
+                pin_path.display()
+            ))
+        }
+        Pkcs11Error::Pkcs11(RvError::PinLocked, _) => CustodyError::source(format!(
+            "token {token_label:?} is locked after too many wrong PINs; unlock it with the \
                  security officer's PIN"
-            )),
-            e => CustodyError::source(format!("cannot log in to token {token_label:?}: {e}")),
-        })?;
+        )),
+        e => CustodyError::source(format!("cannot log in to token {token_label:?}: {e}")),
+    })?;
     Ok(session)
 }
 
