@@ -315,6 +315,7 @@ fn pkcs11_key_is_made_on_the_token_once_and_a_wrong_pin_is_named() {
     };
     let root = open(&config);
     assert!(same_root(&root, &open(&config)));
+    assert_never_extractable(&hsm, "kms");
     let other = config_for("other", "other", &pin);
     assert!(init(&other, &env).status.success());
     let other = open(&other);
@@ -324,4 +325,48 @@ fn pkcs11_key_is_made_on_the_token_once_and_a_wrong_pin_is_named() {
         error.contains("v4 does not unwrap under this root key"),
         "{error}"
     );
+}
+
+/// The token says the key it made can never leave it, read through the module itself.
+fn assert_never_extractable(hsm: &SoftHsm, token: &str) {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+    use cryptoki::session::UserType;
+    assert!(hsm.conf.exists());
+    let pkcs11 = Pkcs11::new(SOFTHSM_MODULE).unwrap();
+    let _ = pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = pkcs11
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| pkcs11.get_token_info(*slot).unwrap().label() == token)
+        .unwrap();
+    let session = pkcs11.open_ro_session(slot).unwrap();
+    let _ = session.login(UserType::User, Some(&"123456".into()));
+    let keys = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(b"talos-kms-root".to_vec()),
+        ])
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    let attributes = session
+        .get_attributes(
+            keys[0],
+            &[
+                AttributeType::Extractable,
+                AttributeType::Sensitive,
+                AttributeType::NeverExtractable,
+                AttributeType::ValueLen,
+            ],
+        )
+        .unwrap();
+    for attribute in attributes {
+        match attribute {
+            Attribute::Extractable(value) => assert!(!value, "extractable"),
+            Attribute::Sensitive(value) | Attribute::NeverExtractable(value) => assert!(value),
+            Attribute::ValueLen(len) => assert_eq!(u64::from(len), 32),
+            other => panic!("{other:?}"),
+        }
+    }
 }
