@@ -370,3 +370,22 @@ fn assert_never_extractable(hsm: &SoftHsm, token: &str) {
         }
     }
 }
+
+#[test]
+fn init_without_a_key_source_says_what_to_add() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = write_pki(dir.path());
+    let config = write_config(dir.path(), &pki, "127.0.0.1", "");
+    let output = init(&config, &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("no `keySource`") && stderr.contains("Key custody"),
+        "{stderr}"
+    );
+    let checked = check(&config, &[]);
+    assert!(
+        key_source_lines(&checked)
+            .contains("none: the records are protected by the split scheme alone")
+    );
+}
