@@ -148,13 +148,13 @@ fn key_source(report: &mut Report, config: &Config) {
         "records are not yet wrapped by the key source in this build: a database copy plus a \
          node's disk still yields that node's passphrase (README, \"Key custody\")",
     );
-    if let Some(limit) = custody::memory_lock_shortfall() {
+    if let Some(why) = custody::memory_lock_shortfall() {
         report.add(
             "key source",
             Level::Warning,
             format!(
-                "keys cannot be locked out of swap (RLIMIT_MEMLOCK {limit} bytes): raise \
-                 LimitMEMLOCK= in the unit (e.g. 1M)"
+                "keys cannot be locked out of swap ({why}): raise LimitMEMLOCK= in the unit \
+                 (e.g. 1M)"
             ),
         );
     }

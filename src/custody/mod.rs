@@ -97,7 +97,8 @@ pub enum CustodyError {
     WrongVersion { found: u32, given: u32 },
     #[error(
         "data key v{version} does not unwrap under this root key: the key source is not the \
-         one that wrapped it (another key file, TPM, token or set of shares)"
+         one that wrapped it (another key file, TPM, token or set of shares), or the wrapped key \
+         was altered"
     )]
     WrongRoot { version: u32 },
 }

@@ -82,14 +82,16 @@ fn lock(page: &mut Page) -> bool {
     locked
 }
 
-/// Whether keys can be kept out of swap: the RLIMIT_MEMLOCK soft limit, in bytes, when it is
-/// below what a few keys need (`None` when there is room, or no limit).
-pub fn memory_lock_shortfall() -> Option<u64> {
+/// Why keys may reach swap, when they may: the RLIMIT_MEMLOCK soft limit is below what a few
+/// keys need, or an `mlock` was refused. `None` when keys can be locked.
+pub fn memory_lock_shortfall() -> Option<String> {
     const NEEDED: u64 = 64 * 4096;
     let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock);
     match limit.current {
-        Some(bytes) if bytes < NEEDED && !rustix::process::geteuid().is_root() => Some(bytes),
-        _ if LOCK_REFUSED.load(Ordering::Relaxed) => Some(0),
+        Some(bytes) if bytes < NEEDED && !rustix::process::geteuid().is_root() => {
+            Some(format!("RLIMIT_MEMLOCK is {bytes} bytes"))
+        }
+        _ if LOCK_REFUSED.load(Ordering::Relaxed) => Some("mlock was refused".into()),
         _ => None,
     }
 }
