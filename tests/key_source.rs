@@ -389,3 +389,33 @@ fn init_without_a_key_source_says_what_to_add() {
             .contains("none: the records are protected by the split scheme alone")
     );
 }
+
+#[test]
+fn check_says_when_keys_cannot_be_locked_in_memory() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = config_with(dir.path(), "{shamir: {threshold: 2, shares: 3}}");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let checked = |memlock: &str| {
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--memlock={memlock}"))
+            .args([BINARY, "check", "--config", config.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Root may lock memory past the limit: the limit is checked for another user.
+        if rustix::process::geteuid().is_root() {
+            command.uid(65534).gid(65534);
+        }
+        key_source_lines(&command.output().unwrap())
+    };
+    let low = checked("4096:4096");
+    assert!(
+        low.contains("cannot be locked out of swap (RLIMIT_MEMLOCK is 4096 bytes)")
+            && low.contains("LimitMEMLOCK="),
+        "{low}"
+    );
+    let enough = checked("8388608:8388608");
+    assert!(!enough.contains("swap"), "{enough}");
+}
