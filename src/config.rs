@@ -2,6 +2,7 @@
 //! `database`. Relative paths are taken relative to the config file's directory.
 
 use crate::audit::Rotation;
+use crate::custody::{self, Credential, KeySourceConfig};
 use crate::listener::ListenerLimits;
 use crate::logging::LogLevel;
 use crate::policy::{Mode, Networks, RateLimit, Rules};
@@ -115,6 +116,15 @@ bindAddress: "0.0.0.0"
 #   - {scheme: gustinn, keyFile: "/etc/talos-kms-server/gustinn.key", keyId: "v1", ipBinding: true}
 
 # OFF, ERROR, WARN, INFO, DEBUG, TRACE (SEVERE, WARNING, FINE, FINER, FINEST also accepted).
+# Key custody (README, "Key custody"): where the root key comes from. Not yet used to wrap
+# records in this build; `talos-kms-server key-source init --config FILE` makes the key.
+# Relative paths are taken beside this file; a bare file name is looked up first in
+# $CREDENTIALS_DIRECTORY (systemd LoadCredentialEncrypted=).
+# keySource: {file: "root.key"}   # 32 random bytes, raw or base64 on one line, mode 0600
+# keySource: {tpm2: {tcti: "device:/dev/tpmrm0", pcrs: [], sealedObject: "root-key.tpm2"}}
+# keySource: {pkcs11: {module: "/usr/lib/softhsm/libsofthsm2.so", tokenLabel: "kms", keyLabel: "talos-kms-root", pinFile: "token-pin"}}
+# keySource: {shamir: {threshold: 3, shares: 5}}
+
 kmsLogLevel: "INFO"   # this server's own messages
 rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
 "#;
@@ -161,6 +171,7 @@ struct RawConfig {
     max_message_size: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
     take_over: Option<Vec<RawTakeOver>>,
+    key_source: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +216,8 @@ pub struct Config {
     pub take_over: Arc<TakeOver>,
     /// What `check` says of each `takeOver` entry: scheme, file and key ids, never a key.
     pub take_over_sources: Vec<String>,
+    /// Where the root key comes from; none: the split scheme alone protects the records.
+    pub key_source: Option<KeySourceConfig>,
 }
 
 impl fmt::Debug for Config {
@@ -221,6 +234,7 @@ impl fmt::Debug for Config {
             )
             .field("listen", &self.listen)
             .field("audit_log", &self.audit_log)
+            .field("key_source", &self.key_source)
             .finish()
     }
 }
@@ -301,6 +315,10 @@ impl Config {
         let policy = policy_rules(&raw, problems);
         let limits = listener_limits(&raw, problems);
         let base = path.parent().unwrap_or(Path::new("."));
+        let key_source = problems.check(match &raw.key_source {
+            None => Ok(None),
+            Some(value) => key_source(value, base).map(Some),
+        });
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let node_db_file = raw.node_db_file.map(resolve);
         let database = match (raw.database, &node_db_file) {
@@ -418,6 +436,7 @@ impl Config {
             path: path.to_path_buf(),
             policy: policy?,
             limits: limits?,
+            key_source: key_source?,
             metrics_address: metrics_address?,
             audit_log: audit_log?,
             audit_rotation: Rotation {
@@ -609,6 +628,79 @@ fn read_key_dir(name: &str, dir: &Path) -> Result<Vec<(String, AesKey)>, String>
     }
     keys.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(keys)
+}
+
+/// `keySource`: one of `{file: PATH}`, `{tpm2: {...}}`, `{pkcs11: {...}}`, `{shamir: {...}}`.
+fn key_source(value: &serde_json::Value, base: &Path) -> Result<KeySourceConfig, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    enum Raw {
+        File(PathBuf),
+        Tpm2(RawTpm2),
+        Pkcs11(RawPkcs11),
+        Shamir(RawShamir),
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct RawTpm2 {
+        tcti: Option<String>,
+        #[serde(default)]
+        pcrs: Vec<u8>,
+        sealed_object: Option<PathBuf>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct RawPkcs11 {
+        module: PathBuf,
+        token_label: String,
+        key_label: String,
+        pin_file: PathBuf,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RawShamir {
+        threshold: u8,
+        shares: u8,
+    }
+    let forms = "keySource takes one of {file: PATH}, {tpm2: {tcti: TCTI, pcrs: [7], \
+                 sealedObject: PATH}}, {pkcs11: {module: PATH, tokenLabel: L, keyLabel: K, \
+                 pinFile: PATH}} or {shamir: {threshold: M, shares: N}}";
+    let raw: Raw = serde_json::from_value(value.clone())
+        .map_err(|e| format!("{forms}; here: {}", e.to_string().replace('`', "")))?;
+    let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+    Ok(match raw {
+        Raw::File(path) => KeySourceConfig::File(Credential::new(&path, base)),
+        Raw::Tpm2(tpm2) => {
+            if let Some(pcr) = tpm2.pcrs.iter().find(|pcr| **pcr > 23) {
+                return Err(format!(
+                    "keySource tpm2: PCR {pcr} does not exist (0 to 23)"
+                ));
+            }
+            KeySourceConfig::Tpm2 {
+                tcti: tpm2.tcti.unwrap_or_else(|| custody::DEFAULT_TCTI.into()),
+                pcrs: tpm2.pcrs,
+                sealed_object: resolve(
+                    tpm2.sealed_object
+                        .unwrap_or_else(|| custody::DEFAULT_SEALED_OBJECT.into()),
+                ),
+            }
+        }
+        Raw::Pkcs11(pkcs11) => KeySourceConfig::Pkcs11 {
+            module: resolve(pkcs11.module),
+            token_label: pkcs11.token_label,
+            key_label: pkcs11.key_label,
+            pin_file: Credential::new(&pkcs11.pin_file, base),
+        },
+        Raw::Shamir(RawShamir { threshold, shares }) => {
+            if threshold < 2 || threshold > shares {
+                return Err(format!(
+                    "keySource shamir: threshold {threshold} of {shares} shares: the threshold \
+                     must be at least 2 and at most the number of shares (e.g. 3 of 5)"
+                ));
+            }
+            KeySourceConfig::Shamir { threshold, shares }
+        }
+    })
 }
 
 /// Problems found so far; each check adds its own and the next check still runs.
@@ -942,6 +1034,63 @@ mod tests {
             .join("\n");
         assert!(uncommented.contains("\nrateLimitGlobal"));
         assert_eq!(parse(&uncommented).unwrap().policy, Rules::default());
+    }
+
+    #[test]
+    fn each_commented_key_source_parses_and_the_tpm2_one_shows_the_defaults() {
+        let examples: Vec<&str> = DEFAULT_CONFIG
+            .lines()
+            .filter_map(|line| line.strip_prefix("# keySource: "))
+            .collect();
+        assert_eq!(examples.len(), 4, "{examples:?}");
+        let parsed: Vec<KeySourceConfig> = examples
+            .iter()
+            .map(|example| {
+                let text = format!("{DEFAULT_CONFIG}\nkeySource: {example}\n");
+                parse(&text).unwrap().key_source.unwrap()
+            })
+            .collect();
+        let base = Path::new("/etc/talos-kms-server");
+        assert_eq!(
+            parsed[0],
+            KeySourceConfig::File(Credential::new(Path::new("root.key"), base))
+        );
+        let defaults = parse(&format!("{DEFAULT_CONFIG}\nkeySource: {{tpm2: {{}}}}\n"))
+            .unwrap()
+            .key_source
+            .unwrap();
+        assert_eq!(parsed[1], defaults);
+        assert!(matches!(parsed[2], KeySourceConfig::Pkcs11 { .. }));
+        assert_eq!(
+            parsed[3],
+            KeySourceConfig::Shamir {
+                threshold: 3,
+                shares: 5
+            }
+        );
+        assert!(parse(DEFAULT_CONFIG).unwrap().key_source.is_none());
+    }
+
+    #[test]
+    fn bad_key_sources_are_explained() {
+        for (value, expected) in [
+            ("{vault: x}", "keySource takes one of"),
+            ("{file: a, tpm2: {}}", "keySource takes one of"),
+            ("{tpm2: {pcr: [7]}}", "keySource takes one of"),
+            ("{tpm2: {pcrs: [24]}}", "PCR 24 does not exist"),
+            ("{shamir: {threshold: 1, shares: 3}}", "at least 2"),
+            (
+                "{shamir: {threshold: 4, shares: 3}}",
+                "at most the number of shares",
+            ),
+            (
+                "{pkcs11: {module: m, tokenLabel: t, keyLabel: k}}",
+                "pinFile",
+            ),
+        ] {
+            let error = parse(&format!("{DEFAULT_CONFIG}\nkeySource: {value}\n")).unwrap_err();
+            assert!(error.contains(expected), "{value}: {error}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod demo;
 mod export_json;
 mod fill;
 mod import_json;
+mod key_source;
 mod keys;
 mod man;
 mod pending;
@@ -85,6 +86,8 @@ enum Command {
     Completions(completions::Args),
     /// Write the manual pages.
     Man(man::Args),
+    /// Make the root key of the configured `keySource` (README, "Key custody").
+    KeySource(key_source::Args),
 }
 
 /// How a command prints its results.
@@ -132,6 +135,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(Command::Talos(args)), config) => talos::run(args, config).await,
         (Some(Command::Completions(args)), _) => completions::run(args),
         (Some(Command::Man(args)), _) => man::run(args),
+        (Some(Command::KeySource(args)), _) => key_source::run(args),
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \
