@@ -110,7 +110,28 @@ pub async fn run(config_path: &Path, options: &CheckOptions) -> Report {
     certificate::check(&mut report, &config, options).await;
     database(&mut report, &config).await;
     policy(&mut report, &config);
+    audit_key(&mut report, &config);
     report
+}
+
+/// Whether the audit trail's checkpoints are keyed: without a key, whoever can write the
+/// trail can rewrite it and recompute every hash.
+fn audit_key(report: &mut Report, config: &Config) {
+    match &config.audit_key_file {
+        None => report.add(
+            "audit",
+            Level::Warning,
+            "the audit trail is not keyed: its hash chain shows careless edits, but whoever              can write it can recompute it; set auditKeyFile and run `talos-kms-server audit              init-key --config FILE`",
+        ),
+        Some(path) => match crate::audit::chain::read_key_file(path) {
+            Ok(_) => report.add(
+                "audit",
+                Level::Ok,
+                format!("checkpoints keyed with {}", path.display()),
+            ),
+            Err(problem) => report.add("audit", Level::Problem, problem),
+        },
+    }
 }
 
 /// Says who may seal and unseal, so that an operator sees the policy the server will apply.
