@@ -79,7 +79,11 @@ async fn written_trail() -> Trail {
     let created = run_ok(&["audit", "init-key", "--config", config_text]).await;
     assert!(created.contains("audit.key"), "{created}");
     let again = run_binary_async(&["audit", "init-key", "--config", config_text]).await;
-    assert_eq!(again.status.code(), Some(1), "an existing key is not replaced");
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "an existing key is not replaced"
+    );
     assert!(text(&again.stderr).contains("exists already"));
 
     let server = ServerProcess::start(&config).unwrap();
@@ -91,7 +95,15 @@ async fn written_trail() -> Trail {
     for (node, blob) in &sealed {
         client.unseal(node, blob).await.unwrap();
     }
-    run_ok(&["keys", "revoke", "--node", "node-c", "--config", config_text]).await;
+    run_ok(&[
+        "keys",
+        "revoke",
+        "--node",
+        "node-c",
+        "--config",
+        config_text,
+    ])
+    .await;
     client.seal("node-d", &random_passphrase()).await.unwrap();
     assert!(server.terminate().success());
     Trail {
@@ -108,7 +120,10 @@ async fn an_untouched_trail_verifies_and_the_reader_shows_no_checkpoint() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("the first line ever written"), "{out}");
     assert!(out.contains("0 lines at the end are unprotected"), "{out}");
-    assert!(!out.contains("warning"), "keyed, and checked with the key: {out}");
+    assert!(
+        !out.contains("warning"),
+        "keyed, and checked with the key: {out}"
+    );
 
     let read = run_ok(&["audit", "--config", trail.config()]).await;
     assert!(!read.contains("checkpoint"), "{read}");
@@ -116,6 +131,9 @@ async fn an_untouched_trail_verifies_and_the_reader_shows_no_checkpoint() {
     let with = run_ok(&["audit", "--config", trail.config(), "--checkpoints"]).await;
     assert!(with.contains("checkpoint (stop)"), "{with}");
 }
+
+/// A change made to the trail's lines behind the server's back.
+type Change = dyn Fn(&mut Vec<String>);
 
 #[tokio::test]
 async fn each_change_to_the_trail_is_named_at_its_first_line() {
@@ -125,27 +143,32 @@ async fn each_change_to_the_trail_is_named_at_its_first_line() {
     let unseal = trail.line_of("\"action\":\"unseal\"");
     let last = original.len();
     let checkpoint = trail.line_of("\"why\":\"stop\"");
-    assert_eq!(checkpoint, last, "a clean stop ends the trail with a checkpoint");
+    assert_eq!(
+        checkpoint, last,
+        "a clean stop ends the trail with a checkpoint"
+    );
     let at = |n: usize| format!("{} line {n}", trail.path.display());
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<String>)>, String)> = vec![
+    let cases: Vec<(&str, Box<Change>, String)> = vec![
         (
             "a field edited",
-            Box::new(|lines| lines[unseal - 1] = lines[unseal - 1].replace("node-a", "node-z")),
+            Box::new(move |lines| {
+                lines[unseal - 1] = lines[unseal - 1].replace("node-a", "node-z")
+            }),
             format!("{} does not chain to line {unseal}", at(unseal + 1)),
         ),
         (
             "a line deleted",
-            Box::new(|lines| drop(lines.remove(unseal - 1))),
+            Box::new(move |lines| drop(lines.remove(unseal - 1))),
             format!("{} does not chain to line {}", at(unseal), unseal - 1),
         ),
         (
             "two lines swapped",
-            Box::new(|lines| lines.swap(unseal - 1, unseal)),
+            Box::new(move |lines| lines.swap(unseal - 1, unseal)),
             format!("{} does not chain to line {}", at(unseal), unseal - 1),
         ),
         (
             "a forged line inserted",
-            Box::new(|lines| {
+            Box::new(move |lines| {
                 let forged = lines[unseal - 1].replace("node-a", "node-x");
                 lines.insert(unseal, forged)
             }),
@@ -153,12 +176,12 @@ async fn each_change_to_the_trail_is_named_at_its_first_line() {
         ),
         (
             "the last lines cut",
-            Box::new(|lines| lines.truncate(lines.len() - 3)),
+            Box::new(move |lines| lines.truncate(lines.len() - 3)),
             "cut from the end".to_string(),
         ),
         (
             "the checkpoint edited",
-            Box::new(|lines| {
+            Box::new(move |lines| {
                 let edited = lines[last - 1].replace("\"why\":\"stop\"", "\"why\":\"interval\"");
                 lines[last - 1] = edited
             }),
@@ -171,7 +194,10 @@ async fn each_change_to_the_trail_is_named_at_its_first_line() {
         trail.rewrite(&lines);
         let (code, out) = trail.verify(&[]);
         assert_eq!(code, 1, "{what}: {out}");
-        assert!(out.contains(&expected), "{what}: wanted {expected:?} in {out}");
+        assert!(
+            out.contains(&expected),
+            "{what}: wanted {expected:?} in {out}"
+        );
     }
     trail.rewrite(&original);
     assert_eq!(trail.verify(&[]).0, 0, "restored");
@@ -227,10 +253,7 @@ async fn rotation_keeps_the_chain_across_files_and_a_deleted_one_is_found() {
     let client = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
     let long_node = "n".repeat(250);
     for _ in 0..20 {
-        client
-            .seal(&long_node, &random_passphrase())
-            .await
-            .unwrap();
+        client.seal(&long_node, &random_passphrase()).await.unwrap();
     }
     assert!(server.terminate().success());
     assert!(
@@ -251,13 +274,21 @@ async fn rotation_keeps_the_chain_across_files_and_a_deleted_one_is_found() {
     for n in 1..=3 {
         let text = std::fs::read_to_string(rotated(n)).unwrap();
         assert!(
-            text.lines().last().unwrap().contains("\"why\":\"rotation\""),
+            text.lines()
+                .last()
+                .unwrap()
+                .contains("\"why\":\"rotation\""),
             "{}",
             rotated(n)
         );
     }
     // The files named one by one, oldest first, verify too.
-    let files = [rotated(3), rotated(2), rotated(1), path.display().to_string()];
+    let files = [
+        rotated(3),
+        rotated(2),
+        rotated(1),
+        path.display().to_string(),
+    ];
     let mut args = vec!["audit", "verify", "--key-file"];
     let key = dir.path().join("audit.key");
     args.push(key.to_str().unwrap());
@@ -273,7 +304,10 @@ async fn rotation_keeps_the_chain_across_files_and_a_deleted_one_is_found() {
     let (code, out) = verify(&[]);
     assert_eq!(code, Some(1), "{out}");
     assert!(
-        out.contains(&format!("{} line 1 chains to a line that is not in the trail", rotated(1))),
+        out.contains(&format!(
+            "{} line 1 chains to a line that is not in the trail",
+            rotated(1)
+        )),
         "{out}"
     );
 }
@@ -296,7 +330,11 @@ async fn a_trail_without_a_key_is_chained_and_check_warns() {
     let config_text = config.to_str().unwrap();
     let output = run_binary(&["audit", "verify", "--config", config_text]);
     assert_eq!(output.status.code(), Some(0));
-    assert!(text(&output.stdout).contains("unkeyed"), "{}", text(&output.stdout));
+    assert!(
+        text(&output.stdout).contains("unkeyed"),
+        "{}",
+        text(&output.stdout)
+    );
     let check = run_binary(&["check", "--config", config_text]);
     assert!(
         text(&check.stdout).contains("auditKeyFile"),

@@ -27,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
             }
             let found = verifier.finish();
             let newlines = data.iter().filter(|&&byte| byte == b'\n').count() as u64;
-            assert!(found.lines <= newlines, "{} lines from {newlines} newlines", found.lines);
+            assert!(
+                found.lines <= newlines,
+                "{} lines from {newlines} newlines",
+                found.lines
+            );
             assert!(found.unprotected <= found.lines);
             assert!(found.unchained <= found.lines + found.torn.len() as u64);
         }

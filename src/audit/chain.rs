@@ -197,7 +197,8 @@ pub fn create_key_file(path: &Path) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut key = zeroize::Zeroizing::new([0u8; 32]);
-    aws_lc_rs::rand::fill(&mut key[..]).map_err(|_| "no random bytes from the system".to_string())?;
+    aws_lc_rs::rand::fill(&mut key[..])
+        .map_err(|_| "no random bytes from the system".to_string())?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -228,7 +229,11 @@ mod tests {
         line.reserve(64);
         let capacity = line.capacity();
         append_prev(&mut line, &prev);
-        assert_eq!(line.capacity(), capacity, "no allocation with room reserved");
+        assert_eq!(
+            line.capacity(),
+            capacity,
+            "no allocation with room reserved"
+        );
         let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(value["action"], "seal");
         assert_eq!(decode_hash(value["prev"].as_str().unwrap()), Some(prev));
@@ -240,7 +245,10 @@ mod tests {
         assert_eq!(decode_hash(&good), Some([7; 32]));
         assert_eq!(decode_hash(&good[..40]), None);
         assert_eq!(decode_hash(&STANDARD.encode([7u8; 31])), None);
-        assert_eq!(decode_hash("not base64 at all, not at all, no no no ..."), None);
+        assert_eq!(
+            decode_hash("not base64 at all, not at all, no no no ..."),
+            None
+        );
     }
 
     #[test]
@@ -256,7 +264,13 @@ mod tests {
             mac_input(&[9; 32], &[4; 32], "2026-12-06T00:00:00.000Z", Why::Stop, 5),
             mac_input(&[3; 32], &[9; 32], "2026-12-06T00:00:00.000Z", Why::Stop, 5),
             mac_input(&[3; 32], &[4; 32], "2026-12-06T00:00:01.000Z", Why::Stop, 5),
-            mac_input(&[3; 32], &[4; 32], "2026-12-06T00:00:00.000Z", Why::Start, 5),
+            mac_input(
+                &[3; 32],
+                &[4; 32],
+                "2026-12-06T00:00:00.000Z",
+                Why::Start,
+                5,
+            ),
             mac_input(&[3; 32], &[4; 32], "2026-12-06T00:00:00.000Z", Why::Stop, 6),
         ] {
             assert!(!checkpoint_matches(Some(&key), &changed, &mac));

@@ -372,8 +372,8 @@ impl AuditLog {
         self.checkpoints = Some(Checkpoints { key });
         {
             let mut current = lock(&self.current);
-            current.checkpointed =
-                last_checkpoint_end(&current.file, current.size).map_err(|e| error(&self.path, &e))?;
+            current.checkpointed = last_checkpoint_end(&current.file, current.size)
+                .map_err(|e| error(&self.path, &e))?;
             self.write_checkpoint(&mut current, Why::Start)
                 .map_err(|e| error(&self.path, &e))?;
         }
@@ -412,8 +412,11 @@ impl AuditLog {
         };
         let _locked = FileLock::exclusive(&current.file)?;
         let end = current.file.metadata()?.len();
-        let mut covered = vec![0; usize::try_from(end.saturating_sub(current.checkpointed)).unwrap_or(0)];
-        current.file.read_exact_at(&mut covered, current.checkpointed)?;
+        let mut covered =
+            vec![0; usize::try_from(end.saturating_sub(current.checkpointed)).unwrap_or(0)];
+        current
+            .file
+            .read_exact_at(&mut covered, current.checkpointed)?;
         if covered.is_empty() {
             return Ok(());
         }
@@ -763,7 +766,10 @@ fn last_line_hash(file: &File, size: u64, path: &Path) -> std::io::Result<LineHa
     if tail.last() == Some(&b'\n') {
         tail.pop();
     }
-    let line = tail.rsplit(|&byte| byte == b'\n').next().unwrap_or_default();
+    let line = tail
+        .rsplit(|&byte| byte == b'\n')
+        .next()
+        .unwrap_or_default();
     Ok(hash_line(line))
 }
 

@@ -150,7 +150,10 @@ impl<'k> Verifier<'k> {
                 return Err(format!(
                     "{place} has no chain field (\"prev\") although the chain began at {}: it \
                      was inserted, or edited",
-                    self.found.chain_begins.as_ref().map_or("", |(at, _)| at.as_str())
+                    self.found
+                        .chain_begins
+                        .as_ref()
+                        .map_or("", |(at, _)| at.as_str())
                 ));
             }
             Some(Some(text)) => Some(decode_hash(text).ok_or_else(|| {
@@ -160,8 +163,14 @@ impl<'k> Verifier<'k> {
         if let Some(prev) = prev {
             self.check_link(&place, number, prev, writer, fields.as_ref())?;
         }
-        if let Some(checkpoint) = fields.as_ref().and_then(|fields| fields.checkpoint.as_ref()) {
-            let time = fields.as_ref().and_then(|f| f.time.as_deref()).unwrap_or("");
+        if let Some(checkpoint) = fields
+            .as_ref()
+            .and_then(|fields| fields.checkpoint.as_ref())
+        {
+            let time = fields
+                .as_ref()
+                .and_then(|f| f.time.as_deref())
+                .unwrap_or("");
             self.check_checkpoint(&place, checkpoint, time, prev.unwrap_or(GENESIS))?;
         } else {
             self.covered.update(line);
@@ -332,13 +341,23 @@ mod tests {
     /// A stopped server's trail of `calls` lines with an admin command's line in between.
     fn trail(dir: &Path, key: Option<CheckpointKey>, calls: usize) -> PathBuf {
         let path = dir.join("audit.jsonl");
-        let server = AuditLog::open(&path, None).unwrap().checkpointed(key).unwrap();
+        let server = AuditLog::open(&path, None)
+            .unwrap()
+            .checkpointed(key)
+            .unwrap();
         let admin = AuditLog::open(&path, None).unwrap();
         for n in 0..calls {
-            server.write(&Event::call(crate::audit::Action::Seal, "10.0.0.1", &format!("node-{n}")))
+            server
+                .write(&Event::call(
+                    crate::audit::Action::Seal,
+                    "10.0.0.1",
+                    &format!("node-{n}"),
+                ))
                 .unwrap();
             if n == calls / 2 {
-                admin.write(&Event::admin("keys", &["revoke".into()])).unwrap();
+                admin
+                    .write(&Event::admin("keys", &["revoke".into()]))
+                    .unwrap();
             }
         }
         server.stop().unwrap();
@@ -346,8 +365,11 @@ mod tests {
     }
 
     fn edit(path: &Path, change: impl FnOnce(&mut Vec<String>)) {
-        let mut lines: Vec<String> =
-            std::fs::read_to_string(path).unwrap().lines().map(String::from).collect();
+        let mut lines: Vec<String> = std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
         change(&mut lines);
         std::fs::write(path, lines.join("\n") + "\n").unwrap();
     }
@@ -358,21 +380,34 @@ mod tests {
         let key = checkpoint_key(&[1; 32]);
         let path = trail(dir.path(), Some(checkpoint_key(&[1; 32])), 10);
         let found = verify(&path, Some(&key)).unwrap();
-        assert_eq!(found.lines, 12, "10 calls, an admin line, the stop checkpoint");
+        assert_eq!(
+            found.lines, 12,
+            "10 calls, an admin line, the stop checkpoint"
+        );
         assert_eq!((found.checkpoints, found.unprotected), (1, 0));
-        assert!(found.chain_begins.unwrap().1, "begins at the first line ever written");
+        assert!(
+            found.chain_begins.unwrap().1,
+            "begins at the first line ever written"
+        );
     }
 
     #[test]
     fn an_admin_line_written_between_server_lines_it_did_not_see_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let server = AuditLog::open(&path, None).unwrap().checkpointed(None).unwrap();
-        server.write(&Event::call(crate::audit::Action::Seal, "a", "1")).unwrap();
+        let server = AuditLog::open(&path, None)
+            .unwrap()
+            .checkpointed(None)
+            .unwrap();
+        server
+            .write(&Event::call(crate::audit::Action::Seal, "a", "1"))
+            .unwrap();
         let admin = AuditLog::open(&path, None).unwrap();
         admin.write(&Event::admin("keys", &[])).unwrap();
         // The server chains to its own last line, over the admin line.
-        server.write(&Event::call(crate::audit::Action::Seal, "a", "2")).unwrap();
+        server
+            .write(&Event::call(crate::audit::Action::Seal, "a", "2"))
+            .unwrap();
         server.stop().unwrap();
         let found = verify(&path, None).unwrap();
         assert_eq!((found.lines, found.unkeyed), (4, 1));
@@ -383,12 +418,32 @@ mod tests {
         // Line 1 is node-0, the admin line is 7, the stop checkpoint 12.
         type Change = fn(&mut Vec<String>);
         let cases: [(&str, Change, &str); 6] = [
-            ("edit", |l| l[2] = l[2].replace("node-2", "node-X"), "line 4 does not chain to line 3"),
-            ("delete", |l| drop(l.remove(2)), "line 3 does not chain to line 2"),
+            (
+                "edit",
+                |l| l[2] = l[2].replace("node-2", "node-X"),
+                "line 4 does not chain to line 3",
+            ),
+            (
+                "delete",
+                |l| drop(l.remove(2)),
+                "line 3 does not chain to line 2",
+            ),
             ("swap", |l| l.swap(2, 3), "line 3 does not chain to line 2"),
-            ("insert", |l| l.insert(3, l[2].replace("node-2", "node-F")), "line 4 does not chain"),
-            ("delete the admin line", |l| drop(l.remove(6)), "line 11: the checkpoint covers 11"),
-            ("edit the checkpoint", |l| l[11] = l[11].replace("\"lines\":11", "\"lines\":10"), "line 12: the checkpoint covers 10"),
+            (
+                "insert",
+                |l| l.insert(3, l[2].replace("node-2", "node-F")),
+                "line 4 does not chain",
+            ),
+            (
+                "delete the admin line",
+                |l| drop(l.remove(6)),
+                "line 11: the checkpoint covers 11",
+            ),
+            (
+                "edit the checkpoint",
+                |l| l[11] = l[11].replace("\"lines\":11", "\"lines\":10"),
+                "line 12: the checkpoint covers 10",
+            ),
         ];
         for (what, change, expected) in cases {
             let dir = tempfile::tempdir().unwrap();
@@ -404,7 +459,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = trail(dir.path(), Some(checkpoint_key(&[1; 32])), 3);
         let error = verify(&path, Some(&checkpoint_key(&[2; 32]))).unwrap_err();
-        assert!(error.contains("line 5: the checkpoint does not match"), "{error}");
+        assert!(
+            error.contains("line 5: the checkpoint does not match"),
+            "{error}"
+        );
         assert!(error.contains("key"), "{error}");
         assert_eq!(verify(&path, None).unwrap().unchecked_keyed, 1);
     }
@@ -413,10 +471,18 @@ mod tests {
     fn a_trail_from_before_the_chain_says_where_the_chain_begins() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        std::fs::write(&path, "{\"time\":\"t\",\"action\":\"seal\",\"outcome\":\"ok\"}\n".repeat(3))
+        std::fs::write(
+            &path,
+            "{\"time\":\"t\",\"action\":\"seal\",\"outcome\":\"ok\"}\n".repeat(3),
+        )
+        .unwrap();
+        let server = AuditLog::open(&path, None)
+            .unwrap()
+            .checkpointed(None)
             .unwrap();
-        let server = AuditLog::open(&path, None).unwrap().checkpointed(None).unwrap();
-        server.write(&Event::call(crate::audit::Action::Seal, "a", "1")).unwrap();
+        server
+            .write(&Event::call(crate::audit::Action::Seal, "a", "1"))
+            .unwrap();
         server.stop().unwrap();
         let found = verify(&path, None).unwrap();
         let begins = found.chain_begins.unwrap();
@@ -429,12 +495,24 @@ mod tests {
     fn a_torn_last_line_is_reported_as_torn_and_the_next_start_chains_over_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = trail(dir.path(), None, 3);
-        let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         std::io::Write::write_all(&mut file, b"{\"time\":\"2026").unwrap();
         let found = verify(&path, None).unwrap();
-        assert!(found.torn[0].contains("line 6 (the last, cut short"), "{:?}", found.torn);
-        let server = AuditLog::open(&path, None).unwrap().checkpointed(None).unwrap();
-        server.write(&Event::call(crate::audit::Action::Seal, "a", "1")).unwrap();
+        assert!(
+            found.torn[0].contains("line 6 (the last, cut short"),
+            "{:?}",
+            found.torn
+        );
+        let server = AuditLog::open(&path, None)
+            .unwrap()
+            .checkpointed(None)
+            .unwrap();
+        server
+            .write(&Event::call(crate::audit::Action::Seal, "a", "1"))
+            .unwrap();
         server.stop().unwrap();
         let found = verify(&path, None).unwrap();
         assert_eq!(found.torn, [format!("{} line 6", path.display())]);
@@ -445,19 +523,40 @@ mod tests {
     fn rotation_ends_each_file_with_a_checkpoint_the_next_chains_to() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let rotation = Rotation { max_bytes: 1500, keep: 5 };
-        let server = AuditLog::open(&path, Some(rotation)).unwrap().checkpointed(None).unwrap();
+        let rotation = Rotation {
+            max_bytes: 1500,
+            keep: 5,
+        };
+        let server = AuditLog::open(&path, Some(rotation))
+            .unwrap()
+            .checkpointed(None)
+            .unwrap();
         for n in 0..30 {
-            server.write(&Event::call(crate::audit::Action::Unseal, "a", &n.to_string())).unwrap();
+            server
+                .write(&Event::call(
+                    crate::audit::Action::Unseal,
+                    "a",
+                    &n.to_string(),
+                ))
+                .unwrap();
         }
         server.stop().unwrap();
         let files = trail_files(&path);
         assert!(files.len() >= 3, "{files:?}");
         let found = verify(&path, None).unwrap();
-        assert_eq!(found.checkpoints as usize, files.len(), "one per rotation, one at stop");
+        assert_eq!(
+            found.checkpoints as usize,
+            files.len(),
+            "one per rotation, one at stop"
+        );
         std::fs::remove_file(crate::audit::rotated(&path, 1)).unwrap();
         let remaining: Vec<PathBuf> = files.into_iter().filter(|f| f.exists()).collect();
-        let error = verify_files(&remaining, None, Some(5)).unwrap().unwrap_err();
-        assert!(error.contains(&format!("{} line 1 does not chain", path.display())), "{error}");
+        let error = verify_files(&remaining, None, Some(5))
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            error.contains(&format!("{} line 1 does not chain", path.display())),
+            "{error}"
+        );
     }
 }

@@ -81,9 +81,9 @@ pub fn run(args: Args, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
              evidence and are protected only by the checkpoints after them",
             found.unchained
         ),
-        Some((at, false)) => println!(
-            "the chain begins at {at}; the files before it were rotated away"
-        ),
+        Some((at, false)) => {
+            println!("the chain begins at {at}; the files before it were rotated away")
+        }
     }
     for place in &found.torn {
         println!("note: {place} is not an audit line: torn by a crash, and chained over since");
@@ -104,7 +104,9 @@ pub fn run(args: Args, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let last = found
         .last_checkpoint
         .as_deref()
-        .map_or("no checkpoint".to_string(), |at| format!("the last checkpoint, {at}"));
+        .map_or("no checkpoint".to_string(), |at| {
+            format!("the last checkpoint, {at}")
+        });
     println!(
         "{} lines, {} checkpoints; {} lines at the end are unprotected since {last}",
         found.lines, found.checkpoints, found.unprotected
