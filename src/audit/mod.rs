@@ -398,7 +398,6 @@ impl AuditLog {
             self.follow_path(&mut current)
                 .and_then(|()| self.write_checkpoint(&mut current, Why::Stop))
                 .map_err(|e| error(&self.path, &e))?;
-            self.written.fetch_add(1, Ordering::Release);
         }
         self.sync_blocking()
     }
@@ -441,11 +440,16 @@ impl AuditLog {
             mac: chain::seal_checkpoint(checkpoints.key.as_ref(), &input),
         };
         let start = line.len();
-        serde_json::to_writer(
-            &mut line,
-            &serde_json::json!({ "time": time, "checkpoint": checkpoint }),
-        )
-        .map_err(std::io::Error::other)?;
+        #[derive(Serialize)]
+        struct Written<'a> {
+            time: &'a str,
+            checkpoint: &'a chain::Checkpoint,
+        }
+        let written = Written {
+            time: &time,
+            checkpoint: &checkpoint,
+        };
+        serde_json::to_writer(&mut line, &written).map_err(std::io::Error::other)?;
         append_prev(&mut line, &prev);
         let hash = hash_line(&line[start..]);
         line.push(b'\n');
@@ -454,6 +458,7 @@ impl AuditLog {
         current.prev = hash;
         current.checkpointed = current.size;
         current.checkpointed_at = Instant::now();
+        self.written.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -864,6 +869,40 @@ mod tests {
             .map(|line| serde_json::from_str(line).unwrap())
             .collect();
         assert_eq!(newest.last().unwrap().args.as_ref().unwrap()[0], "39");
+    }
+
+    fn checkpoints(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter(|line| chain::is_checkpoint(line.as_bytes()))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn a_checkpoint_is_written_a_minute_after_the_last_only_when_lines_came() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, None)
+            .unwrap()
+            .checkpointed(None)
+            .unwrap();
+        let a_minute_ago = || Instant::now().checked_sub(CHECKPOINT_INTERVAL).unwrap();
+        log.write(&Event::admin("test", &["1".into()])).unwrap();
+        log.checkpoint_if_due().unwrap();
+        assert!(checkpoints(&path).is_empty(), "not yet due");
+        lock(&log.current).checkpointed_at = a_minute_ago();
+        log.checkpoint_if_due().unwrap();
+        let written = checkpoints(&path);
+        assert_eq!(written.len(), 1);
+        assert!(
+            written[0].contains("\"why\":\"interval\",\"lines\":1"),
+            "{written:?}"
+        );
+        lock(&log.current).checkpointed_at = a_minute_ago();
+        log.checkpoint_if_due().unwrap();
+        assert_eq!(checkpoints(&path).len(), 1, "no lines since: no checkpoint");
     }
 
     #[test]
