@@ -374,7 +374,7 @@ impl AuditLog {
             let mut current = lock(&self.current);
             current.checkpointed = last_checkpoint_end(&current.file, current.size)
                 .map_err(|e| error(&self.path, &e))?;
-            self.write_checkpoint(&mut current, Why::Start)
+            self.write_checkpoint(&mut current, Why::Start, None)
                 .map_err(|e| error(&self.path, &e))?;
         }
         Ok(self)
@@ -382,12 +382,22 @@ impl AuditLog {
 
     /// Writes a checkpoint when lines were written since the last one, a minute or more ago.
     pub fn checkpoint_if_due(&self) -> Result<(), AuditError> {
+        let (file, from) = {
+            let current = lock(&self.current);
+            if current.checkpointed_at.elapsed() < CHECKPOINT_INTERVAL {
+                return Ok(());
+            }
+            (Arc::clone(&current.file), current.checkpointed)
+        };
+        // Most of a minute's lines are read and hashed here, outside the lock calls take.
+        let mut early = Covered::new(from);
+        file.metadata()
+            .and_then(|metadata| early.read(&file, metadata.len(), false))
+            .map_err(|e| error(&self.path, &e))?;
         let mut current = lock(&self.current);
-        if current.checkpointed_at.elapsed() < CHECKPOINT_INTERVAL {
-            return Ok(());
-        }
+        let same_file = Arc::ptr_eq(&file, &current.file) && current.checkpointed == from;
         current.checkpointed_at = Instant::now();
-        self.write_checkpoint(&mut current, Why::Interval)
+        self.write_checkpoint(&mut current, Why::Interval, same_file.then_some(early))
             .map_err(|e| error(&self.path, &e))
     }
 
@@ -396,7 +406,7 @@ impl AuditLog {
         {
             let mut current = lock(&self.current);
             self.follow_path(&mut current)
-                .and_then(|()| self.write_checkpoint(&mut current, Why::Stop))
+                .and_then(|()| self.write_checkpoint(&mut current, Why::Stop, None))
                 .map_err(|e| error(&self.path, &e))?;
         }
         self.sync_blocking()
@@ -405,34 +415,31 @@ impl AuditLog {
     /// Covers every byte of the open file since the last checkpoint, its own lines and any
     /// admin command's, with a checkpoint line; nothing when there are none. Under the file
     /// lock, so that no admin line lands between the bytes read and the checkpoint.
-    fn write_checkpoint(&self, current: &mut Current, why: Why) -> std::io::Result<()> {
+    fn write_checkpoint(
+        &self,
+        current: &mut Current,
+        why: Why,
+        early: Option<Covered>,
+    ) -> std::io::Result<()> {
         let Some(checkpoints) = &self.checkpoints else {
             return Ok(());
         };
         let _locked = FileLock::exclusive(&current.file)?;
         let end = current.file.metadata()?.len();
-        let mut covered =
-            vec![0; usize::try_from(end.saturating_sub(current.checkpointed)).unwrap_or(0)];
-        current
-            .file
-            .read_exact_at(&mut covered, current.checkpointed)?;
-        if covered.is_empty() {
+        let mut covered = early.unwrap_or_else(|| Covered::new(current.checkpointed));
+        let torn = covered.read(&current.file, end, true)?;
+        let (Some(prev), lines) = (covered.last, covered.lines) else {
             return Ok(());
-        }
+        };
         let mut line = Vec::with_capacity(256);
         // A line torn by a crash is ended, so that the checkpoint is a line of its own.
-        if covered.last() != Some(&b'\n') {
-            covered.push(b'\n');
+        if torn {
             line.push(b'\n');
         }
-        let lines = covered.iter().filter(|&&byte| byte == b'\n').count() as u64;
-        let last = covered[..covered.len() - 1]
-            .rsplit(|&byte| byte == b'\n')
-            .next()
-            .unwrap_or_default();
-        let prev = hash_line(last);
+        let mut covered_hash = GENESIS;
+        covered_hash.copy_from_slice(covered.digest.finish().as_ref());
         let time = now();
-        let input = chain::mac_input(&hash_line(&covered), &prev, &time, why, lines);
+        let input = chain::mac_input(&covered_hash, &prev, &time, why, lines);
         let checkpoint = chain::Checkpoint {
             why,
             lines,
@@ -641,7 +648,7 @@ impl AuditLog {
             return Ok(());
         }
         // The old file ends with a checkpoint that the new file's first line chains to.
-        self.write_checkpoint(current, Why::Rotation)?;
+        self.write_checkpoint(current, Why::Rotation, None)?;
         // Lines in the old file must be durable before it stops being the one synced.
         current.file.sync_data()?;
         for n in (1..rotation.keep).rev() {
@@ -721,6 +728,54 @@ impl Current {
         let mut bytes = vec![0; usize::try_from(self.size - self.verified).unwrap_or(0)];
         self.file.read_exact_at(&mut bytes, self.verified)?;
         Ok(bytes)
+    }
+}
+
+/// The bytes of the open file since its last checkpoint, hashed as they are read.
+struct Covered {
+    from: u64,
+    /// The next byte to read.
+    upto: u64,
+    digest: aws_lc_rs::digest::Context,
+    lines: u64,
+    /// The hash of the last line read.
+    last: Option<LineHash>,
+}
+
+impl Covered {
+    fn new(from: u64) -> Covered {
+        Covered {
+            from,
+            upto: from,
+            digest: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
+            lines: 0,
+            last: None,
+        }
+    }
+
+    /// Reads on to `end`: up to the last whole line, or (`to_the_end`) all of it, a torn
+    /// last line counted as ended; whether it was torn.
+    fn read(&mut self, file: &File, end: u64, to_the_end: bool) -> std::io::Result<bool> {
+        let mut bytes = vec![0; usize::try_from(end.saturating_sub(self.upto)).unwrap_or(0)];
+        file.read_exact_at(&mut bytes, self.upto)?;
+        let torn = to_the_end && bytes.last().is_some_and(|&byte| byte != b'\n');
+        if torn {
+            bytes.push(b'\n');
+        } else if !to_the_end {
+            let whole = bytes
+                .iter()
+                .rposition(|&byte| byte == b'\n')
+                .map_or(0, |at| at + 1);
+            bytes.truncate(whole);
+        }
+        if let Some(without_newline) = bytes.strip_suffix(b"\n") {
+            let last = without_newline.rsplit(|&byte| byte == b'\n').next();
+            self.last = last.map(hash_line);
+            self.lines += bytes.iter().filter(|&&byte| byte == b'\n').count() as u64;
+            self.digest.update(&bytes);
+            self.upto += bytes.len() as u64;
+        }
+        Ok(torn)
     }
 }
 
@@ -903,6 +958,14 @@ mod tests {
         lock(&log.current).checkpointed_at = a_minute_ago();
         log.checkpoint_if_due().unwrap();
         assert_eq!(checkpoints(&path).len(), 1, "no lines since: no checkpoint");
+        log.write(&Event::admin("test", &["2".into()])).unwrap();
+        lock(&log.current).checkpointed_at = a_minute_ago();
+        log.checkpoint_if_due().unwrap();
+        log.stop().unwrap();
+        let found = verify_files(&trail_files(&path), None, Some(10))
+            .unwrap()
+            .unwrap();
+        assert_eq!((found.checkpoints, found.lines), (2, 4));
     }
 
     #[test]
