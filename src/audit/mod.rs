@@ -733,7 +733,6 @@ impl Current {
 
 /// The bytes of the open file since its last checkpoint, hashed as they are read.
 struct Covered {
-    from: u64,
     /// The next byte to read.
     upto: u64,
     digest: aws_lc_rs::digest::Context,
@@ -745,7 +744,6 @@ struct Covered {
 impl Covered {
     fn new(from: u64) -> Covered {
         Covered {
-            from,
             upto: from,
             digest: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
             lines: 0,
