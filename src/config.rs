@@ -51,6 +51,8 @@ database: "/var/lib/talos-kms-server/talos-kms-server.db"
 # auditLog: "/var/lib/talos-kms-server/talos-kms-server-audit.jsonl"
 # auditLogMaxMiB: 100   # past this size it is renamed to .1 (.1 to .2...) and a new one begun
 # auditLogKeep: 10      # rotated files kept
+# auditKeyFile: "/etc/talos-kms-server/audit.key"  # keys the trail's checkpoints
+#                        # (`talos-kms-server audit init-key` makes it); `audit verify` checks
 
 # Prometheus metrics at http://ADDRESS/metrics; off unless set. Keep it off the nodes'
 # network (e.g. loopback, scraped through a local agent).
@@ -147,6 +149,7 @@ struct RawConfig {
     #[serde(rename = "auditLogMaxMiB")]
     audit_log_max_mib: Option<u64>,
     audit_log_keep: Option<u32>,
+    audit_key_file: Option<PathBuf>,
     // Policy: who may seal and unseal.
     seal_allowed_networks: Option<Vec<String>>,
     unseal_allowed_networks: Option<Vec<String>>,
@@ -209,6 +212,8 @@ pub struct Config {
     /// The audit trail: beside the database unless `auditLog` says otherwise.
     pub audit_log: PathBuf,
     pub audit_rotation: Rotation,
+    /// The secret the audit trail's checkpoints are keyed with; unkeyed digests without it.
+    pub audit_key_file: Option<PathBuf>,
     /// Who may seal and unseal.
     pub policy: Rules,
     pub limits: ListenerLimits,
@@ -439,6 +444,7 @@ impl Config {
             key_source: key_source?,
             metrics_address: metrics_address?,
             audit_log: audit_log?,
+            audit_key_file: raw.audit_key_file.map(resolve),
             audit_rotation: Rotation {
                 max_bytes: max_bytes?,
                 keep: raw.audit_log_keep.unwrap_or(defaults.keep),

@@ -230,7 +230,15 @@ impl RunningServer {
             tracing::warn!("calls still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
         }
         self.store.close().await?;
-        self.audit.sync().await?;
+        let audit = Arc::clone(&self.audit);
+        tokio::task::spawn_blocking(move || audit.stop())
+            .await
+            .unwrap_or_else(|e| {
+                Err(AuditError {
+                    path: self.audit.path().display().to_string(),
+                    problem: e.to_string(),
+                })
+            })?;
         Ok(())
     }
 }
@@ -302,12 +310,15 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
         .await;
 }
 
-/// Unseals only write their audit lines; this makes them durable within a second.
+/// Unseals only write their audit lines; this makes them durable within a second, and
+/// covers them with a checkpoint within a minute.
 async fn sync_audit_trail(audit: Arc<AuditLog>, mut stop: watch::Receiver<bool>) {
     let mut ticks = tokio::time::interval(AUDIT_SYNC_INTERVAL);
     loop {
         tokio::select! {
             _ = ticks.tick() => {
+                let due = Arc::clone(&audit);
+                let _ = tokio::task::spawn_blocking(move || due.checkpoint_if_due()).await;
                 let _ = audit.sync().await;
             }
             _ = stopped(&mut stop) => return,

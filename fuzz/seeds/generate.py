@@ -3,6 +3,7 @@
 that the fuzzers start from real structure. Run again after changing it; scripts/fuzz reads
 the seeds and never writes here."""
 
+import base64
 import hashlib
 import json
 import re
@@ -132,3 +133,26 @@ write("luks2_header", "both-copies",
 write("luks2_header", "unverified", header(PRIMARY, 0, 1, json.dumps(two), csum="none"))
 write("luks2_header", "secondary-only",
       bytes(0x4000) + header(SECONDARY, 0x4000, 2, json.dumps(broken), csum="none"))
+
+
+def chained(body, prev):
+    """An audit line as the server writes it: `"prev"` last, base64 of the line before's SHA-256."""
+    text = json.dumps(body, separators=(",", ":"))
+    return (text[:-1] + ',"prev":"' + base64.b64encode(prev).decode() + '"}').encode()
+
+
+# audit_chain: three seal lines and the unkeyed stop checkpoint over them (src/audit/chain.rs).
+lines, prev = [], bytes(32)
+for n in range(3):
+    line = chained({"time": f"2026-12-06T00:00:0{n}.000Z", "action": "seal", "outcome": "ok",
+                    "peer": "10.0.0.1", "node": f"node-{n}"}, prev)
+    lines.append(line)
+    prev = hashlib.sha256(line).digest()
+covered = b"".join(line + b"\n" for line in lines)
+at = "2026-12-06T00:00:09.000Z"
+mac_input = (b"talos-kms-server audit checkpoint v1\n" + hashlib.sha256(covered).digest() + prev
+             + at.encode() + b"\0" + b"stop 3")
+mac = base64.b64encode(hashlib.sha256(mac_input).digest()).decode()
+lines.append(chained({"time": at, "checkpoint": {"why": "stop", "lines": 3, "keyed": False,
+                                                 "mac": mac}}, prev))
+write("audit_chain", "stopped_trail", b"".join(line + b"\n" for line in lines))

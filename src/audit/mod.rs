@@ -6,12 +6,22 @@
 //! shutdown, not one per call: a seal that waited for its line's flush cost 30 % more CPU
 //! (BENCHMARKS.md). When a line cannot be written, the call is refused: nothing is served
 //! unaudited. Lines never hold key material, passphrases or sealed blobs.
+//!
+//! Tamper evidence (see [`chain`]): each line ends with the hash of the line before it, and
+//! the server writes a checkpoint line over every byte since the checkpoint before at least
+//! once a minute, before rotating and at a clean stop. The chain costs one SHA-256 of the
+//! line under the lock a line is written with: no syscall and no allocation more.
 
+pub mod chain;
 mod read;
+mod verify;
 
-pub use read::{AuditQuery, ReadReport, read_trail};
+pub use chain::{CheckpointKey, Why, checkpoint_key};
+pub use read::{AuditQuery, Line, ReadReport, read_lines, read_trail, trail_files};
+pub use verify::{Verified, Verifier, verify_files};
 
 use crate::locking::lock;
+use chain::{GENESIS, LineHash, append_prev, hash_line};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -288,6 +298,12 @@ impl Default for Rotation {
 /// How often the configured path is compared with the open file (see [`AuditLog::write`]).
 const PATH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Lines are covered by a checkpoint at most this long after they were written.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Room for `,"prev":"<44 characters>"` and the newline, reserved before serializing.
+const PREV_FIELD: usize = 55;
+
 /// An append-only audit file shared by every call.
 pub struct AuditLog {
     path: PathBuf,
@@ -298,6 +314,13 @@ pub struct AuditLog {
     synced: AtomicU64,
     /// Whether the last write failed, to log the change of state once.
     failing: AtomicBool,
+    /// The server's: it alone writes checkpoints, and chains its lines in memory. Admin
+    /// commands (None) chain each line to the file's last line, read under a file lock.
+    checkpoints: Option<Checkpoints>,
+}
+
+struct Checkpoints {
+    key: Option<CheckpointKey>,
 }
 
 struct Current {
@@ -310,6 +333,11 @@ struct Current {
     /// to the file found there if the path turns out to lead elsewhere.
     verified: u64,
     checked_at: Instant,
+    /// The hash of the last line written (by this process, for the server).
+    prev: LineHash,
+    /// Where the bytes not yet covered by a checkpoint begin in the open file.
+    checkpointed: u64,
+    checkpointed_at: Instant,
 }
 
 /// What the configured path leads to, compared with the open file.
@@ -333,7 +361,112 @@ impl AuditLog {
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             failing: AtomicBool::new(false),
+            checkpoints: None,
         })
+    }
+
+    /// Makes this the server's trail: lines chained in memory, and checkpoints (keyed with
+    /// `key` when there is one). Lines left after the last checkpoint (by a crash, or by
+    /// admin commands while the server was stopped) get one at once.
+    pub fn checkpointed(mut self, key: Option<CheckpointKey>) -> Result<AuditLog, AuditError> {
+        self.checkpoints = Some(Checkpoints { key });
+        {
+            let mut current = lock(&self.current);
+            current.checkpointed = last_checkpoint_end(&current.file, current.size)
+                .map_err(|e| error(&self.path, &e))?;
+            self.write_checkpoint(&mut current, Why::Start, None)
+                .map_err(|e| error(&self.path, &e))?;
+        }
+        Ok(self)
+    }
+
+    /// Writes a checkpoint when lines were written since the last one, a minute or more ago.
+    pub fn checkpoint_if_due(&self) -> Result<(), AuditError> {
+        let (file, from) = {
+            let current = lock(&self.current);
+            if current.checkpointed_at.elapsed() < CHECKPOINT_INTERVAL {
+                return Ok(());
+            }
+            (Arc::clone(&current.file), current.checkpointed)
+        };
+        // Most of a minute's lines are read and hashed here, outside the lock calls take.
+        let mut early = Covered::new(from);
+        file.metadata()
+            .and_then(|metadata| early.read(&file, metadata.len(), false))
+            .map_err(|e| error(&self.path, &e))?;
+        let mut current = lock(&self.current);
+        let same_file = Arc::ptr_eq(&file, &current.file) && current.checkpointed == from;
+        current.checkpointed_at = Instant::now();
+        self.write_checkpoint(&mut current, Why::Interval, same_file.then_some(early))
+            .map_err(|e| error(&self.path, &e))
+    }
+
+    /// The checkpoint of a clean stop, then everything made durable.
+    pub fn stop(&self) -> Result<(), AuditError> {
+        {
+            let mut current = lock(&self.current);
+            self.follow_path(&mut current)
+                .and_then(|()| self.write_checkpoint(&mut current, Why::Stop, None))
+                .map_err(|e| error(&self.path, &e))?;
+        }
+        self.sync_blocking()
+    }
+
+    /// Covers every byte of the open file since the last checkpoint, its own lines and any
+    /// admin command's, with a checkpoint line; nothing when there are none. Under the file
+    /// lock, so that no admin line lands between the bytes read and the checkpoint.
+    fn write_checkpoint(
+        &self,
+        current: &mut Current,
+        why: Why,
+        early: Option<Covered>,
+    ) -> std::io::Result<()> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(());
+        };
+        let _locked = FileLock::exclusive(&current.file)?;
+        let end = current.file.metadata()?.len();
+        let mut covered = early.unwrap_or_else(|| Covered::new(current.checkpointed));
+        let torn = covered.read(&current.file, end, true)?;
+        let (Some(prev), lines) = (covered.last, covered.lines) else {
+            return Ok(());
+        };
+        let mut line = Vec::with_capacity(256);
+        // A line torn by a crash is ended, so that the checkpoint is a line of its own.
+        if torn {
+            line.push(b'\n');
+        }
+        let mut covered_hash = GENESIS;
+        covered_hash.copy_from_slice(covered.digest.finish().as_ref());
+        let time = now();
+        let input = chain::mac_input(&covered_hash, &prev, &time, why, lines);
+        let checkpoint = chain::Checkpoint {
+            why,
+            lines,
+            keyed: checkpoints.key.is_some(),
+            mac: chain::seal_checkpoint(checkpoints.key.as_ref(), &input),
+        };
+        let start = line.len();
+        #[derive(Serialize)]
+        struct Written<'a> {
+            time: &'a str,
+            checkpoint: &'a chain::Checkpoint,
+        }
+        let written = Written {
+            time: &time,
+            checkpoint: &checkpoint,
+        };
+        serde_json::to_writer(&mut line, &written).map_err(std::io::Error::other)?;
+        append_prev(&mut line, &prev);
+        let hash = hash_line(&line[start..]);
+        line.push(b'\n');
+        (&*current.file).write_all(&line)?;
+        current.size = end + line.len() as u64;
+        current.prev = hash;
+        current.checkpointed = current.size;
+        current.checkpointed_at = Instant::now();
+        self.written.fetch_add(1, Ordering::Release);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -350,10 +483,11 @@ impl AuditLog {
     /// that every answered call's line ends up at the path. While the path leads to
     /// something unusable (a directory, `/dev/null`), writes fail and calls are refused.
     pub fn write(&self, event: &Event) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(event).map_err(|e| error(&self.path, &e))?;
-        line.push(b'\n');
+        let mut line = Vec::with_capacity(256);
+        serde_json::to_writer(&mut line, event).map_err(|e| error(&self.path, &e))?;
+        line.reserve(PREV_FIELD);
         let mut current = lock(&self.current);
-        let added = line.len() as u64;
+        let added = (line.len() + PREV_FIELD) as u64;
         let due = self.failing.load(Ordering::Relaxed)
             || current.checked_at.elapsed() >= PATH_CHECK_INTERVAL;
         let result = (if due {
@@ -362,11 +496,7 @@ impl AuditLog {
             Ok(())
         })
         .and_then(|()| self.make_room(&mut current, added))
-        .and_then(|()| {
-            (&*current.file).write_all(&line)?;
-            current.size += added;
-            Ok(())
-        });
+        .and_then(|()| self.append_chained(&mut current, &mut line));
         drop(current);
         match result {
             Ok(()) => {
@@ -384,6 +514,28 @@ impl AuditLog {
                 Err(failure)
             }
         }
+    }
+
+    /// Ends `line` with the hash of the line before it and appends it. The server knows
+    /// its last line; an admin command reads the file's, under the file lock that keeps
+    /// other commands and the server's checkpoints from coming in between.
+    fn append_chained(&self, current: &mut Current, line: &mut Vec<u8>) -> std::io::Result<()> {
+        let _locked = match self.checkpoints {
+            Some(_) => None,
+            None => {
+                let locked = FileLock::exclusive(&current.file)?;
+                current.size = current.file.metadata()?.len();
+                current.prev = last_line_hash(&current.file, current.size, &self.path)?;
+                Some(locked)
+            }
+        };
+        append_prev(line, &current.prev);
+        let hash = hash_line(line);
+        line.push(b'\n');
+        (&*current.file).write_all(line)?;
+        current.size += line.len() as u64;
+        current.prev = hash;
+        Ok(())
     }
 
     /// Whether lines can be written, for health checks: false while the last write failed
@@ -463,11 +615,16 @@ impl AuditLog {
              lines written since it was last seen at this path"
         )))
         .map_err(std::io::Error::other)?;
+        // The lines carried over chain to lines that are gone: `audit verify` reports the
+        // break, which is what happened.
+        append_prev(&mut notice, &current.prev);
         notice.push(b'\n');
         notice.extend_from_slice(&unverified);
         (&*next.file).write_all(&notice)?;
         next.size += notice.len() as u64;
         next.verified = next.size;
+        next.prev = current.prev;
+        next.checkpointed = 0;
         *current = next;
         tracing::warn!(
             path = %self.path.display(),
@@ -490,6 +647,8 @@ impl AuditLog {
         if current.size == 0 || current.size + added <= rotation.max_bytes {
             return Ok(());
         }
+        // The old file ends with a checkpoint that the new file's first line chains to.
+        self.write_checkpoint(current, Why::Rotation, None)?;
         // Lines in the old file must be durable before it stops being the one synced.
         current.file.sync_data()?;
         for n in (1..rotation.keep).rev() {
@@ -500,7 +659,9 @@ impl AuditLog {
         } else {
             std::fs::remove_file(&self.path)?;
         }
+        let prev = current.prev;
         *current = Current::open(&self.path)?;
+        current.prev = prev;
         sync_directory(&self.path)
     }
 }
@@ -516,13 +677,23 @@ impl Current {
                 path.display()
             )));
         }
+        let mut size = metadata.len();
+        let prev = last_line_hash(&file, size, path)?;
+        if size > 0 && !ends_with_newline(&file, size)? {
+            // A line torn by a crash: ended, so that the next line does not run into it.
+            (&file).write_all(b"\n")?;
+            size += 1;
+        }
         Ok(Current {
             file: Arc::new(file),
-            size: metadata.len(),
+            size,
             device: metadata.dev(),
             inode: metadata.ino(),
-            verified: metadata.len(),
+            verified: size,
             checked_at: Instant::now(),
+            prev,
+            checkpointed: 0,
+            checkpointed_at: Instant::now(),
         })
     }
 
@@ -558,6 +729,141 @@ impl Current {
         self.file.read_exact_at(&mut bytes, self.verified)?;
         Ok(bytes)
     }
+}
+
+/// The bytes of the open file since its last checkpoint, hashed as they are read.
+struct Covered {
+    /// The next byte to read.
+    upto: u64,
+    digest: aws_lc_rs::digest::Context,
+    lines: u64,
+    /// The hash of the last line read.
+    last: Option<LineHash>,
+}
+
+impl Covered {
+    fn new(from: u64) -> Covered {
+        Covered {
+            upto: from,
+            digest: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
+            lines: 0,
+            last: None,
+        }
+    }
+
+    /// Reads on to `end`: up to the last whole line, or (`to_the_end`) all of it, a torn
+    /// last line counted as ended; whether it was torn.
+    fn read(&mut self, file: &File, end: u64, to_the_end: bool) -> std::io::Result<bool> {
+        let mut bytes = vec![0; usize::try_from(end.saturating_sub(self.upto)).unwrap_or(0)];
+        file.read_exact_at(&mut bytes, self.upto)?;
+        let torn = to_the_end && bytes.last().is_some_and(|&byte| byte != b'\n');
+        if torn {
+            bytes.push(b'\n');
+        } else if !to_the_end {
+            let whole = bytes
+                .iter()
+                .rposition(|&byte| byte == b'\n')
+                .map_or(0, |at| at + 1);
+            bytes.truncate(whole);
+        }
+        if let Some(without_newline) = bytes.strip_suffix(b"\n") {
+            let last = without_newline.rsplit(|&byte| byte == b'\n').next();
+            self.last = last.map(hash_line);
+            self.lines += bytes.iter().filter(|&&byte| byte == b'\n').count() as u64;
+            self.digest.update(&bytes);
+            self.upto += bytes.len() as u64;
+        }
+        Ok(torn)
+    }
+}
+
+/// Holds an exclusive `flock` on the trail until dropped.
+struct FileLock<'a>(&'a File);
+
+impl<'a> FileLock<'a> {
+    fn exclusive(file: &'a File) -> std::io::Result<FileLock<'a>> {
+        rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive)?;
+        Ok(FileLock(file))
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(self.0, rustix::fs::FlockOperation::Unlock);
+    }
+}
+
+/// Lines are far shorter; a longer tail without a newline is hashed as it is.
+const TAIL: u64 = 64 << 10;
+
+fn ends_with_newline(file: &File, size: u64) -> std::io::Result<bool> {
+    let mut last = [0];
+    file.read_exact_at(&mut last, size - 1)?;
+    Ok(last[0] == b'\n')
+}
+
+/// The hash of the last line of `file` (`size` bytes long), torn or not; of the newest
+/// rotated file's when it is empty; [`GENESIS`] when there is none.
+fn last_line_hash(file: &File, size: u64, path: &Path) -> std::io::Result<LineHash> {
+    if size == 0 {
+        return match File::open(rotated(path, 1)) {
+            Ok(older) => {
+                let size = older.metadata()?.len();
+                if size == 0 {
+                    Ok(GENESIS)
+                } else {
+                    last_line_hash(&older, size, path)
+                }
+            }
+            Err(_) => Ok(GENESIS),
+        };
+    }
+    let start = size.saturating_sub(TAIL);
+    let mut tail = vec![0; (size - start) as usize];
+    file.read_exact_at(&mut tail, start)?;
+    if tail.last() == Some(&b'\n') {
+        tail.pop();
+    }
+    let line = tail
+        .rsplit(|&byte| byte == b'\n')
+        .next()
+        .unwrap_or_default();
+    Ok(hash_line(line))
+}
+
+/// Where the bytes after the file's last checkpoint line begin (0 when it has none),
+/// reading back from the end a chunk at a time.
+fn last_checkpoint_end(file: &File, size: u64) -> std::io::Result<u64> {
+    const CHUNK: u64 = 1 << 20;
+    let mut end = size;
+    // The bytes from `end` on that begin a line not yet complete in what was read.
+    let mut carried: Vec<u8> = Vec::new();
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let mut bytes = vec![0; (end - start) as usize];
+        file.read_exact_at(&mut bytes, start)?;
+        bytes.extend_from_slice(&carried);
+        let mut line_end = bytes.len();
+        while let Some(newline) = bytes[..line_end.saturating_sub(1)]
+            .iter()
+            .rposition(|&byte| byte == b'\n')
+        {
+            if chain::is_checkpoint(&bytes[newline + 1..line_end]) {
+                return Ok(start + line_end as u64);
+            }
+            line_end = newline + 1;
+        }
+        if start == 0 {
+            return Ok(if chain::is_checkpoint(&bytes[..line_end]) {
+                line_end as u64
+            } else {
+                0
+            });
+        }
+        carried = bytes[..line_end].to_vec();
+        end = start;
+    }
+    Ok(0)
 }
 
 /// The name of the `n`th rotated file: `audit.jsonl.1` is the newest.
@@ -616,6 +922,48 @@ mod tests {
             .map(|line| serde_json::from_str(line).unwrap())
             .collect();
         assert_eq!(newest.last().unwrap().args.as_ref().unwrap()[0], "39");
+    }
+
+    fn checkpoints(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter(|line| chain::is_checkpoint(line.as_bytes()))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn a_checkpoint_is_written_a_minute_after_the_last_only_when_lines_came() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, None)
+            .unwrap()
+            .checkpointed(None)
+            .unwrap();
+        let a_minute_ago = || Instant::now().checked_sub(CHECKPOINT_INTERVAL).unwrap();
+        log.write(&Event::admin("test", &["1".into()])).unwrap();
+        log.checkpoint_if_due().unwrap();
+        assert!(checkpoints(&path).is_empty(), "not yet due");
+        lock(&log.current).checkpointed_at = a_minute_ago();
+        log.checkpoint_if_due().unwrap();
+        let written = checkpoints(&path);
+        assert_eq!(written.len(), 1);
+        assert!(
+            written[0].contains("\"why\":\"interval\",\"lines\":1"),
+            "{written:?}"
+        );
+        lock(&log.current).checkpointed_at = a_minute_ago();
+        log.checkpoint_if_due().unwrap();
+        assert_eq!(checkpoints(&path).len(), 1, "no lines since: no checkpoint");
+        log.write(&Event::admin("test", &["2".into()])).unwrap();
+        lock(&log.current).checkpointed_at = a_minute_ago();
+        log.checkpoint_if_due().unwrap();
+        log.stop().unwrap();
+        let found = verify_files(&trail_files(&path), None, Some(10))
+            .unwrap()
+            .unwrap();
+        assert_eq!((found.checkpoints, found.lines), (2, 4));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Reading the trail back: the rotated files oldest first, then the current one, filtered.
 
-use super::{Action, Event, Outcome, rotated};
+use super::{Action, Event, Outcome, chain, rotated};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
@@ -14,6 +14,8 @@ pub struct AuditQuery {
     pub outcome: Option<Outcome>,
     pub since: Option<time::OffsetDateTime>,
     pub until: Option<time::OffsetDateTime>,
+    /// Checkpoint lines too (they match no other condition).
+    pub checkpoints: bool,
 }
 
 impl AuditQuery {
@@ -43,21 +45,28 @@ impl AuditQuery {
     }
 }
 
-/// Calls `each` with every matching line of the trail at `path`, oldest first. A line that
+/// Calls `each` with every matching event of the trail at `path`, oldest first. A line that
 /// is not an event (a torn last line after a crash) is reported, not fatal.
 pub fn read_trail(
     path: &Path,
     query: &AuditQuery,
     mut each: impl FnMut(&Event),
 ) -> Result<ReadReport, String> {
-    let mut files: Vec<_> = (1..)
-        .map(|n| rotated(path, n))
-        .take_while(|file| file.exists())
-        .collect();
-    files.reverse();
-    files.push(path.to_path_buf());
+    read_lines(path, query, |line| {
+        if let Line::Event(event) = line {
+            each(event)
+        }
+    })
+}
+
+/// [`read_trail`], with checkpoint lines too when the query asks for them.
+pub fn read_lines(
+    path: &Path,
+    query: &AuditQuery,
+    mut each: impl FnMut(Line<'_>),
+) -> Result<ReadReport, String> {
     let mut report = ReadReport::default();
-    for file in files {
+    for file in trail_files(path) {
         let opened = match std::fs::File::open(&file) {
             Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -71,12 +80,19 @@ pub fn read_trail(
         for (number, line) in BufReader::new(opened).lines().enumerate() {
             let line =
                 line.map_err(|e| format!("cannot read the audit trail {}: {e}", file.display()))?;
+            if chain::is_checkpoint(line.as_bytes()) {
+                report.checkpoints += 1;
+                if query.checkpoints {
+                    each(Line::Checkpoint(&line));
+                }
+                continue;
+            }
             match serde_json::from_str::<Event>(&line) {
                 Ok(event) => {
                     report.lines += 1;
                     if query.matches(&event) {
                         report.matched += 1;
-                        each(&event);
+                        each(Line::Event(&event));
                     }
                 }
                 Err(_) => report
@@ -88,9 +104,28 @@ pub fn read_trail(
     Ok(report)
 }
 
+/// The trail's files, oldest first: the rotated ones up to the first missing, then `path`.
+pub fn trail_files(path: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = (1..)
+        .map(|n| rotated(path, n))
+        .take_while(|file| file.exists())
+        .collect();
+    files.reverse();
+    files.push(path.to_path_buf());
+    files
+}
+
+/// A line as read: an event, or a checkpoint (as stored) when asked for.
+pub enum Line<'a> {
+    Event(&'a Event),
+    Checkpoint(&'a str),
+}
+
 #[derive(Debug, Default)]
 pub struct ReadReport {
+    /// Event lines; checkpoints are counted apart.
     pub lines: u64,
+    pub checkpoints: u64,
     pub matched: u64,
     /// Where lines could not be read as events.
     pub unreadable: Vec<String>,

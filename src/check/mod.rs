@@ -119,6 +119,7 @@ pub async fn run(config_path: &Path, options: &CheckOptions) -> Report {
         );
     }
     key_source(&mut report, &config);
+    audit_key(&mut report, &config);
     report
 }
 
@@ -164,6 +165,29 @@ fn key_source(report: &mut Report, config: &Config) {
                  (e.g. 1M)"
             ),
         );
+    }
+}
+
+/// Whether the audit trail's checkpoints are keyed: without a key, whoever can write the
+/// trail can rewrite it and recompute every hash. Said, not a warning: a warning makes
+/// every setup without a key exit 2.
+fn audit_key(report: &mut Report, config: &Config) {
+    match &config.audit_key_file {
+        None => report.add(
+            "audit",
+            Level::Info,
+            "the audit trail is not keyed: its hash chain shows careless edits, but whoever can \
+             write it can recompute it; set auditKeyFile and run `talos-kms-server audit \
+             init-key --config FILE`",
+        ),
+        Some(path) => match crate::audit::chain::read_key_file(path) {
+            Ok(_) => report.add(
+                "audit",
+                Level::Ok,
+                format!("checkpoints keyed with {}", path.display()),
+            ),
+            Err(problem) => report.add("audit", Level::Problem, problem),
+        },
     }
 }
 

@@ -6,11 +6,14 @@ use anyhow::{Context, bail};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use talos_kms_server::audit::{self, Action, AuditQuery, Event, Outcome};
+use talos_kms_server::audit::{self, Action, AuditQuery, Event, Line, Outcome};
 use talos_kms_server::config::Config;
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    #[command(subcommand)]
+    command: Option<AuditCommand>,
     /// Config file of the server: the trail is where its `auditLog` says.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -42,9 +45,27 @@ pub struct Args {
     /// `text` for people; `json` prints the matching lines as they are stored.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Show the checkpoint lines too (see `audit verify`).
+    #[arg(long)]
+    checkpoints: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum AuditCommand {
+    /// Check the trail's hash chain and checkpoints: exit 0 when untouched, 1 naming the
+    /// first line edited, removed, reordered or inserted.
+    Verify(super::audit_verify::Args),
+    /// Create the `auditKeyFile` the config names: 32 random bytes, mode 0600. Never
+    /// replaces one.
+    InitKey(super::audit_init_key::Args),
 }
 
 pub fn run(args: Args, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Some(AuditCommand::Verify(verify)) => return super::audit_verify::run(verify, config),
+        Some(AuditCommand::InitKey(init)) => return super::audit_init_key::run(init, config),
+        None => {}
+    }
     let path = match (args.file, args.config.or(config)) {
         (Some(file), _) => file,
         (None, Some(config)) => Config::read(&config)?.audit_log,
@@ -58,13 +79,16 @@ pub fn run(args: Args, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         outcome: args.outcome,
         since: args.since,
         until: args.until,
+        checkpoints: args.checkpoints,
     };
     let mut stdout = std::io::stdout().lock();
     let mut failed = None;
-    let report = audit::read_trail(&path, &query, |event| {
-        let line = match args.output {
-            Output::Json => serde_json::to_string(event).unwrap_or_default(),
-            Output::Text => text(event),
+    let report = audit::read_lines(&path, &query, |line| {
+        let line = match (line, args.output) {
+            (Line::Event(event), Output::Json) => serde_json::to_string(event).unwrap_or_default(),
+            (Line::Event(event), Output::Text) => text(event),
+            (Line::Checkpoint(stored), Output::Json) => stored.to_string(),
+            (Line::Checkpoint(stored), Output::Text) => checkpoint_text(stored),
         };
         if let Err(e) = writeln!(stdout, "{line}") {
             failed.get_or_insert(e);
@@ -86,6 +110,19 @@ pub fn run(args: Args, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn checkpoint_text(stored: &str) -> String {
+    match serde_json::from_str::<audit::chain::CheckpointLine>(stored) {
+        Ok(line) => format!(
+            "{} checkpoint ({}) lines={}{}",
+            line.time,
+            line.checkpoint.why.label(),
+            line.checkpoint.lines,
+            if line.checkpoint.keyed { " keyed" } else { "" }
+        ),
+        Err(_) => stored.to_string(),
+    }
 }
 
 fn text(event: &Event) -> String {

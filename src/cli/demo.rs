@@ -60,7 +60,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let identity = tls::load_identity(&cert_file, &key_file, None)?;
     let port = server::bind(args.listen, server::Purpose::Kms)?;
     let store = Arc::new(SqliteStore::open(&dir.path().join("demo.db"))?);
-    let audit = Arc::new(AuditLog::open(&dir.path().join("audit.jsonl"), None)?);
+    let audit =
+        Arc::new(AuditLog::open(&dir.path().join("audit.jsonl"), None)?.checkpointed(None)?);
     let options = ServerOptions {
         tls: tls::server_config(identity)?,
         store,

@@ -3,6 +3,8 @@
 
 mod admin;
 mod audit;
+mod audit_init_key;
+mod audit_verify;
 mod bench;
 mod check;
 mod client;

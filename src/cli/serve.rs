@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use talos_kms_server::audit::AuditLog;
+use talos_kms_server::audit::{self, AuditLog};
 use talos_kms_server::config::Config;
 use talos_kms_server::logging;
 use talos_kms_server::metrics::Metrics;
@@ -70,10 +70,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
              restore the database from a backup before nodes seal new keys"
         );
     }
-    let audit = Arc::new(AuditLog::open(
-        &config.audit_log,
-        Some(config.audit_rotation),
-    )?);
+    let audit_key = match &config.audit_key_file {
+        Some(path) => Some(audit::checkpoint_key(
+            &*audit::chain::read_key_file(path).map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
+    let audit = Arc::new(
+        AuditLog::open(&config.audit_log, Some(config.audit_rotation))?.checkpointed(audit_key)?,
+    );
     if let Some(legacy) = &config.node_db_file {
         take_over_legacy(store.as_ref(), legacy).await?;
     }
