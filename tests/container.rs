@@ -10,8 +10,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// podman 4.3's default runtime, crun, refuses the hybrid cgroup layout of some hosts; runc
@@ -23,30 +22,8 @@ fn skip(why: &str) {
     eprintln!("######## SKIPPED: {why} ########");
 }
 
-/// Runs a command to completion, killed after `limit`.
-fn run(command: &mut Command, limit: Duration) -> Output {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    let pid = child.id();
-    let (done, finished) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if finished.recv_timeout(limit).is_err() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    });
-    let output = child.wait_with_output().unwrap();
-    let _ = done.send(());
-    output
-}
-
 fn podman(args: &[&str]) -> Output {
-    run(
+    run_limited(
         Command::new("podman").args(PODMAN).args(args),
         Duration::from_secs(120),
     )
@@ -81,7 +58,7 @@ fn cannot_run() -> Option<String> {
             }
         }
     }
-    let info = run(
+    let info = run_limited(
         Command::new("podman").args(PODMAN).arg("info"),
         Duration::from_secs(60),
     );
@@ -104,7 +81,7 @@ fn image() -> (String, bool) {
     }
     let image = format!("localhost/{}:test", unique("image"));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/container");
-    let output = run(
+    let output = run_limited(
         Command::new(script)
             .arg(BINARY)
             .env("TALOS_KMS_IMAGE", &image),

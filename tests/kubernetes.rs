@@ -11,11 +11,10 @@
 
 mod common;
 
-use common::text;
+use common::{run_limited, text};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::Duration;
 use talos_kms_server::config::Config;
 use talos_kms_server::store::Database;
@@ -36,24 +35,7 @@ fn deploy() -> PathBuf {
 
 /// Runs a command to completion, killed after a minute.
 fn run(command: &mut Command) -> Output {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    let pid = child.id();
-    let (done, finished) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if finished.recv_timeout(Duration::from_secs(60)).is_err() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    });
-    let output = child.wait_with_output().unwrap();
-    let _ = done.send(());
-    output
+    run_limited(command, Duration::from_secs(60))
 }
 
 /// A variant as a user deploys it: an overlay, with components added.

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -41,30 +41,8 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Runs a command to completion, killed after `limit`.
-fn run(command: &mut Command, limit: Duration) -> Output {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    let pid = child.id();
-    let (done, finished) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if finished.recv_timeout(limit).is_err() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    });
-    let output = child.wait_with_output().unwrap();
-    let _ = done.send(());
-    output
-}
-
 fn ok(command: &mut Command) -> String {
-    let output = run(command, Duration::from_secs(120));
+    let output = run_limited(command, Duration::from_secs(120));
     assert!(
         output.status.success(),
         "{command:?} failed ({}):\n{}\n{}",
@@ -125,7 +103,7 @@ fn the_unit_verifies_on_this_systemd() {
         return skip("no systemd-analyze (scripts/test installs systemd)");
     }
     let root = unit_root();
-    let output = run(
+    let output = run_limited(
         Command::new("systemd-analyze").args([
             "verify",
             "--no-pager",
@@ -904,7 +882,7 @@ fn the_arm64_deb_serves_under_qemu() {
     };
     let words: Vec<&str> = try_it.split_whitespace().collect();
     let after = |flag: &str| words[words.iter().position(|w| *w == flag).unwrap() + 1];
-    let output = run(
+    let output = run_limited(
         Command::new(BINARY).args([
             "client",
             "--endpoint",
@@ -933,7 +911,7 @@ fn the_arm64_deb_serves_under_qemu() {
 fn the_release_workflow_parses_and_matches_scripts_test() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let workflow = root.join(".github/workflows/release.yml");
-    let yaml = run(
+    let yaml = run_limited(
         Command::new("python3")
             .arg("-c")
             .arg(

@@ -460,18 +460,18 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Runs the binary to completion with a 60 s limit.
-pub fn run_binary(args: &[&str]) -> std::process::Output {
-    let child = Command::new(BINARY)
-        .args(args)
+/// Runs a command to completion, killed after `limit`: a test that waits never hangs.
+pub fn run_limited(command: &mut Command, limit: Duration) -> std::process::Output {
+    let child = command
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
     let pid = child.id();
-    let (done, finished) = mpsc::channel();
+    let (done, finished) = mpsc::channel::<()>();
     std::thread::spawn(move || {
-        if finished.recv_timeout(Duration::from_secs(60)).is_err() {
+        if finished.recv_timeout(limit).is_err() {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
@@ -480,6 +480,11 @@ pub fn run_binary(args: &[&str]) -> std::process::Output {
     let output = child.wait_with_output().unwrap();
     let _ = done.send(());
     output
+}
+
+/// Runs the binary to completion with a 60 s limit.
+pub fn run_binary(args: &[&str]) -> std::process::Output {
+    run_limited(Command::new(BINARY).args(args), Duration::from_secs(60))
 }
 
 /// [`run_binary`] off the async runtime, so that a server in the test process keeps serving.
