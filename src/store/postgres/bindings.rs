@@ -112,23 +112,7 @@ impl PgStore {
         ids: &[BindingId],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
-        let ids = ids.to_vec();
-        let change = if revoked_at.is_some() {
-            "revoked_at IS NULL"
-        } else {
-            "revoked_at IS NOT NULL"
-        };
-        self.with(|client| async move {
-            client
-                .execute(
-                    &format!(
-                        "UPDATE foreign_bindings SET revoked_at = $2 \
-                         WHERE id = ANY($1) AND {change}"
-                    ),
-                    &[&ids, &revoked_at],
-                )
-                .await
-        })
-        .await
+        self.set_revoked_in("foreign_bindings", ids, revoked_at)
+            .await
     }
 }

@@ -225,21 +225,7 @@ impl Store for PgStore {
         ids: &[RecordId],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
-        let ids = ids.to_vec();
-        let change = if revoked_at.is_some() {
-            "revoked_at IS NULL"
-        } else {
-            "revoked_at IS NOT NULL"
-        };
-        self.with(|client| async move {
-            client
-                .execute(
-                    &format!("UPDATE records SET revoked_at = $2 WHERE id = ANY($1) AND {change}"),
-                    &[&ids, &revoked_at],
-                )
-                .await
-        })
-        .await
+        self.set_revoked_in("records", ids, revoked_at).await
     }
 
     async fn delete(&self, ids: &[RecordId], filter: &RecordFilter) -> Result<u64, StoreError> {
@@ -560,6 +546,33 @@ impl Store for PgStore {
             advance_identity(&tx, "approvals").await?;
             tx.commit().await?;
             Ok(added)
+        })
+        .await
+    }
+}
+
+impl PgStore {
+    /// Revokes (`Some`) or restores (`None`) rows of `records` or `foreign_bindings` by id;
+    /// returns how many changed state.
+    pub(super) async fn set_revoked_in(
+        &self,
+        table: &'static str,
+        ids: &[i64],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        let change = if revoked_at.is_some() {
+            "revoked_at IS NULL"
+        } else {
+            "revoked_at IS NOT NULL"
+        };
+        self.with(|client| async move {
+            client
+                .execute(
+                    &format!("UPDATE {table} SET revoked_at = $2 WHERE id = ANY($1) AND {change}"),
+                    &[&ids, &revoked_at],
+                )
+                .await
         })
         .await
     }

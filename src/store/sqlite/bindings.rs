@@ -98,22 +98,7 @@ impl SqliteStore {
         ids: &[BindingId],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
-        let ids = ids.to_vec();
-        self.write(move |conn| {
-            let change = if revoked_at.is_some() {
-                "revoked_at IS NULL"
-            } else {
-                "revoked_at IS NOT NULL"
-            };
-            let mut statement = conn.prepare_cached(&format!(
-                "UPDATE foreign_bindings SET revoked_at = ?2 WHERE id = ?1 AND {change}"
-            ))?;
-            let mut changed = 0;
-            for id in ids {
-                changed += statement.execute(params![id, revoked_at])? as u64;
-            }
-            Ok(changed)
-        })
-        .await
+        self.set_revoked_in("foreign_bindings", ids, revoked_at)
+            .await
     }
 }

@@ -146,23 +146,7 @@ impl Store for SqliteStore {
         ids: &[RecordId],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
-        let ids = ids.to_vec();
-        self.write(move |conn| {
-            let change = if revoked_at.is_some() {
-                "revoked_at IS NULL"
-            } else {
-                "revoked_at IS NOT NULL"
-            };
-            let mut statement = conn.prepare_cached(&format!(
-                "UPDATE records SET revoked_at = ?2 WHERE id = ?1 AND {change}"
-            ))?;
-            let mut changed = 0;
-            for id in ids {
-                changed += statement.execute(params![id, revoked_at])? as u64;
-            }
-            Ok(changed)
-        })
-        .await
+        self.set_revoked_in("records", ids, revoked_at).await
     }
 
     async fn node_summary(&self, node_uuid: &str, ip: &str) -> Result<NodeSummary, StoreError> {
@@ -463,5 +447,34 @@ pub(super) fn bound(value: &Value) -> rusqlite::types::Value {
     match value {
         Value::Integer(number) => (*number).into(),
         Value::Text(text) => text.clone().into(),
+    }
+}
+
+impl SqliteStore {
+    /// Revokes (`Some`) or restores (`None`) rows of `records` or `foreign_bindings` by id;
+    /// returns how many changed state.
+    pub(super) async fn set_revoked_in(
+        &self,
+        table: &'static str,
+        ids: &[i64],
+        revoked_at: Option<UnixTime>,
+    ) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        self.write(move |conn| {
+            let change = if revoked_at.is_some() {
+                "revoked_at IS NULL"
+            } else {
+                "revoked_at IS NOT NULL"
+            };
+            let mut statement = conn.prepare_cached(&format!(
+                "UPDATE {table} SET revoked_at = ?2 WHERE id = ?1 AND {change}"
+            ))?;
+            let mut changed = 0;
+            for id in ids {
+                changed += statement.execute(params![id, revoked_at])? as u64;
+            }
+            Ok(changed)
+        })
+        .await
     }
 }
