@@ -35,6 +35,17 @@ struct StaticReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabel {
+    table: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyVersionLabel {
+    /// `v1`, `v2`...; `none` for records not wrapped yet.
+    key_version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -54,6 +65,16 @@ pub struct Metrics {
     certificate_expiry: Gauge<f64, AtomicU64>,
     reloads: Counter,
     reload_failures: Counter,
+    custody: CustodyMetrics,
+}
+
+/// Key custody's figures (README, "Key custody").
+#[derive(Default)]
+struct CustodyMetrics {
+    sealed: Gauge,
+    forged_rows: Family<TableLabel, Counter>,
+    records: Family<KeyVersionLabel, Gauge>,
+    rewrap_remaining: Gauge,
 }
 
 impl Default for Metrics {
@@ -150,6 +171,27 @@ impl Metrics {
             "Changed certificate or key files that could not be used (the old pair kept serving)",
             reload_failures.clone(),
         );
+        let custody = CustodyMetrics::default();
+        registry.register(
+            "custody_sealed",
+            "1 while the server waits for operators' key shares (`unseal-server`)",
+            custody.sealed.clone(),
+        );
+        registry.register(
+            "custody_forged_rows",
+            "Rows that failed their authentication (changed behind the server's back), by table",
+            custody.forged_rows.clone(),
+        );
+        registry.register(
+            "custody_records",
+            "Records by the data key version they are wrapped under (`none`: not yet)",
+            custody.records.clone(),
+        );
+        registry.register(
+            "custody_rewrap_remaining",
+            "Records still to be wrapped under the current data key",
+            custody.rewrap_remaining.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -172,6 +214,7 @@ impl Metrics {
             certificate_expiry,
             reloads,
             reload_failures,
+            custody,
         }
     }
 
@@ -255,6 +298,32 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |since| since.as_secs_f64());
         self.certificate_expiry.set(seconds);
+    }
+
+    pub fn custody_sealed(&self, sealed: bool) {
+        self.custody.sealed.set(i64::from(sealed));
+    }
+
+    pub fn custody_forged_row(&self, table: &'static str) {
+        self.custody
+            .forged_rows
+            .get_or_create(&TableLabel { table })
+            .inc();
+    }
+
+    /// Records per data key version (`None`: not wrapped), and how many await re-wrapping.
+    pub fn custody_records(&self, versions: &[(Option<u32>, u64)], remaining: u64) {
+        self.custody.records.clear();
+        for (version, count) in versions {
+            let key_version = version.map_or_else(|| "none".to_string(), |v| format!("v{v}"));
+            self.custody
+                .records
+                .get_or_create(&KeyVersionLabel { key_version })
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
+        self.custody
+            .rewrap_remaining
+            .set(i64::try_from(remaining).unwrap_or(i64::MAX));
     }
 
     pub fn reloaded(&self) {

@@ -199,6 +199,7 @@ impl KmsService {
                 ciphertext: sealed.ciphertext,
                 created_at: store::now(),
                 last_access: None,
+                custody: Default::default(),
             };
             let inserted = self.store.insert(record).await.map_err(|e| {
                 self.refused_by_policy(event.clone(), Refusal::store_unavailable(&e))

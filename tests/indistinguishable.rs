@@ -117,7 +117,7 @@ async fn every_failed_unseal_looks_the_same_in_status_headers_size_and_time() {
         let filter = Default::default();
         let records = store.list(&filter, 0, 10).await.unwrap();
         let id = records.iter().find(|r| r.node_uuid == "node-r").unwrap().id;
-        assert_eq!(store.set_revoked(&[id], Some(1)).await.unwrap(), 1);
+        assert_eq!(store.set_revoked(&[(id, None)], Some(1)).await.unwrap(), 1);
     }
     let mut wrong_key = sealed.clone();
     wrong_key[20] ^= 1;

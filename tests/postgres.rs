@@ -150,6 +150,7 @@ async fn windows_and_approvals_set_through_one_are_obeyed_by_every_replica() {
             operation: Operation::Seal,
             opened_at: now,
             closes_at: now + 600,
+            tag: None,
         })
         .await
         .unwrap();
@@ -177,6 +178,7 @@ async fn windows_and_approvals_set_through_one_are_obeyed_by_every_replica() {
                 until: store::now() + 600,
             },
             store::now(),
+            None,
         )
         .await
         .unwrap()
@@ -184,7 +186,7 @@ async fn windows_and_approvals_set_through_one_are_obeyed_by_every_replica() {
     assert_eq!(cb.unseal(NODE, &sealed).await.unwrap(), passphrase);
     assert_eq!(ca.unseal(NODE, &sealed).await.unwrap(), passphrase);
     admin
-        .decide(pending[0].id, Decision::Deny, store::now())
+        .decide(pending[0].id, Decision::Deny, store::now(), None)
         .await
         .unwrap();
     let denied = ca.unseal(NODE, &sealed).await;
@@ -370,6 +372,7 @@ async fn records_move_from_sqlite_to_postgres_and_back_and_still_unseal() {
             operation: Operation::Unseal,
             opened_at: 1,
             closes_at: 2_000_000_000,
+            tag: None,
         })
         .await
         .unwrap();
@@ -518,6 +521,7 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
         ciphertext: vec![nonce; 48],
         created_at: created,
         last_access: None,
+        custody: Default::default(),
     };
     for (nonce, node, ip, created) in [
         (1, "n1", "10.0.0.1", 100),
@@ -565,15 +569,15 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
     store.health().await.unwrap();
     log.push(format!(
         "revoked {}",
-        store.set_revoked(&[1, 3, 99], Some(600)).await.unwrap()
+        store.set_revoked(&[(1, None), (3, None), (99, None)], Some(600)).await.unwrap()
     ));
     log.push(format!(
         "revoked again {}",
-        store.set_revoked(&[1], Some(700)).await.unwrap()
+        store.set_revoked(&[(1, None)], Some(700)).await.unwrap()
     ));
     log.push(format!(
         "restored {}",
-        store.set_revoked(&[3], None).await.unwrap()
+        store.set_revoked(&[(3, None)], None).await.unwrap()
     ));
     for filter in [
         RecordFilter::default(),
@@ -641,16 +645,19 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
             operation: Operation::Unseal,
             opened_at: 10,
             closes_at: 20,
+            tag: None,
         },
         Window {
             operation: Operation::Seal,
             opened_at: 11,
             closes_at: 21,
+            tag: None,
         },
         Window {
             operation: Operation::Unseal,
             opened_at: 12,
             closes_at: 22,
+            tag: None,
         },
     ] {
         store.open_window(window).await.unwrap();
@@ -676,13 +683,13 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
         log.push(format!("pending {noted:?}"));
     }
     let decided = store
-        .decide(1, Decision::Approve { until: 200 }, 160)
+        .decide(1, Decision::Approve { until: 200 }, 160, None)
         .await
         .unwrap();
     log.push(format!("decided {decided:?}"));
     log.push(format!(
         "decided {:?}",
-        store.decide(99, Decision::Deny, 1).await.unwrap()
+        store.decide(99, Decision::Deny, 1, None).await.unwrap()
     ));
     log.push(format!(
         "approval {:?}",
@@ -694,7 +701,7 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
         .await
         .unwrap();
     log.push(format!("pending again {again:?}"));
-    store.decide(2, Decision::Deny, 260).await.unwrap();
+    store.decide(2, Decision::Deny, 260, None).await.unwrap();
     for state in [
         None,
         Some(ApprovalState::Pending),
@@ -745,6 +752,7 @@ async fn copied_transcript(from: &dyn Store, to: &dyn Store) -> Vec<String> {
             ciphertext: vec![1; 48],
             created_at: 1,
             last_access: None,
+            custody: Default::default(),
         })
         .await
         .unwrap();

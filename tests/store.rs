@@ -82,6 +82,7 @@ async fn a_purged_id_stays_used_across_a_reopen() {
         ciphertext: vec![0; 48],
         created_at: 1_000,
         last_access: None,
+        custody: Default::default(),
     };
     let id = match store.insert(record).await.unwrap() {
         talos_kms_server::store::Inserted::Stored(id) => id,

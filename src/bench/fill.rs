@@ -41,6 +41,7 @@ fn record(index: u64, ip: Option<&str>) -> Option<(NewRecord, Volume)> {
         ciphertext: sealed.ciphertext,
         created_at: now(),
         last_access: None,
+        custody: Default::default(),
     };
     Some((record, volume))
 }

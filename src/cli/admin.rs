@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use talos_kms_server::audit::{AuditLog, Event};
 use talos_kms_server::config::Config;
+use talos_kms_server::custody;
 use talos_kms_server::store::{self, Store};
 
 pub struct Admin {
@@ -54,6 +55,11 @@ impl Admin {
     pub async fn open(config_path: &Path) -> anyhow::Result<Admin> {
         let config = Config::read(config_path)?;
         let store = store::open_existing(&config.database).await?;
+        // Its own metrics: an admin command serves none.
+        let metrics = Arc::new(talos_kms_server::metrics::Metrics::new());
+        let store = custody::guard(store, config.key_source.as_ref(), metrics)
+            .await?
+            .store;
         let audit = AuditLog::open(&config.audit_log, None)?;
         Ok(Admin {
             config,

@@ -213,6 +213,7 @@ impl From<Filter> for RecordFilter {
             not_used_since: filter.not_accessed_for.map(|age| store::now() - age),
             created_before: filter.created_before,
             ids: None,
+            key_version_other_than: None,
         }
     }
 }
@@ -393,10 +394,11 @@ async fn change(
     }
     let (records, bindings): (Vec<Key>, Vec<Key>) =
         known.iter().partition(|key| matches!(key, Key::Record(_)));
-    let ids = |keys: Vec<Key>| -> Vec<i64> {
+    // Custody, where configured, tags each row's new state.
+    let ids = |keys: Vec<Key>| -> Vec<(i64, Option<Vec<u8>>)> {
         keys.into_iter()
             .map(|key| match key {
-                Key::Record(id) | Key::Binding(id) => id,
+                Key::Record(id) | Key::Binding(id) => (id, None),
             })
             .collect()
     };

@@ -73,7 +73,7 @@ pub async fn run(
     };
     let mut unknown = Vec::new();
     for id in ids {
-        match admin.store.decide(id, decision, store::now()).await? {
+        match admin.store.decide(id, decision, store::now(), None).await? {
             Some(approval) => {
                 let until = match approval.approved_until {
                     Some(until) if decision != Decision::Deny => {

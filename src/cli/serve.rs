@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use talos_kms_server::audit::{self, AuditLog};
 use talos_kms_server::config::Config;
+use talos_kms_server::custody::{self, Custodian, KeySourceConfig};
 use talos_kms_server::logging;
 use talos_kms_server::metrics::Metrics;
 use talos_kms_server::server::{self, Port, Purpose, ServerOptions};
@@ -45,7 +46,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         .map(|address| server::bind(address, Purpose::Metrics))
         .transpose()?;
     let opened = store::open(&config.database).await?;
-    let store = opened.store;
+    let guarded = custody::guard(
+        opened.store,
+        config.key_source.as_ref(),
+        Arc::clone(&metrics),
+    )
+    .await?;
+    let store = guarded.store;
+    if let Some(custodian) = &guarded.custodian {
+        announce_custody(custodian, config.key_source.as_ref());
+        custodian.spawn_rewrap();
+    }
     let taking_over = config
         .node_db_file
         .as_deref()
@@ -97,6 +108,18 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         report_journal_left(path);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn announce_custody(custodian: &Custodian, source: Option<&KeySourceConfig>) {
+    let source = source.map(KeySourceConfig::describe).unwrap_or_default();
+    if custodian.is_sealed() {
+        tracing::warn!(key_source = %source,
+            "sealed: every seal and unseal is answered UNAVAILABLE (nodes retry) until \
+             operators give their key shares with `talos-kms-server unseal-server`");
+    } else {
+        tracing::info!(key_source = %source, data_keys = ?custodian.versions(),
+            "records are wrapped and policy state authenticated under the key source");
+    }
 }
 
 /// After a clean stop the database file alone holds every record, unless another program

@@ -77,6 +77,7 @@ pub async fn run(
                         operation,
                         opened_at: now,
                         closes_at: now + duration,
+                        tag: None,
                     })
                     .await?;
                 opened.push(operation.as_str());

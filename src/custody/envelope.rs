@@ -9,7 +9,7 @@ use super::mac::encode_fields;
 use super::{CustodyError, DataKey};
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 
-const MAGIC: &[u8; 4] = b"TKR1";
+pub(super) const MAGIC: &[u8; 4] = b"TKR1";
 const TAG_LEN: usize = 16;
 const HEADER_LEN: usize = 4 + 4 + NONCE_LEN + 4;
 /// Far above any record (a sealed record is under 100 bytes), to bound what a parser accepts.

@@ -3,13 +3,15 @@
 //! root, records sealed in an envelope under a data key, and MACs over the fields the policy
 //! trusts.
 //!
-//! Nothing here knows the stores: records are to be wrapped where they enter and leave the
-//! store, with [`seal_record`]/[`open_record`] and [`MacKey`]. In this build nothing calls
-//! them yet (README, "Key custody").
+//! The [`Custodian`] stands between the service and the store: records are wrapped and rows
+//! authenticated where they enter and leave it, so that neither store knows a key source
+//! exists (README, "Key custody").
 
+mod custodian;
 mod envelope;
 mod file;
 mod hierarchy;
+mod keyring;
 mod mac;
 mod pkcs11;
 mod secret;
@@ -17,6 +19,7 @@ pub mod shamir;
 #[cfg(feature = "tpm2")]
 mod tpm2;
 
+pub use custodian::Custodian;
 pub use envelope::{Envelope, MAX_RECORD_LEN, RecordBinding, open_record, seal_record};
 pub use hierarchy::{DataKey, Root, WRAPPED_LEN};
 pub use mac::{MacKey, TAG_LEN, encode_fields};
@@ -89,6 +92,8 @@ impl Credential {
 pub enum CustodyError {
     #[error("{0}")]
     Source(String),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Malformed(&'static str),
     #[error("{0} failed authentication: altered in the store, or written under another key")]
@@ -215,4 +220,43 @@ pub struct Initialised {
     pub made: String,
     /// Shamir only: the shares, to hand out once, one per operator.
     pub shares: Vec<String>,
+}
+
+/// The store to serve or administer, and its custodian when a key source is configured.
+pub struct Guarded {
+    pub store: std::sync::Arc<dyn crate::store::Store>,
+    pub custodian: Option<std::sync::Arc<Custodian>>,
+}
+
+/// Puts `store` under the configured key source: opened (file, tpm2, pkcs11) or sealed
+/// until operators' shares come (shamir). Without a key source, a database whose records
+/// were wrapped is refused rather than served as if it held nothing.
+pub async fn guard(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    source: Option<&KeySourceConfig>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> Result<Guarded, CustodyError> {
+    let Some(source) = source else {
+        let values = store.custody_values().await?;
+        if values.iter().any(|(name, _)| name.starts_with(keyring::DATA_KEY_PREFIX)) {
+            return Err(CustodyError::Source(
+                "the database's records are wrapped under a key source, but the config has no \
+                 `keySource`: configure the key source that wrapped them (README, \"Key \
+                 custody\")"
+                    .into(),
+            ));
+        }
+        return Ok(Guarded {
+            store,
+            custodian: None,
+        });
+    };
+    let custodian = match source {
+        KeySourceConfig::Shamir { .. } => Custodian::sealed(store, metrics),
+        _ => Custodian::open(store, source.open()?, metrics).await?,
+    };
+    Ok(Guarded {
+        store: custodian.clone(),
+        custodian: Some(custodian),
+    })
 }

@@ -158,6 +158,13 @@ impl Refusal {
 
     /// The store failed: the caller must retry, never be told anything else.
     pub fn store_unavailable(error: &StoreError) -> Self {
+        if matches!(error, StoreError::Sealed) {
+            // Said once, at start and by `unseal-server`; a node is to wait, and does.
+            return Self::new(
+                Reason::StoreUnavailable,
+                Status::unavailable("sealed: waiting for key shares; retry later"),
+            );
+        }
         tracing::error!(%error, "key store failure");
         Self::new(
             Reason::StoreUnavailable,

@@ -69,6 +69,7 @@ impl KmsService {
                     node_uuid: node.clone(),
                     ip: ip.clone(),
                     at: now,
+                    tag: None,
                 })
                 .await
                 .map_err(store_unavailable)?,

@@ -18,12 +18,16 @@ pub struct NewBinding {
     /// Peer-address text, as native records note it.
     pub ip: String,
     pub at: UnixTime,
+    /// Custody's tag (see [`super::Custody`]).
+    pub tag: Option<Vec<u8>>,
 }
 
 /// A stored binding, shown to operators like a record of its scheme: `info.id` is the
 /// binding's own id, `info.created_at` its first unseal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binding {
+    pub fingerprint: Fingerprint,
     pub scheme: String,
     pub info: RecordInfo,
+    pub tag: Option<Vec<u8>>,
 }

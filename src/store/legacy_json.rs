@@ -217,6 +217,7 @@ fn convert(record: LegacyRecord) -> Result<NewRecord, String> {
         ciphertext,
         created_at,
         last_access,
+        custody: Default::default(),
     })
 }
 
@@ -432,6 +433,7 @@ mod tests {
             },
             nonce: [id as u8; NONCE_LEN],
             ciphertext: vec![id as u8; 48],
+            custody: Default::default(),
         };
         let mut export = LegacyExport::create(&path, false).unwrap();
         export.write(&record(1, None)).unwrap();

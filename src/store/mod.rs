@@ -124,6 +124,48 @@ pub struct NewRecord {
     pub ciphertext: Vec<u8>,
     pub created_at: UnixTime,
     pub last_access: Option<UnixTime>,
+    /// Custody's part, filled in by [`crate::custody::Custodian`] where a key source is
+    /// configured; `None` above it and without one.
+    pub custody: Custody,
+}
+
+/// What key custody adds to a row, opaque to the store: the data key version a record's
+/// ciphertext is wrapped under, and a tag over the fields the policy trusts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Custody {
+    pub key_version: Option<u32>,
+    pub tag: Option<Vec<u8>>,
+}
+
+/// A row's id and the tag of its new state (see [`Custody`]).
+pub type Retag = (i64, Option<Vec<u8>>);
+
+/// The tables whose rows carry a [`Custody`] tag beside records and windows.
+#[derive(Clone, Copy, Debug)]
+pub enum TaggedTable {
+    Approvals,
+    ForeignBindings,
+}
+
+impl TaggedTable {
+    pub fn name(self) -> &'static str {
+        match self {
+            TaggedTable::Approvals => "approvals",
+            TaggedTable::ForeignBindings => "foreign_bindings",
+        }
+    }
+}
+
+/// A record's ciphertext wrapped again (custody's background re-encryption); written only
+/// while the row still holds `was` and `revoked_at`, so a concurrent revoke or delete wins.
+#[derive(Clone, Debug)]
+pub struct Rewrapped {
+    pub id: RecordId,
+    pub was: Vec<u8>,
+    pub revoked_at: Option<UnixTime>,
+    pub ciphertext: Vec<u8>,
+    pub key_version: u32,
+    pub tag: Vec<u8>,
 }
 
 /// A stored record, as found by its nonce.
@@ -136,6 +178,7 @@ pub struct Record {
     pub last_access: Option<UnixTime>,
     /// Set while the record is revoked: its unseals are answered like a wrong key's.
     pub revoked_at: Option<UnixTime>,
+    pub custody: Custody,
 }
 
 /// What an operator sees of a record: everything but its ciphertext and nonce.
@@ -169,6 +212,7 @@ pub struct StoredRecord {
     pub info: RecordInfo,
     pub nonce: SealNonce,
     pub ciphertext: Vec<u8>,
+    pub custody: Custody,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -188,6 +232,8 @@ pub struct RecordFilter {
     /// Neither unsealed nor created since then.
     pub not_used_since: Option<UnixTime>,
     pub created_before: Option<UnixTime>,
+    /// Not wrapped under this data key version (unwrapped ones included).
+    pub key_version_other_than: Option<u32>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -227,6 +273,9 @@ pub enum StoreError {
     WriterStopped,
     #[error("the database was closed")]
     Closed,
+    /// Key custody waits for operators' shares: nothing can be read or written until then.
+    #[error("sealed: waiting for key shares (`talos-kms-server unseal-server`)")]
+    Sealed,
     /// The file at the configured path is no longer the one the server has open; nothing is
     /// read from or written to it until a restart.
     #[error("database {path} {problem}; refusing every call until the server is restarted")]
@@ -284,13 +333,32 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredRecord>, StoreError>;
 
-    /// Revokes (`Some(time)`) or restores (`None`) the records with these ids, durably;
-    /// returns how many changed state.
+    /// Revokes (`Some(time)`) or restores (`None`) the records with these ids, durably,
+    /// each with its new tag; returns how many changed state.
     async fn set_revoked(
         &self,
-        ids: &[RecordId],
+        ids: &[Retag],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError>;
+
+    /// Writes re-wrapped ciphertexts of records that still hold what they held when read,
+    /// durably; returns how many were written.
+    async fn rewrap(&self, rows: &[Rewrapped]) -> Result<u64, StoreError>;
+
+    /// How many records are wrapped under each data key version (`None`: not wrapped).
+    async fn key_versions(&self) -> Result<Vec<(Option<u32>, u64)>, StoreError>;
+
+    /// Sets the tags of rows custody adopts (written before it was configured), durably.
+    async fn retag(&self, table: TaggedTable, rows: &[Retag]) -> Result<(), StoreError>;
+
+    /// Custody's named values (wrapped data keys, markers), opaque to the store.
+    async fn custody_values(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Sets (`Some`) or removes (`None`) custody values, all in one transaction, durably.
+    async fn set_custody_values(
+        &self,
+        changes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<(), StoreError>;
 
     /// Deletes the records with these ids that still match `filter` when the deletion runs
     /// (a record restored meanwhile is kept), durably; returns how many were deleted.
@@ -351,6 +419,7 @@ pub trait Store: Send + Sync + 'static {
         id: ApprovalId,
         decision: Decision,
         at: UnixTime,
+        tag: Option<Vec<u8>>,
     ) -> Result<Option<Approval>, StoreError>;
 
     /// Adds records exactly as another store holds them (ids, times, revocation), skipping
@@ -384,7 +453,7 @@ pub trait Store: Send + Sync + 'static {
     /// returns how many changed state.
     async fn set_bindings_revoked(
         &self,
-        ids: &[BindingId],
+        ids: &[Retag],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError>;
 }

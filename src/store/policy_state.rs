@@ -40,6 +40,9 @@ pub struct Window {
     pub operation: Operation,
     pub opened_at: UnixTime,
     pub closes_at: UnixTime,
+    /// Custody's tag over the three fields above (see [`super::Custody`]).
+    #[serde(skip)]
+    pub tag: Option<Vec<u8>>,
 }
 
 pub type ApprovalId = i64;
@@ -90,6 +93,9 @@ pub struct Approval {
     pub attempts: u64,
     pub approved_until: Option<UnixTime>,
     pub decided_at: Option<UnixTime>,
+    /// Custody's tag over what a decision grants (see [`super::Custody`]).
+    #[serde(skip)]
+    pub tag: Option<Vec<u8>>,
 }
 
 impl Approval {

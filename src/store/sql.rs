@@ -33,6 +33,15 @@ pub enum Value {
 }
 
 pub const INFO_COLUMNS: &str = "id, node_uuid, ip, created_at, last_access, revoked_at";
+/// After [`INFO_COLUMNS`] in a whole record.
+pub const RECORD_COLUMNS: &str = "nonce, ciphertext, key_version, tag";
+
+
+/// A stored key version; one that is not a version (edited by hand) reads as unwrapped,
+/// which custody then refuses as it would any unwrapped record once all are wrapped.
+pub fn key_version(version: Option<i64>) -> Option<u32> {
+    version.and_then(|v| u32::try_from(v).ok())
+}
 
 /// The filter as an SQL condition over `records`, with its values in order.
 pub fn conditions(
@@ -61,6 +70,12 @@ pub fn conditions(
     if let Some(before) = filter.created_before {
         bind("created_at < ?", Value::Integer(before));
     }
+    if let Some(version) = filter.key_version_other_than {
+        bind(
+            "(key_version IS NULL OR key_version <> ?)",
+            Value::Integer(version.into()),
+        );
+    }
     match filter.state {
         Some(RecordState::Active) => sql.push("revoked_at IS NULL".into()),
         Some(RecordState::Revoked) => sql.push("revoked_at IS NOT NULL".into()),
@@ -75,7 +90,7 @@ pub fn conditions(
 }
 
 pub const APPROVAL_COLUMNS: &str = "id, operation, node_uuid, ip, state, first_seen, last_seen, \
-                                    attempts, approved_until, decided_at";
+                                    attempts, approved_until, decided_at, tag";
 
 /// The columns of [`APPROVAL_COLUMNS`] as read, before they are trusted.
 pub struct ApprovalRow {
@@ -89,6 +104,7 @@ pub struct ApprovalRow {
     pub attempts: i64,
     pub approved_until: Option<UnixTime>,
     pub decided_at: Option<UnixTime>,
+    pub tag: Option<Vec<u8>>,
 }
 
 impl ApprovalRow {
@@ -111,16 +127,18 @@ impl ApprovalRow {
             last_seen: self.last_seen,
             approved_until: self.approved_until,
             decided_at: self.decided_at,
+            tag: self.tag,
         })
     }
 }
 
-pub const WINDOW_COLUMNS: &str = "operation, opened_at, closes_at";
+pub const WINDOW_COLUMNS: &str = "operation, opened_at, closes_at, tag";
 
 pub fn window(
     operation_text: &str,
     opened_at: UnixTime,
     closes_at: UnixTime,
+    tag: Option<Vec<u8>>,
 ) -> Result<Window, StoreError> {
     Ok(Window {
         operation: operation(operation_text).map_err(|problem| StoreError::Unreadable {
@@ -129,6 +147,7 @@ pub fn window(
         })?,
         opened_at,
         closes_at,
+        tag,
     })
 }
 
@@ -174,10 +193,10 @@ pub mod approvals {
         )
     }
 
-    /// `$1` id, `$2` state, `$3` approved until, `$4` now; bound from [`decided`].
+    /// `$1` id, `$2` state, `$3` approved until, `$4` now, `$5` tag; bound from [`decided`].
     pub fn decide() -> String {
         format!(
-            "UPDATE approvals SET state = $2, approved_until = $3, decided_at = $4
+            "UPDATE approvals SET state = $2, approved_until = $3, decided_at = $4, tag = $5
              WHERE id = $1 RETURNING {APPROVAL_COLUMNS}"
         )
     }

@@ -14,6 +14,7 @@ fn record(nonce: u8, node: &str, ip: &str, created_at: i64) -> NewRecord {
         ciphertext: vec![0; 48],
         created_at,
         last_access: None,
+        custody: Default::default(),
     }
 }
 
@@ -80,7 +81,7 @@ pub async fn node_summaries_and_hourly_counts(store: &dyn Store) {
     // A revoked record still takes room, but binds no address.
     let listed = store.list(&Default::default(), 0, 10).await.unwrap();
     let id = listed.iter().find(|r| r.ip == "10.0.0.2").unwrap().id;
-    store.set_revoked(&[id], Some(now)).await.unwrap();
+    store.set_revoked(&[(id, None)], Some(now)).await.unwrap();
     let summary = store.node_summary("node-a", "10.0.0.9").await.unwrap();
     assert_eq!(summary.records, 3);
     assert_eq!(summary.other_addresses, ["10.0.0.1"]);
@@ -102,6 +103,7 @@ pub async fn windows_open_move_and_close(store: &dyn Store) {
         operation,
         opened_at: 100,
         closes_at,
+        tag: None,
     };
     store
         .open_window(window(Operation::Unseal, 200))
@@ -168,7 +170,7 @@ pub async fn approvals_wait_pass_expire_and_deny(store: &dyn Store) {
     assert!(sealing.id != first.id && elsewhere.id != first.id && sealing.id != elsewhere.id);
 
     let approved: Approval = store
-        .decide(first.id, Decision::Approve { until: 200 }, 140)
+        .decide(first.id, Decision::Approve { until: 200 }, 140, None)
         .await
         .unwrap()
         .unwrap();
@@ -200,7 +202,7 @@ pub async fn approvals_wait_pass_expire_and_deny(store: &dyn Store) {
     );
 
     let denied = store
-        .decide(elsewhere.id, Decision::Deny, 260)
+        .decide(elsewhere.id, Decision::Deny, 260, None)
         .await
         .unwrap()
         .unwrap();
@@ -212,7 +214,7 @@ pub async fn approvals_wait_pass_expire_and_deny(store: &dyn Store) {
         .unwrap();
     assert_eq!(still.state, ApprovalState::Denied, "a denial stays");
     assert_eq!(
-        store.decide(999_999, Decision::Deny, 1).await.unwrap(),
+        store.decide(999_999, Decision::Deny, 1, None).await.unwrap(),
         None
     );
 
@@ -312,6 +314,7 @@ fn binding(fingerprint: u8, scheme: &str, node: &str, ip: &str, at: i64) -> NewB
         node_uuid: node.into(),
         ip: ip.into(),
         at,
+        tag: None,
     }
 }
 
@@ -380,7 +383,7 @@ pub async fn foreign_blobs_are_bound_once(store: &dyn Store) {
         "bindings are not records"
     );
 
-    let ids = [first.info.id, second.info.id];
+    let ids = [(first.info.id, None), (second.info.id, None)];
     assert_eq!(
         store.set_bindings_revoked(&ids, Some(4_000)).await.unwrap(),
         2
@@ -406,7 +409,7 @@ pub async fn foreign_blobs_are_bound_once(store: &dyn Store) {
     );
     assert_eq!(
         store
-            .set_bindings_revoked(&[second.info.id], None)
+            .set_bindings_revoked(&[(second.info.id, None)], None)
             .await
             .unwrap(),
         1

@@ -4,14 +4,20 @@ use super::PgStore;
 use super::queries::params;
 use crate::store::sql::{Dialect, conditions};
 use crate::store::{
-    Binding, BindingId, Fingerprint, NewBinding, RecordFilter, RecordInfo, StoreError, UnixTime,
+    Binding, BindingId, Fingerprint, NewBinding, RecordFilter, RecordInfo, Retag, StoreError,
+    UnixTime,
 };
 use tokio_postgres::Row;
 
-const COLUMNS: &str = "id, scheme, node_uuid, ip, created_at, last_access, revoked_at";
+const COLUMNS: &str =
+    "id, scheme, node_uuid, ip, created_at, last_access, revoked_at, fingerprint, tag";
 
 fn binding_of(row: &Row) -> Binding {
+    let fingerprint: &[u8] = row.get(7);
     Binding {
+        // The schema's CHECK holds every fingerprint at 32 bytes.
+        fingerprint: Fingerprint::try_from(fingerprint).unwrap_or_default(),
+        tag: row.get(8),
         scheme: row.get(1),
         info: RecordInfo {
             id: row.get(0),
@@ -49,8 +55,8 @@ impl PgStore {
                 .query_one(
                     &format!(
                         "INSERT INTO foreign_bindings (fingerprint, scheme, node_uuid, ip,
-                             created_at)
-                         VALUES ($1, $2, $3, $4, $5)
+                             created_at, tag)
+                         VALUES ($1, $2, $3, $4, $5, $6)
                          ON CONFLICT (fingerprint) DO UPDATE SET fingerprint = excluded.fingerprint
                          RETURNING {COLUMNS}"
                     ),
@@ -60,6 +66,7 @@ impl PgStore {
                         &binding.node_uuid,
                         &binding.ip,
                         &binding.at,
+                        &binding.tag,
                     ],
                 )
                 .await?;
@@ -109,7 +116,7 @@ impl PgStore {
 
     pub(super) async fn revoke_bindings(
         &self,
-        ids: &[BindingId],
+        ids: &[Retag],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
         self.set_revoked_in("foreign_bindings", ids, revoked_at)

@@ -11,6 +11,8 @@ pub(super) struct Columns {
     ciphertexts: Vec<Vec<u8>>,
     created: Vec<i64>,
     accessed: Vec<Option<i64>>,
+    key_versions: Vec<Option<i64>>,
+    tags: Vec<Option<Vec<u8>>>,
 }
 
 impl Columns {
@@ -22,6 +24,8 @@ impl Columns {
             ciphertexts: Vec::new(),
             created: Vec::new(),
             accessed: Vec::new(),
+            key_versions: Vec::new(),
+            tags: Vec::new(),
         };
         for record in records {
             columns.nonces.push(record.nonce.to_vec());
@@ -30,13 +34,16 @@ impl Columns {
             columns.ciphertexts.push(record.ciphertext.clone());
             columns.created.push(record.created_at);
             columns.accessed.push(record.last_access);
+            columns
+                .key_versions
+                .push(record.custody.key_version.map(i64::from));
+            columns.tags.push(record.custody.tag.clone());
         }
         columns
     }
 
-    /// The statement's parameters `$1` to `$6`: nonce, node, address, ciphertext, created
-    /// and last access.
-    pub fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+    /// The statement's parameters `$1` to `$8`, in the order of [`INSERT`].
+    pub fn params(&self) -> [&(dyn ToSql + Sync); 8] {
         [
             &self.nonces,
             &self.nodes,
@@ -44,6 +51,24 @@ impl Columns {
             &self.ciphertexts,
             &self.created,
             &self.accessed,
+            &self.key_versions,
+            &self.tags,
         ]
+    }
+}
+
+/// Inserts the rows of [`Columns::params`]; a conflict clause may follow.
+pub(super) const INSERT: &str =
+    "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access,
+                          key_version, tag)
+     SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[], $5::bigint[],
+                          $6::bigint[], $7::bigint[], $8::bytea[])";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_insert_names_as_many_columns_as_it_binds() {
+        let columns = super::INSERT.matches(", ").count();
+        assert_eq!(columns, 2 * 7, "{}", super::INSERT);
     }
 }

@@ -6,7 +6,8 @@
 use super::connection::{clone_error, deadline, describe, get};
 use super::options::PgOptions;
 use crate::sealing::SealNonce;
-use crate::store::{Record, StoreError};
+use crate::store::sql;
+use crate::store::{Custody, Record, StoreError};
 use deadpool_postgres::Pool;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,7 +20,8 @@ const MAX_BATCH: usize = 128;
 type Reply = oneshot::Sender<Result<Option<Record>, StoreError>>;
 
 const FIND_BY_NONCES: &str = "SELECT id, node_uuid, ip, ciphertext, created_at, last_access, \
-                              revoked_at, nonce FROM records WHERE nonce = ANY($1)";
+                              revoked_at, nonce, key_version, tag \
+                              FROM records WHERE nonce = ANY($1)";
 
 /// Collects lookups from `queue` and answers them, until every sender is gone.
 pub async fn answer_batches(
@@ -87,5 +89,9 @@ fn record_of(row: &Row) -> Record {
         created_at: row.get(4),
         last_access: row.get(5),
         revoked_at: row.get(6),
+        custody: Custody {
+            key_version: sql::key_version(row.get(8)),
+            tag: row.get(9),
+        },
     }
 }

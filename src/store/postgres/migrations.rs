@@ -68,6 +68,17 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX foreign_bindings_by_node ON foreign_bindings (node_uuid);
 ",
+    "
+    ALTER TABLE records ADD COLUMN key_version bigint;
+    ALTER TABLE records ADD COLUMN tag bytea;
+    ALTER TABLE approvals ADD COLUMN tag bytea;
+    ALTER TABLE windows ADD COLUMN tag bytea;
+    ALTER TABLE foreign_bindings ADD COLUMN tag bytea;
+    CREATE TABLE custody (
+        name        text    PRIMARY KEY,
+        value       bytea   NOT NULL
+    );
+",
 ];
 
 /// What [`migrate`] found and did.

@@ -2,19 +2,20 @@
 //! unseal lookups go through the batching tasks (`writer.rs`, `lookups.rs`).
 
 use super::PgStore;
-use super::columns::Columns;
+use super::columns::{Columns, INSERT};
 use super::migrations;
 use super::writer::write_accesses;
 use crate::locking::lock;
 use crate::sealing::SealNonce;
 use crate::store::sql::{
-    self, APPROVAL_COLUMNS, ApprovalRow, Dialect, INFO_COLUMNS, Value, WINDOW_COLUMNS, approvals,
-    conditions,
+    self, APPROVAL_COLUMNS, ApprovalRow, Dialect, INFO_COLUMNS, RECORD_COLUMNS, Value,
+    WINDOW_COLUMNS, approvals, conditions,
 };
 use crate::store::{
-    Approval, ApprovalId, ApprovalState, Binding, BindingId, Decision, Fingerprint, ImportBatch,
-    ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record, RecordFilter,
-    RecordId, RecordInfo, Store, StoreError, StoredRecord, UnixTime, Window,
+    Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, Decision, Fingerprint,
+    ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record,
+    RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError, StoredRecord,
+    TaggedTable, UnixTime, Window,
 };
 use async_trait::async_trait;
 use std::time::Duration;
@@ -47,6 +48,7 @@ fn approval_row(row: &Row) -> Result<ApprovalRow, tokio_postgres::Error> {
         attempts: row.try_get(7)?,
         approved_until: row.try_get(8)?,
         decided_at: row.try_get(9)?,
+        tag: row.try_get(10)?,
     })
 }
 
@@ -108,10 +110,7 @@ impl Store for PgStore {
                 .execute(
                     // Only the unique index decides, as for seals (`writer.rs`): a NOT EXISTS
                     // may be planned once as a scan of the whole table, and kept.
-                    "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
-                     SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[],
-                                          $5::bigint[], $6::bigint[])
-                     ON CONFLICT (nonce) DO NOTHING",
+                    &format!("{INSERT} ON CONFLICT (nonce) DO NOTHING"),
                     &columns.params(),
                 )
                 .await? as usize;
@@ -199,7 +198,7 @@ impl Store for PgStore {
             let rows = client
                 .query(
                     &format!(
-                        "SELECT {INFO_COLUMNS}, nonce, ciphertext FROM records \
+                        "SELECT {INFO_COLUMNS}, {RECORD_COLUMNS} FROM records \
                          WHERE {conditions} ORDER BY id LIMIT {limit}"
                     ),
                     &params(&values),
@@ -213,6 +212,10 @@ impl Store for PgStore {
                         // The schema's CHECK holds every nonce at 12 bytes.
                         nonce: SealNonce::try_from(nonce).unwrap_or_default(),
                         ciphertext: row.try_get(7)?,
+                        custody: Custody {
+                            key_version: sql::key_version(row.try_get(8)?),
+                            tag: row.try_get(9)?,
+                        },
                     })
                 })
                 .collect()
@@ -222,10 +225,114 @@ impl Store for PgStore {
 
     async fn set_revoked(
         &self,
-        ids: &[RecordId],
+        ids: &[Retag],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
         self.set_revoked_in("records", ids, revoked_at).await
+    }
+
+    async fn rewrap(&self, rows: &[Rewrapped]) -> Result<u64, StoreError> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let ciphertexts: Vec<&[u8]> = rows.iter().map(|r| r.ciphertext.as_slice()).collect();
+        let versions: Vec<i64> = rows.iter().map(|r| i64::from(r.key_version)).collect();
+        let tags: Vec<&[u8]> = rows.iter().map(|r| r.tag.as_slice()).collect();
+        let was: Vec<&[u8]> = rows.iter().map(|r| r.was.as_slice()).collect();
+        let revoked: Vec<Option<i64>> = rows.iter().map(|r| r.revoked_at).collect();
+        self.with(|client| async move {
+            client
+                .execute(
+                    "UPDATE records SET ciphertext = new.ciphertext,
+                         key_version = new.key_version, tag = new.tag
+                     FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[],
+                                 $5::bytea[], $6::bigint[])
+                          AS new (id, ciphertext, key_version, tag, was, revoked_at)
+                     WHERE records.id = new.id AND records.ciphertext = new.was
+                       AND records.revoked_at IS NOT DISTINCT FROM new.revoked_at",
+                    &[&ids, &ciphertexts, &versions, &tags, &was, &revoked],
+                )
+                .await
+        })
+        .await
+    }
+
+    async fn key_versions(&self) -> Result<Vec<(Option<u32>, u64)>, StoreError> {
+        self.with(|client| async move {
+            let rows = client
+                .query(
+                    "SELECT key_version, count(*) FROM records GROUP BY key_version ORDER BY 1",
+                    &[],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let count: i64 = row.try_get(1)?;
+                    Ok((
+                        sql::key_version(row.try_get(0)?),
+                        u64::try_from(count).unwrap_or_default(),
+                    ))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn retag(&self, table: TaggedTable, rows: &[Retag]) -> Result<(), StoreError> {
+        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+        let tags: Vec<Option<Vec<u8>>> = rows.iter().map(|(_, tag)| tag.clone()).collect();
+        let table = table.name();
+        self.with(|client| async move {
+            client
+                .execute(
+                    &format!(
+                        "UPDATE {table} SET tag = new.tag
+                         FROM unnest($1::bigint[], $2::bytea[]) AS new (id, tag)
+                         WHERE {table}.id = new.id"
+                    ),
+                    &[&ids, &tags],
+                )
+                .await
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn custody_values(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.with(|client| async move {
+            let rows = client
+                .query("SELECT name, value FROM custody ORDER BY name", &[])
+                .await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn set_custody_values(
+        &self,
+        changes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<(), StoreError> {
+        self.with(|mut client| async move {
+            let tx = client.transaction().await?;
+            for (name, value) in &changes {
+                match value {
+                    Some(value) => {
+                        tx.execute(
+                            "INSERT INTO custody (name, value) VALUES ($1, $2)
+                             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                            &[name, value],
+                        )
+                        .await?
+                    }
+                    None => {
+                        tx.execute("DELETE FROM custody WHERE name = $1", &[name])
+                            .await?
+                    }
+                };
+            }
+            tx.commit().await
+        })
+        .await
     }
 
     async fn delete(&self, ids: &[RecordId], filter: &RecordFilter) -> Result<u64, StoreError> {
@@ -299,13 +406,16 @@ impl Store for PgStore {
                             row.try_get::<_, String>(0)?,
                             row.try_get(1)?,
                             row.try_get(2)?,
+                            row.try_get(3)?,
                         ))
                     })
                     .collect::<Result<Vec<_>, tokio_postgres::Error>>()
             })
             .await?;
         rows.into_iter()
-            .map(|(operation, opened_at, closes_at)| sql::window(&operation, opened_at, closes_at))
+            .map(|(operation, opened_at, closes_at, tag)| {
+                sql::window(&operation, opened_at, closes_at, tag)
+            })
             .collect()
     }
 
@@ -313,13 +423,16 @@ impl Store for PgStore {
         self.with(|client| async move {
             client
                 .execute(
-                    "INSERT INTO windows (operation, opened_at, closes_at) VALUES ($1, $2, $3)
+                    "INSERT INTO windows (operation, opened_at, closes_at, tag)
+                     VALUES ($1, $2, $3, $4)
                      ON CONFLICT (operation) DO UPDATE
-                     SET opened_at = excluded.opened_at, closes_at = excluded.closes_at",
+                     SET opened_at = excluded.opened_at, closes_at = excluded.closes_at,
+                         tag = excluded.tag",
                     &[
                         &window.operation.as_str(),
                         &window.opened_at,
                         &window.closes_at,
+                        &window.tag,
                     ],
                 )
                 .await
@@ -427,11 +540,12 @@ impl Store for PgStore {
         id: ApprovalId,
         decision: Decision,
         at: UnixTime,
+        tag: Option<Vec<u8>>,
     ) -> Result<Option<Approval>, StoreError> {
         let (state, until) = approvals::decided(decision);
         self.with(|client| async move {
             let row = client
-                .query_opt(&approvals::decide(), &[&id, &state, &until, &at])
+                .query_opt(&approvals::decide(), &[&id, &state, &until, &at, &tag])
                 .await?;
             approval_of(row.as_ref())
         })
@@ -449,7 +563,11 @@ impl Store for PgStore {
         let mut ciphertexts = Vec::with_capacity(records.len());
         let mut created = Vec::with_capacity(records.len());
         let mut accessed = Vec::with_capacity(records.len());
+        let mut versions = Vec::with_capacity(records.len());
+        let mut tags = Vec::with_capacity(records.len());
         for record in records {
+            versions.push(record.custody.key_version.map(i64::from));
+            tags.push(record.custody.tag.clone());
             nonces.push(record.nonce.to_vec());
             nodes.push(record.info.node_uuid.clone());
             ips.push(record.info.ip.clone());
@@ -463,10 +581,11 @@ impl Store for PgStore {
             let tx = client.transaction().await?;
             let added = tx
                 .execute(
-                    "INSERT INTO records
-                     (id, nonce, node_uuid, ip, ciphertext, created_at, last_access, revoked_at)
+                    "INSERT INTO records (id, nonce, node_uuid, ip, ciphertext, created_at,
+                                         last_access, revoked_at, key_version, tag)
                      SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::text[], $4::text[],
-                                          $5::bytea[], $6::bigint[], $7::bigint[], $8::bigint[])
+                                          $5::bytea[], $6::bigint[], $7::bigint[], $8::bigint[],
+                                          $9::bigint[], $10::bytea[])
                      ON CONFLICT DO NOTHING",
                     &[
                         &ids,
@@ -477,6 +596,8 @@ impl Store for PgStore {
                         &created,
                         &accessed,
                         &revoked,
+                        &versions,
+                        &tags,
                     ],
                 )
                 .await?;
@@ -510,7 +631,7 @@ impl Store for PgStore {
 
     async fn set_bindings_revoked(
         &self,
-        ids: &[BindingId],
+        ids: &[Retag],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
         self.revoke_bindings(ids, revoked_at).await
@@ -525,8 +646,8 @@ impl Store for PgStore {
                 added += tx
                     .execute(
                         "INSERT INTO approvals (id, operation, node_uuid, ip, state, first_seen,
-                             last_seen, attempts, approved_until, decided_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                             last_seen, attempts, approved_until, decided_at, tag)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                          ON CONFLICT DO NOTHING",
                         &[
                             &a.id,
@@ -539,6 +660,7 @@ impl Store for PgStore {
                             &i64::try_from(a.attempts).unwrap_or(i64::MAX),
                             &a.approved_until,
                             &a.decided_at,
+                            &a.tag,
                         ],
                     )
                     .await?;
@@ -557,10 +679,11 @@ impl PgStore {
     pub(super) async fn set_revoked_in(
         &self,
         table: &'static str,
-        ids: &[i64],
+        rows: &[Retag],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
-        let ids = ids.to_vec();
+        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+        let tags: Vec<Option<Vec<u8>>> = rows.iter().map(|(_, tag)| tag.clone()).collect();
         let change = if revoked_at.is_some() {
             "revoked_at IS NULL"
         } else {
@@ -569,8 +692,12 @@ impl PgStore {
         self.with(|client| async move {
             client
                 .execute(
-                    &format!("UPDATE {table} SET revoked_at = $2 WHERE id = ANY($1) AND {change}"),
-                    &[&ids, &revoked_at],
+                    &format!(
+                        "UPDATE {table} SET revoked_at = $2, tag = new.tag
+                         FROM unnest($1::bigint[], $3::bytea[]) AS new (id, tag)
+                         WHERE {table}.id = new.id AND {table}.{change}"
+                    ),
+                    &[&ids, &revoked_at, &tags],
                 )
                 .await
         })

@@ -7,7 +7,7 @@
 //! at c=32 on 2 cores shared with PostgreSQL: 0.86–0.90x SQLite's rate with one batch at a time,
 //! 0.75–0.80x with four at once; PostgreSQL's CPU per seal is what limits it.)
 
-use super::columns::Columns;
+use super::columns::{Columns, INSERT};
 use super::connection::{CALL_DEADLINE, clone_error, deadline, describe, get};
 use super::options::PgOptions;
 use crate::locking::lock;
@@ -66,11 +66,7 @@ async fn write(options: &PgOptions, pool: &Pool, batch: Vec<(NewRecord, Reply)>,
                 // id, and nonces are random). A NOT EXISTS here was planned once, while the
                 // table was small, as a scan of the whole table, and kept: every batch then
                 // read every record until autovacuum's first ANALYZE.
-                "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
-                 SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[],
-                                      $5::bigint[], $6::bigint[])
-                 ON CONFLICT (nonce) DO NOTHING
-                 RETURNING id, nonce",
+                &format!("{INSERT} ON CONFLICT (nonce) DO NOTHING RETURNING id, nonce"),
             )
             .await
             .map_err(|e| describe(options, &e))?;

@@ -4,14 +4,20 @@ use super::SqliteStore;
 use super::queries::bound;
 use crate::store::sql::{Dialect, conditions};
 use crate::store::{
-    Binding, BindingId, Fingerprint, NewBinding, RecordFilter, RecordInfo, StoreError, UnixTime,
+    Binding, BindingId, Fingerprint, NewBinding, RecordFilter, RecordInfo, Retag, StoreError,
+    UnixTime,
 };
 use rusqlite::{OptionalExtension, params};
 
-const COLUMNS: &str = "id, scheme, node_uuid, ip, created_at, last_access, revoked_at";
+const COLUMNS: &str =
+    "id, scheme, node_uuid, ip, created_at, last_access, revoked_at, fingerprint, tag";
 
 fn binding_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Binding> {
+    let fingerprint: Vec<u8> = row.get(7)?;
     Ok(Binding {
+        // The schema's CHECK holds every fingerprint at 32 bytes.
+        fingerprint: Fingerprint::try_from(fingerprint.as_slice()).unwrap_or_default(),
+        tag: row.get(8)?,
         scheme: row.get(1)?,
         info: RecordInfo {
             id: row.get(0)?,
@@ -42,15 +48,16 @@ impl SqliteStore {
         let fingerprint = binding.fingerprint;
         self.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO foreign_bindings (fingerprint, scheme, node_uuid, ip, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (fingerprint) DO NOTHING",
+                "INSERT INTO foreign_bindings (fingerprint, scheme, node_uuid, ip, created_at, tag)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (fingerprint) DO NOTHING",
             )?
             .execute(params![
                 &binding.fingerprint[..],
                 binding.scheme,
                 binding.node_uuid,
                 binding.ip,
-                binding.at
+                binding.at,
+                binding.tag
             ])
             .map(|added| added as u64)
         })
@@ -95,7 +102,7 @@ impl SqliteStore {
 
     pub(super) async fn revoke_bindings(
         &self,
-        ids: &[BindingId],
+        ids: &[Retag],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
         self.set_revoked_in("foreign_bindings", ids, revoked_at)

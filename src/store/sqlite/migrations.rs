@@ -106,6 +106,19 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX foreign_bindings_by_node ON foreign_bindings (node_uuid);
 ",
+    // Key custody: the data key version a record is wrapped under, tags over what the
+    // policy trusts, and custody's own values (wrapped data keys), all opaque here.
+    "
+    ALTER TABLE records ADD COLUMN key_version INTEGER;
+    ALTER TABLE records ADD COLUMN tag BLOB;
+    ALTER TABLE approvals ADD COLUMN tag BLOB;
+    ALTER TABLE windows ADD COLUMN tag BLOB;
+    ALTER TABLE foreign_bindings ADD COLUMN tag BLOB;
+    CREATE TABLE custody (
+        name        TEXT    PRIMARY KEY,
+        value       BLOB    NOT NULL
+    );
+",
 ];
 
 /// The applied schema version, after making sure the file is ours (or empty) and not newer

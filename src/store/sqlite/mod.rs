@@ -217,6 +217,7 @@ mod tests {
             ciphertext: vec![0; 48],
             created_at: 1,
             last_access: None,
+            custody: Default::default(),
         }
     }
 
@@ -250,6 +251,7 @@ mod tests {
             ciphertext: vec![0; 48],
             created_at: 1,
             last_access: None,
+            custody: Default::default(),
         };
         assert!(matches!(
             store.insert(record.clone()).await.unwrap(),

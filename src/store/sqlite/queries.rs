@@ -5,13 +5,14 @@ use super::writer::Job;
 use crate::locking::lock;
 use crate::sealing::SealNonce;
 use crate::store::sql::{
-    self, APPROVAL_COLUMNS, ApprovalRow, Dialect, INFO_COLUMNS, Value, WINDOW_COLUMNS, approvals,
-    conditions,
+    self, APPROVAL_COLUMNS, ApprovalRow, Dialect, INFO_COLUMNS, RECORD_COLUMNS, Value,
+    WINDOW_COLUMNS, approvals, conditions,
 };
 use crate::store::{
-    Approval, ApprovalId, ApprovalState, Binding, BindingId, Decision, Fingerprint, ImportBatch,
-    ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record, RecordFilter,
-    RecordId, RecordInfo, Store, StoreError, StoredRecord, UnixTime, Window,
+    Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, Decision, Fingerprint,
+    ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record,
+    RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError, StoredRecord,
+    TaggedTable, UnixTime, Window,
 };
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
@@ -28,7 +29,8 @@ impl Store for SqliteStore {
     async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
         let found = self.read(|conn| {
             conn.prepare_cached(
-                "SELECT id, node_uuid, ip, ciphertext, created_at, last_access, revoked_at
+                "SELECT id, node_uuid, ip, ciphertext, created_at, last_access, revoked_at,
+                        key_version, tag
                  FROM records WHERE nonce = ?1",
             )?
             .query_row([&nonce[..]], |row| {
@@ -40,6 +42,10 @@ impl Store for SqliteStore {
                     created_at: row.get(4)?,
                     last_access: row.get(5)?,
                     revoked_at: row.get(6)?,
+                    custody: Custody {
+                        key_version: sql::key_version(row.get(7)?),
+                        tag: row.get(8)?,
+                    },
                 })
             })
             .optional()
@@ -122,7 +128,7 @@ impl Store for SqliteStore {
         let (conditions, values) = conditions(filter, after, Dialect::Sqlite);
         self.read(|conn| {
             let mut statement = conn.prepare(&format!(
-                "SELECT {INFO_COLUMNS}, nonce, ciphertext FROM records WHERE {conditions} \
+                "SELECT {INFO_COLUMNS}, {RECORD_COLUMNS} FROM records WHERE {conditions} \
                  ORDER BY id LIMIT {limit}"
             ))?;
             let rows = statement.query_map(
@@ -134,6 +140,10 @@ impl Store for SqliteStore {
                         // The schema's CHECK holds every nonce at 12 bytes.
                         nonce: SealNonce::try_from(nonce.as_slice()).unwrap_or_default(),
                         ciphertext: row.get(7)?,
+                        custody: Custody {
+                            key_version: sql::key_version(row.get(8)?),
+                            tag: row.get(9)?,
+                        },
                     })
                 },
             )?;
@@ -143,10 +153,94 @@ impl Store for SqliteStore {
 
     async fn set_revoked(
         &self,
-        ids: &[RecordId],
+        ids: &[Retag],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
         self.set_revoked_in("records", ids, revoked_at).await
+    }
+
+    async fn rewrap(&self, rows: &[Rewrapped]) -> Result<u64, StoreError> {
+        let rows = rows.to_vec();
+        self.write(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "UPDATE records SET ciphertext = ?2, key_version = ?3, tag = ?4
+                 WHERE id = ?1 AND ciphertext = ?5 AND revoked_at IS ?6",
+            )?;
+            let mut written = 0;
+            for row in &rows {
+                written += statement.execute(params![
+                    row.id,
+                    row.ciphertext,
+                    row.key_version,
+                    row.tag,
+                    row.was,
+                    row.revoked_at
+                ])? as u64;
+            }
+            Ok(written)
+        })
+        .await
+    }
+
+    async fn key_versions(&self) -> Result<Vec<(Option<u32>, u64)>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT key_version, count(*) FROM records GROUP BY key_version ORDER BY 1",
+            )?;
+            let rows = statement.query_map([], |row| {
+                Ok((sql::key_version(row.get(0)?), row.get(1)?))
+            })?;
+            rows.collect()
+        })
+    }
+
+    async fn retag(&self, table: TaggedTable, rows: &[Retag]) -> Result<(), StoreError> {
+        let rows = rows.to_vec();
+        self.write(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "UPDATE {} SET tag = ?2 WHERE id = ?1",
+                table.name()
+            ))?;
+            for (id, tag) in &rows {
+                statement.execute(params![id, tag])?;
+            }
+            Ok(0)
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn custody_values(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(|conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT name, value FROM custody ORDER BY name")?;
+            let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    async fn set_custody_values(
+        &self,
+        changes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            for (name, value) in &changes {
+                match value {
+                    Some(value) => conn
+                        .prepare_cached(
+                            "INSERT INTO custody (name, value) VALUES (?1, ?2)
+                             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                        )?
+                        .execute(params![name, value])?,
+                    None => conn
+                        .prepare_cached("DELETE FROM custody WHERE name = ?1")?
+                        .execute([name])?,
+                };
+            }
+            Ok(0)
+        })
+        .await
+        .map(drop)
     }
 
     async fn node_summary(&self, node_uuid: &str, ip: &str) -> Result<NodeSummary, StoreError> {
@@ -187,26 +281,35 @@ impl Store for SqliteStore {
                 "SELECT {WINDOW_COLUMNS} FROM windows ORDER BY operation"
             ))?;
             let rows = statement.query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?))
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                ))
             })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
         })?;
         rows.into_iter()
-            .map(|(operation, opened_at, closes_at)| sql::window(&operation, opened_at, closes_at))
+            .map(|(operation, opened_at, closes_at, tag)| {
+                sql::window(&operation, opened_at, closes_at, tag)
+            })
             .collect()
     }
 
     async fn open_window(&self, window: Window) -> Result<(), StoreError> {
         self.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO windows (operation, opened_at, closes_at) VALUES (?1, ?2, ?3)
+                "INSERT INTO windows (operation, opened_at, closes_at, tag) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (operation) DO UPDATE
-                 SET opened_at = excluded.opened_at, closes_at = excluded.closes_at",
+                 SET opened_at = excluded.opened_at, closes_at = excluded.closes_at,
+                     tag = excluded.tag",
             )?
             .execute(params![
                 window.operation.as_str(),
                 window.opened_at,
-                window.closes_at
+                window.closes_at,
+                window.tag
             ])
             .map(|changed| changed as u64)
         })
@@ -290,11 +393,12 @@ impl Store for SqliteStore {
         id: ApprovalId,
         decision: Decision,
         at: UnixTime,
+        tag: Option<Vec<u8>>,
     ) -> Result<Option<Approval>, StoreError> {
         let (state, until) = approvals::decided(decision);
         self.write_approval(move |conn| {
             conn.prepare_cached(&Dialect::Sqlite.sql(&approvals::decide()))?
-                .query_row(params![id, state, until, at], approval_row)
+                .query_row(params![id, state, until, at, tag], approval_row)
                 .optional()
         })
         .await
@@ -333,17 +437,18 @@ impl Store for SqliteStore {
                     r.info.created_at,
                     r.info.last_access,
                     r.info.revoked_at,
+                    r.custody.clone(),
                 )
             })
             .collect();
         self.write(move |conn| {
             let mut statement = conn.prepare_cached(
-                "INSERT OR IGNORE INTO records
-                 (id, nonce, node_uuid, ip, ciphertext, created_at, last_access, revoked_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT OR IGNORE INTO records (id, nonce, node_uuid, ip, ciphertext, created_at,
+                                                last_access, revoked_at, key_version, tag)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             let mut added = 0;
-            for (id, nonce, node, ip, ciphertext, created, accessed, revoked) in &rows {
+            for (id, nonce, node, ip, ciphertext, created, accessed, revoked, custody) in &rows {
                 added += statement.execute(params![
                     id,
                     &nonce[..],
@@ -352,7 +457,9 @@ impl Store for SqliteStore {
                     ciphertext,
                     created,
                     accessed,
-                    revoked
+                    revoked,
+                    custody.key_version,
+                    custody.tag
                 ])? as u64;
             }
             Ok(added)
@@ -383,7 +490,7 @@ impl Store for SqliteStore {
 
     async fn set_bindings_revoked(
         &self,
-        ids: &[BindingId],
+        ids: &[Retag],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
         self.revoke_bindings(ids, revoked_at).await
@@ -394,7 +501,7 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let mut statement = conn.prepare_cached(&format!(
                 "INSERT OR IGNORE INTO approvals ({APPROVAL_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
             ))?;
             let mut added = 0;
             for a in &approvals {
@@ -408,7 +515,8 @@ impl Store for SqliteStore {
                     a.last_seen,
                     i64::try_from(a.attempts).unwrap_or(i64::MAX),
                     a.approved_until,
-                    a.decided_at
+                    a.decided_at,
+                    a.tag
                 ])? as u64;
             }
             Ok(added)
@@ -429,6 +537,7 @@ fn approval_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ApprovalRow> {
         attempts: row.get(7)?,
         approved_until: row.get(8)?,
         decided_at: row.get(9)?,
+        tag: row.get(10)?,
     })
 }
 
@@ -456,7 +565,7 @@ impl SqliteStore {
     pub(super) async fn set_revoked_in(
         &self,
         table: &'static str,
-        ids: &[i64],
+        ids: &[Retag],
         revoked_at: Option<UnixTime>,
     ) -> Result<u64, StoreError> {
         let ids = ids.to_vec();
@@ -467,11 +576,11 @@ impl SqliteStore {
                 "revoked_at IS NOT NULL"
             };
             let mut statement = conn.prepare_cached(&format!(
-                "UPDATE {table} SET revoked_at = ?2 WHERE id = ?1 AND {change}"
+                "UPDATE {table} SET revoked_at = ?2, tag = ?3 WHERE id = ?1 AND {change}"
             ))?;
             let mut changed = 0;
-            for id in ids {
-                changed += statement.execute(params![id, revoked_at])? as u64;
+            for (id, tag) in ids {
+                changed += statement.execute(params![id, revoked_at, tag])? as u64;
             }
             Ok(changed)
         })

@@ -252,7 +252,7 @@ enum Done {
     ),
 }
 
-/// Binds a record to the six columns of an `INSERT ... VALUES (?1, ..., ?6)` and runs it.
+/// Binds a record to the columns of [`INSERT`] and runs it.
 fn execute_insert(
     statement: &mut rusqlite::Statement<'_>,
     record: &NewRecord,
@@ -264,14 +264,17 @@ fn execute_insert(
         record.ciphertext,
         record.created_at,
         record.last_access,
+        record.custody.key_version,
+        record.custody.tag,
     ])
 }
 
+const INSERT: &str = "INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access,
+                                    key_version, tag)
+                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
 fn insert(tx: &Connection, record: &NewRecord) -> rusqlite::Result<Inserted> {
-    let mut statement = tx.prepare_cached(
-        "INSERT INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
+    let mut statement = tx.prepare_cached(&format!("INSERT {INSERT}"))?;
     match execute_insert(&mut statement, record) {
         Ok(_) => Ok(Inserted::Stored(tx.last_insert_rowid())),
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
@@ -282,10 +285,7 @@ fn insert(tx: &Connection, record: &NewRecord) -> rusqlite::Result<Inserted> {
 }
 
 fn import(tx: &Connection, batch: &ImportBatch) -> rusqlite::Result<ImportReport> {
-    let mut statement = tx.prepare_cached(
-        "INSERT OR IGNORE INTO records (nonce, node_uuid, ip, ciphertext, created_at, last_access)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
+    let mut statement = tx.prepare_cached(&format!("INSERT OR IGNORE {INSERT}"))?;
     let mut report = ImportReport::default();
     for record in &batch.records {
         let added = execute_insert(&mut statement, record)?;
