@@ -506,7 +506,7 @@ async fn replicas_starting_at_once_on_an_empty_database_make_the_schema_once() {
                 &name,
                 "SELECT string_agg(version::text, ',' ORDER BY version) FROM talos_kms_schema"
             ),
-            "1,2,3,4,5"
+            "1,2,3,4,5,6"
         );
     }
 }
