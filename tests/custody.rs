@@ -122,3 +122,203 @@ async fn an_existing_database_is_wrapped_while_serving_and_a_kill_9_halfway_lose
     );
     assert!(server.terminate().success());
 }
+
+/// Records under data key `version` (SQLite's view).
+fn under_version(database: &Path, version: i64) -> i64 {
+    let db = rusqlite::Connection::open_with_flags(
+        database,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.query_row(
+        "SELECT count(*) FROM records WHERE key_version = ?1",
+        [version],
+        |row| row.get(0),
+    )
+    .unwrap()
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[derive(Clone)]
+struct SealedVolume {
+    node: String,
+    source: String,
+    passphrase: [u8; 32],
+    blob: Vec<u8>,
+}
+
+/// Four nodes sealing and unsealing until `stop`; every volume they sealed, and how many
+/// calls failed or answered a wrong passphrase.
+async fn nodes_at_work(
+    running: &Running,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<SealedVolume>, usize) {
+    let mut tasks = Vec::new();
+    for n in 0..4 {
+        let source = format!("127.0.0.{}", 11 + n);
+        let client = running.node(&source);
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut sealed, mut failed) = (Vec::new(), 0);
+            for round in 0..10_000 {
+                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
+                let node = format!("rotation-node-{n}-{round}");
+                let passphrase = random_passphrase();
+                match client.seal(&node, &passphrase).await {
+                    Ok(blob) => sealed.push(SealedVolume {
+                        node,
+                        source: source.clone(),
+                        passphrase,
+                        blob,
+                    }),
+                    Err(_) => failed += 1,
+                }
+                for volume in sealed.iter().rev().take(3) {
+                    match client.unseal(&volume.node, &volume.blob).await {
+                        Ok(p) if p == volume.passphrase => {}
+                        _ => failed += 1,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (sealed, failed)
+        }));
+    }
+    let (mut all, mut failed) = (Vec::new(), 0);
+    for task in tasks {
+        let (sealed, f) = task.await.unwrap();
+        all.extend(sealed);
+        failed += f;
+    }
+    (all, failed)
+}
+
+async fn unseals_all(running: &Running, volumes: &[SealedVolume]) -> usize {
+    let mut right = 0;
+    for volume in volumes {
+        let client = running.node(&volume.source);
+        if client.unseal(&volume.node, &volume.blob).await.ok().as_deref()
+            == Some(&volume.passphrase[..])
+        {
+            right += 1;
+        }
+    }
+    right
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed_key_shreds() {
+    let setup = Setup::new("");
+    with_key_file(&setup);
+    let database = setup.dir.path().join("kms.db");
+    let config_text = std::fs::read_to_string(&setup.config).unwrap();
+    let new_config = setup.dir.path().join("new-root.yaml");
+    std::fs::write(&new_config, config_text.replace("root.key", "new-root.key")).unwrap();
+    let new_config = new_config.to_str().unwrap().to_string();
+    run_ok(&["key-source", "init", "--config", &new_config]).await;
+
+    let running = setup.start();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let running = &running;
+        async move { nodes_at_work(running, stop).await }
+    };
+    let config = running.config_str().to_string();
+    let operator = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let out = run_ok(&["keys", "rotate-data-key", "--config", &config]).await;
+        assert!(out.contains("made data key v2"), "{out}");
+        // The server picks v2 up and re-wraps every v1 record while the nodes work.
+        let db = database.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_until("every record under v2", Duration::from_secs(60), || {
+                under_version(&db, 1) == 0 && under_version(&db, 2) > 0
+            })
+        })
+        .await
+        .unwrap();
+        let out = run_ok(&["keys", "rotate-root", "--config", &config, "--to-config", &new_config])
+            .await;
+        assert!(out.contains("re-wrapped data keys [1, 2]"), "{out}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, std::sync::atomic::Ordering::Release);
+    };
+    let ((volumes, failed), ()) = tokio::join!(load, operator);
+    assert!(volumes.len() > 20, "the nodes sealed throughout: {}", volumes.len());
+    assert_eq!(failed, 0, "no call failed during the rotations");
+
+    // The old root no longer opens the data keys; the new one opens every record.
+    let Running {
+        dir: _dir,
+        server,
+        pki,
+        config,
+    } = running;
+    assert!(server.terminate().success());
+    let refused = run_binary(&["keys", "rotate-data-key", "--config", config.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("does not unwrap under this root key"),
+        "{}",
+        text(&refused.stderr)
+    );
+    std::fs::copy(&new_config, &config).unwrap();
+    let running = Running {
+        server: ServerProcess::start(&config).unwrap(),
+        pki,
+        config,
+        dir: _dir,
+    };
+    assert_eq!(unseals_all(&running, &volumes).await, volumes.len());
+    let config = running.config_str().to_string();
+
+    // v1 is unused: it goes. v2 is current: refused.
+    let out = run_ok(&["keys", "destroy-data-key", "1", "--yes", "--config", &config]).await;
+    assert!(out.contains("0 records"), "{out}");
+    let current = run_binary(&["keys", "destroy-data-key", "2", "--yes", "--config", &config]);
+    assert!(text(&current.stderr).contains("is the current data key"));
+
+    // Crypto-shredding: with v3 made while no server re-wraps, v2's records are refused
+    // until --shred, then unreadable for good.
+    let Running {
+        dir: _dir,
+        server,
+        pki,
+        config: config_path,
+    } = running;
+    assert!(server.terminate().success());
+    run_ok(&["keys", "rotate-data-key", "--config", &config]).await;
+    let refused = run_binary(&["keys", "destroy-data-key", "2", "--yes", "--config", &config]);
+    assert!(
+        text(&refused.stderr).contains("records are still wrapped under v2"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let out = run_ok(&[
+        "keys", "destroy-data-key", "2", "--shred", "--yes", "--config", &config,
+    ])
+    .await;
+    assert!(out.contains(&format!("{} records", volumes.len())), "{out}");
+    let running = Running {
+        server: ServerProcess::start(&config_path).unwrap(),
+        pki,
+        config: config_path,
+        dir: _dir,
+    };
+    assert_eq!(unseals_all(&running, &volumes).await, 0, "shredded for good");
+    let trail = running.admin(&["audit"]).await;
+    for command in ["rotate-data-key", "rotate-root", "destroy-data-key"] {
+        assert!(trail.contains(command), "{command} is audited: {trail}");
+    }
+}

@@ -6,6 +6,7 @@
 
 use super::Output;
 use super::admin::{Admin, AdminArgs, OutputArg};
+use super::key_rotation;
 use super::progress::Progress;
 use super::time_text::{date, parse_age, parse_date, rfc3339};
 use anyhow::bail;
@@ -83,6 +84,29 @@ enum Action {
         #[command(flatten)]
         output: OutputArg,
     },
+    /// Make data key version v+1 (`keySource` configured): new seals use it within seconds,
+    /// and servers re-wrap older records in the background while they serve.
+    RotateDataKey,
+    /// Re-wrap the data keys under the key source of another config (a new key file, TPM
+    /// object or HSM key); records are not touched. Then point the servers at it.
+    RotateRoot {
+        /// The config whose `keySource` is the new one (`key-source init` it first).
+        #[arg(long, value_name = "FILE")]
+        to_config: PathBuf,
+    },
+    /// Destroy a data key version for good (crypto-shredding): the kill switch for the
+    /// records it wraps. Refused for the current version, and while records use it unless
+    /// --shred.
+    DestroyDataKey {
+        /// The version, as `check` lists them (e.g. 1 for v1).
+        version: u32,
+        /// Destroy it even though records use it: they become unreadable for good.
+        #[arg(long)]
+        shred: bool,
+        /// Do it without asking (for scripts).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -158,6 +182,15 @@ pub async fn run(
             id,
             output: OutputArg { output },
         } => show(&admin, id, output).await,
+        Action::RotateDataKey => key_rotation::rotate_data_key(&admin, command_line).await,
+        Action::RotateRoot { to_config } => {
+            key_rotation::rotate_root(&admin, &to_config, command_line).await
+        }
+        Action::DestroyDataKey {
+            version,
+            shred,
+            yes,
+        } => key_rotation::destroy_data_key(&admin, version, shred, yes, command_line).await,
         Action::Revoke { ids, node } => {
             let ids = match node {
                 Some(node) => {

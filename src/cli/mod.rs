@@ -14,6 +14,7 @@ mod demo;
 mod export_json;
 mod fill;
 mod import_json;
+mod key_rotation;
 mod key_source;
 mod keys;
 mod man;

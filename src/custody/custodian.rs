@@ -45,6 +45,7 @@ pub struct Custodian {
     metrics: Arc<Metrics>,
     reported: Mutex<HashSet<(&'static str, i64)>>,
     stopping: AtomicBool,
+    root_rotated: AtomicBool,
     wake: tokio::sync::Notify,
 }
 
@@ -60,6 +61,7 @@ impl Custodian {
             metrics,
             reported: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
+            root_rotated: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
         })
     }
@@ -117,6 +119,10 @@ impl Custodian {
         self.keys().map(|k| k.versions()).unwrap_or_default()
     }
 
+    fn destroyed_count(&self) -> usize {
+        self.keys().map(|k| k.destroyed_count()).unwrap_or_default()
+    }
+
     fn keys(&self) -> Result<Arc<Keyring>, StoreError> {
         self.keyring
             .read()
@@ -127,6 +133,13 @@ impl Custodian {
 
     /// Names a row that failed its check, once per row, and counts it.
     fn forged(&self, table: &'static str, id: i64, why: &CustodyError) {
+        if let CustodyError::Shredded(version) = why {
+            if lock(&self.reported).insert((table, id)) {
+                tracing::warn!(table, id, version,
+                    "record unreadable for good: its data key was destroyed");
+            }
+            return;
+        }
         if lock(&self.reported).insert((table, id)) {
             self.metrics.custody_forged_row(table);
             tracing::error!(table, id, problem = %why,
@@ -153,6 +166,9 @@ impl Custodian {
         };
         if keyring::is_wrapped(ciphertext) {
             let version = Envelope::parse(ciphertext)?.version;
+            if keys.is_destroyed(version) {
+                return Err(CustodyError::Shredded(version));
+            }
             record_fields(nonce, node_uuid, ip, revoked_at, Some(version), |fields| {
                 keys.verify(fields, tag)
             })?;
@@ -318,12 +334,23 @@ impl Custodian {
             return Ok(());
         };
         let values = self.store.custody_values().await?;
-        let keyring = Keyring::unwrap_all(&root, &values)?;
+        let keyring = match Keyring::unwrap_all(&root, &values) {
+            Err(CustodyError::WrongRoot { .. }) => {
+                // `keys rotate-root`: what this server holds still opens every record.
+                if !self.root_rotated.swap(true, Ordering::AcqRel) {
+                    tracing::warn!("the data keys were re-wrapped under another key source \
+                        (`keys rotate-root`): serving on with the keys held; restart with the \
+                        new keySource to pick up data keys made after this");
+                }
+                return Ok(());
+            }
+            other => other?,
+        };
         if keyring.is_empty() {
             return Ok(());
         }
         let known = self.versions();
-        if keyring.versions() != known {
+        if keyring.versions() != known || keyring.destroyed_count() != self.destroyed_count() {
             tracing::info!(versions = ?keyring.versions(), "data keys changed");
             *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keyring));
         }
@@ -337,7 +364,9 @@ impl Custodian {
         let remaining = |versions: &[(Option<u32>, u64)]| -> u64 {
             versions
                 .iter()
-                .filter(|(version, _)| *version != Some(current))
+                .filter(|(version, _)| {
+                    *version != Some(current) && !version.is_some_and(|v| keys.is_destroyed(v))
+                })
                 .map(|(_, count)| count)
                 .sum()
         };

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 /// Where a wrapped data key is kept among the store's custody values.
 pub const DATA_KEY_PREFIX: &str = "data-key/v";
+/// Marks a version destroyed (`keys destroy-data-key`): its records are shredded, not forged.
+pub const DESTROYED_PREFIX: &str = "destroyed/v";
 /// Set once every record was wrapped: from then on an unwrapped record is a forgery.
 pub const ALL_WRAPPED: &str = "all-records-wrapped";
 
@@ -17,6 +19,7 @@ pub const STORED_TAG_LEN: usize = 4 + TAG_LEN;
 
 pub struct Keyring {
     keys: BTreeMap<u32, Arc<DataKey>>,
+    destroyed: std::collections::BTreeSet<u32>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -32,6 +35,10 @@ impl Keyring {
     /// unwrap or that is kept under another version's name.
     pub fn unwrap_all(root: &Root, values: &[(String, Vec<u8>)]) -> Result<Keyring, CustodyError> {
         let mut keys = BTreeMap::new();
+        let destroyed = values
+            .iter()
+            .filter_map(|(name, _)| name.strip_prefix(DESTROYED_PREFIX)?.parse().ok())
+            .collect();
         for (name, value) in values {
             let Some(version) = name.strip_prefix(DATA_KEY_PREFIX) else {
                 continue;
@@ -42,7 +49,16 @@ impl Keyring {
             }
             keys.insert(key.version(), Arc::new(key));
         }
-        Ok(Keyring { keys })
+        Ok(Keyring { keys, destroyed })
+    }
+
+    pub fn destroyed_count(&self) -> usize {
+        self.destroyed.len()
+    }
+
+    /// Whether `version` was destroyed on purpose.
+    pub fn is_destroyed(&self, version: u32) -> bool {
+        self.destroyed.contains(&version)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -86,10 +102,6 @@ impl Keyring {
             .collect()
     }
 
-    pub fn remove(&mut self, version: u32) {
-        self.keys.remove(&version);
-    }
-
     /// A tag over `fields` under the current key.
     pub fn tag(&self, fields: &[&[u8]]) -> Vec<u8> {
         let key = self.current().expect("a keyring in use holds a key");
@@ -127,6 +139,9 @@ impl Keyring {
         envelope: &[u8],
     ) -> Result<Vec<u8>, CustodyError> {
         let parsed = super::Envelope::parse(envelope)?;
+        if self.is_destroyed(parsed.version) {
+            return Err(CustodyError::Shredded(parsed.version));
+        }
         let key = self
             .get(parsed.version)
             .ok_or(CustodyError::Forged("record (wrapped under an unknown data key)"))?;
@@ -136,6 +151,10 @@ impl Keyring {
 
 pub fn data_key_name(version: u32) -> String {
     format!("{DATA_KEY_PREFIX}{version}")
+}
+
+pub fn destroyed_name(version: u32) -> String {
+    format!("{DESTROYED_PREFIX}{version}")
 }
 
 /// Whether stored bytes are a record envelope rather than a record from before custody.

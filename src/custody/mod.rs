@@ -14,6 +14,7 @@ mod hierarchy;
 mod keyring;
 mod mac;
 mod pkcs11;
+pub mod rotation;
 mod secret;
 pub mod shamir;
 #[cfg(feature = "tpm2")]
@@ -98,6 +99,8 @@ pub enum CustodyError {
     Malformed(&'static str),
     #[error("{0} failed authentication: altered in the store, or written under another key")]
     Forged(&'static str),
+    #[error("the record's data key v{0} was destroyed (`keys destroy-data-key`)")]
+    Shredded(u32),
     #[error("record is sealed under data key v{found}, not v{given}")]
     WrongVersion { found: u32, given: u32 },
     #[error(
