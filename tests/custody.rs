@@ -322,3 +322,108 @@ async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed
         assert!(trail.contains(command), "{command} is audited: {trail}");
     }
 }
+
+/// Wrapped records and tagged policy rows move to PostgreSQL and back with their data keys;
+/// a server on PostgreSQL with the same key source unseals them, and refuses them without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
+    let Some(pg) = common::postgres::PgCluster::start() else {
+        return;
+    };
+    pg.create_database("kms");
+    let url = pg.url("kms", "?sslmode=disable");
+    let setup = Setup::new("");
+    with_key_file(&setup);
+    let sqlite = setup.dir.path().join("kms.db");
+    let running = setup.start();
+    let client = running.node("127.0.0.21");
+    let mut sealed = Vec::new();
+    for i in 0..10 {
+        let node = format!("migrated-{i}");
+        let passphrase = random_passphrase();
+        let blob = client.seal(&node, &passphrase).await.unwrap();
+        sealed.push(SealedVolume {
+            node,
+            source: "127.0.0.21".into(),
+            passphrase,
+            blob,
+        });
+    }
+    running.admin(&["keys", "revoke", "1"]).await;
+    running.admin(&["window", "open", "unseal", "--for", "1h"]).await;
+    let Running {
+        dir,
+        server,
+        pki,
+        config,
+    } = running;
+    assert!(server.terminate().success());
+
+    let out = run_ok(&["db", "migrate", "--from", sqlite.to_str().unwrap(), "--to", &url]).await;
+    assert!(out.contains("migrated 10 records"), "{out}");
+    assert_eq!(
+        pg.sql("kms", "SELECT count(*) FROM records WHERE substr(ciphertext, 1, 4) = 'TKR1'"),
+        "10",
+        "still wrapped on PostgreSQL"
+    );
+    assert_eq!(
+        pg.sql("kms", "SELECT count(*) FROM custody WHERE name LIKE 'data-key/%'"),
+        "1"
+    );
+
+    // A server on PostgreSQL with the same key source: everything but the revoked record.
+    let config_text = std::fs::read_to_string(&config).unwrap();
+    let sqlite_line = format!("database: {}", sqlite.display());
+    let pg_config = dir.path().join("pg.yaml");
+    std::fs::write(
+        &pg_config,
+        config_text.replace(
+            &sqlite_line,
+            &format!(
+                "database: \"{url}\"\nauditLog: {}",
+                dir.path().join("pg-audit.jsonl").display()
+            ),
+        ),
+    )
+    .unwrap();
+    let running = Running {
+        server: ServerProcess::start(&pg_config).unwrap(),
+        pki,
+        config: pg_config.clone(),
+        dir,
+    };
+    let right = unseals_all(&running, &sealed).await;
+    assert_eq!(right, sealed.len() - 1, "the revoked one stays revoked");
+    let Running {
+        dir,
+        server,
+        pki,
+        config: _,
+    } = running;
+    assert!(server.terminate().success());
+
+    // Without the key source the PostgreSQL database is refused, not served as empty.
+    let keyless = dir.path().join("keyless.yaml");
+    std::fs::write(
+        &keyless,
+        std::fs::read_to_string(&pg_config)
+            .unwrap()
+            .replace("keySource: {file: root.key}", ""),
+    )
+    .unwrap();
+    let refused = ServerProcess::start(&keyless).err().unwrap_or_default();
+    assert!(refused.contains("no `keySource`"), "{refused}");
+
+    // And back to a new SQLite file, which the first config's key source opens.
+    let back = dir.path().join("back.db");
+    let out = run_ok(&["db", "migrate", "--from", &url, "--to", back.to_str().unwrap()]).await;
+    assert!(out.contains("migrated 10 records"), "{out}");
+    std::fs::rename(&back, &sqlite).unwrap();
+    let running = Running {
+        server: ServerProcess::start(&config).unwrap(),
+        pki,
+        config,
+        dir,
+    };
+    assert_eq!(unseals_all(&running, &sealed).await, sealed.len() - 1);
+}

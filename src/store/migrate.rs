@@ -42,6 +42,29 @@ pub enum MigrateError {
         different: u64,
         first: String,
     },
+    #[error(
+        "the target database holds other data keys ({name} differs): its records are wrapped \
+         under another key source; migrate into an empty database"
+    )]
+    OtherKeys { name: String },
+}
+
+/// Copies key custody's values (wrapped data keys, markers) first: records wrapped under
+/// them are worthless without them. A target with other values for the same names is refused.
+async fn copy_custody(from: &dyn Store, to: &dyn Store) -> Result<(), MigrateError> {
+    let there: HashMap<String, Vec<u8>> = to.custody_values().await?.into_iter().collect();
+    let mut missing = Vec::new();
+    for (name, value) in from.custody_values().await? {
+        match there.get(&name) {
+            Some(held) if *held != value => return Err(MigrateError::OtherKeys { name }),
+            Some(_) => {}
+            None => missing.push((name, Some(value))),
+        }
+    }
+    if !missing.is_empty() {
+        to.set_custody_values(missing).await?;
+    }
+    Ok(())
 }
 
 /// A digest of what a record is, but for its last-access time (which unseals change).
@@ -56,6 +79,11 @@ fn digest(record: &StoredRecord) -> [u8; 32] {
     }
     bytes.extend_from_slice(&(record.ciphertext.len() as u64).to_be_bytes());
     bytes.extend_from_slice(&record.ciphertext);
+    let custody = &record.custody;
+    bytes.extend_from_slice(&custody.key_version.map_or(-1, i64::from).to_be_bytes());
+    let tag = custody.tag.as_deref().unwrap_or_default();
+    bytes.extend_from_slice(&(tag.len() as u64).to_be_bytes());
+    bytes.extend_from_slice(tag);
     bytes.extend_from_slice(&info.created_at.to_be_bytes());
     bytes.extend_from_slice(&info.revoked_at.unwrap_or(i64::MIN).to_be_bytes());
     let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
@@ -90,6 +118,7 @@ pub async fn migrate(
     progress: &mut dyn FnMut(&'static str, u64, u64),
 ) -> Result<MigrationReport, MigrateError> {
     let mut report = MigrationReport::default();
+    copy_custody(from, to).await?;
     let total = from.count().await?;
     let all = RecordFilter::default();
     let mut source: HashMap<SealNonce, (i64, [u8; 32])> = HashMap::with_capacity(total as usize);
