@@ -18,6 +18,7 @@ fn new_record(index: usize) -> NewRecord {
         ciphertext: sealed.ciphertext,
         created_at: now(),
         last_access: None,
+        custody: Default::default(),
     }
 }
 

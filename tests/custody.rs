@@ -28,11 +28,9 @@ fn fill(database: &Path, volumes: &Path, records: u64) {
 
 /// Records wrapped (any data key version), and all of them.
 fn wrapped(database: &Path) -> (i64, i64) {
-    let db = rusqlite::Connection::open_with_flags(
-        database,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let db =
+        rusqlite::Connection::open_with_flags(database, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     db.busy_timeout(Duration::from_secs(5)).unwrap();
     db.query_row(
         "SELECT count(*) FILTER (WHERE hex(substr(ciphertext, 1, 4)) = '544B5231'), count(*)
@@ -62,7 +60,10 @@ fn wait_for_line(server: &ServerProcess, wanted: &str, limit: Duration) -> Vec<S
             }
         }
     }
-    panic!("no log line with {wanted:?} within {limit:?}: {}", seen.join("\n"));
+    panic!(
+        "no log line with {wanted:?} within {limit:?}: {}",
+        seen.join("\n")
+    );
 }
 
 /// Every `step`-th volume unseals to its passphrase.
@@ -101,7 +102,10 @@ async fn an_existing_database_is_wrapped_while_serving_and_a_kill_9_halfway_lose
     let after_kill = wrapped(&database);
     assert!(partial.0 > 0, "wrapping never started");
     assert_eq!(after_kill.1, RECORDS as i64, "no record lost to the kill");
-    eprintln!("killed with {} of {} records wrapped", after_kill.0, after_kill.1);
+    eprintln!(
+        "killed with {} of {} records wrapped",
+        after_kill.0, after_kill.1
+    );
 
     let server = ServerProcess::start(&config).unwrap();
     let client = client_for("127.0.0.1", server.addr.port(), &setup.pki.ca, None);
@@ -125,11 +129,9 @@ async fn an_existing_database_is_wrapped_while_serving_and_a_kill_9_halfway_lose
 
 /// Records under data key `version` (SQLite's view).
 fn under_version(database: &Path, version: i64) -> i64 {
-    let db = rusqlite::Connection::open_with_flags(
-        database,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let db =
+        rusqlite::Connection::open_with_flags(database, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     db.busy_timeout(Duration::from_secs(5)).unwrap();
     db.query_row(
         "SELECT count(*) FROM records WHERE key_version = ?1",
@@ -207,7 +209,11 @@ async fn unseals_all(running: &Running, volumes: &[SealedVolume]) -> usize {
     let mut right = 0;
     for volume in volumes {
         let client = running.node(&volume.source);
-        if client.unseal(&volume.node, &volume.blob).await.ok().as_deref()
+        if client
+            .unseal(&volume.node, &volume.blob)
+            .await
+            .ok()
+            .as_deref()
             == Some(&volume.passphrase[..])
         {
             right += 1;
@@ -248,14 +254,25 @@ async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed
         })
         .await
         .unwrap();
-        let out = run_ok(&["keys", "rotate-root", "--config", &config, "--to-config", &new_config])
-            .await;
+        let out = run_ok(&[
+            "keys",
+            "rotate-root",
+            "--config",
+            &config,
+            "--to-config",
+            &new_config,
+        ])
+        .await;
         assert!(out.contains("re-wrapped data keys [1, 2]"), "{out}");
         tokio::time::sleep(Duration::from_secs(2)).await;
         stop.store(true, std::sync::atomic::Ordering::Release);
     };
     let ((volumes, failed), ()) = tokio::join!(load, operator);
-    assert!(volumes.len() > 20, "the nodes sealed throughout: {}", volumes.len());
+    assert!(
+        volumes.len() > 20,
+        "the nodes sealed throughout: {}",
+        volumes.len()
+    );
     assert_eq!(failed, 0, "no call failed during the rotations");
 
     // The old root no longer opens the data keys; the new one opens every record.
@@ -266,7 +283,12 @@ async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed
         config,
     } = running;
     assert!(server.terminate().success());
-    let refused = run_binary(&["keys", "rotate-data-key", "--config", config.to_str().unwrap()]);
+    let refused = run_binary(&[
+        "keys",
+        "rotate-data-key",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     assert_eq!(refused.status.code(), Some(1));
     assert!(
         text(&refused.stderr).contains("does not unwrap under this root key"),
@@ -284,9 +306,24 @@ async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed
     let config = running.config_str().to_string();
 
     // v1 is unused: it goes. v2 is current: refused.
-    let out = run_ok(&["keys", "destroy-data-key", "1", "--yes", "--config", &config]).await;
+    let out = run_ok(&[
+        "keys",
+        "destroy-data-key",
+        "1",
+        "--yes",
+        "--config",
+        &config,
+    ])
+    .await;
     assert!(out.contains("0 records"), "{out}");
-    let current = run_binary(&["keys", "destroy-data-key", "2", "--yes", "--config", &config]);
+    let current = run_binary(&[
+        "keys",
+        "destroy-data-key",
+        "2",
+        "--yes",
+        "--config",
+        &config,
+    ]);
     assert!(text(&current.stderr).contains("is the current data key"));
 
     // Crypto-shredding: with v3 made while no server re-wraps, v2's records are refused
@@ -299,14 +336,27 @@ async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed
     } = running;
     assert!(server.terminate().success());
     run_ok(&["keys", "rotate-data-key", "--config", &config]).await;
-    let refused = run_binary(&["keys", "destroy-data-key", "2", "--yes", "--config", &config]);
+    let refused = run_binary(&[
+        "keys",
+        "destroy-data-key",
+        "2",
+        "--yes",
+        "--config",
+        &config,
+    ]);
     assert!(
         text(&refused.stderr).contains("records are still wrapped under v2"),
         "{}",
         text(&refused.stderr)
     );
     let out = run_ok(&[
-        "keys", "destroy-data-key", "2", "--shred", "--yes", "--config", &config,
+        "keys",
+        "destroy-data-key",
+        "2",
+        "--shred",
+        "--yes",
+        "--config",
+        &config,
     ])
     .await;
     assert!(out.contains(&format!("{} records", volumes.len())), "{out}");
@@ -316,7 +366,11 @@ async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed
         config: config_path,
         dir: _dir,
     };
-    assert_eq!(unseals_all(&running, &volumes).await, 0, "shredded for good");
+    assert_eq!(
+        unseals_all(&running, &volumes).await,
+        0,
+        "shredded for good"
+    );
     let trail = running.admin(&["audit"]).await;
     for command in ["rotate-data-key", "rotate-root", "destroy-data-key"] {
         assert!(trail.contains(command), "{command} is audited: {trail}");
@@ -350,7 +404,9 @@ async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
         });
     }
     running.admin(&["keys", "revoke", "1"]).await;
-    running.admin(&["window", "open", "unseal", "--for", "1h"]).await;
+    running
+        .admin(&["window", "open", "unseal", "--for", "1h"])
+        .await;
     let Running {
         dir,
         server,
@@ -359,15 +415,29 @@ async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
     } = running;
     assert!(server.terminate().success());
 
-    let out = run_ok(&["db", "migrate", "--from", sqlite.to_str().unwrap(), "--to", &url]).await;
+    let out = run_ok(&[
+        "db",
+        "migrate",
+        "--from",
+        sqlite.to_str().unwrap(),
+        "--to",
+        &url,
+    ])
+    .await;
     assert!(out.contains("migrated 10 records"), "{out}");
     assert_eq!(
-        pg.sql("kms", "SELECT count(*) FROM records WHERE substr(ciphertext, 1, 4) = 'TKR1'"),
+        pg.sql(
+            "kms",
+            "SELECT count(*) FROM records WHERE substr(ciphertext, 1, 4) = 'TKR1'"
+        ),
         "10",
         "still wrapped on PostgreSQL"
     );
     assert_eq!(
-        pg.sql("kms", "SELECT count(*) FROM custody WHERE name LIKE 'data-key/%'"),
+        pg.sql(
+            "kms",
+            "SELECT count(*) FROM custody WHERE name LIKE 'data-key/%'"
+        ),
         "1"
     );
 
@@ -416,7 +486,15 @@ async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
 
     // And back to a new SQLite file, which the first config's key source opens.
     let back = dir.path().join("back.db");
-    let out = run_ok(&["db", "migrate", "--from", &url, "--to", back.to_str().unwrap()]).await;
+    let out = run_ok(&[
+        "db",
+        "migrate",
+        "--from",
+        &url,
+        "--to",
+        back.to_str().unwrap(),
+    ])
+    .await;
     assert!(out.contains("migrated 10 records"), "{out}");
     std::fs::rename(&back, &sqlite).unwrap();
     let running = Running {

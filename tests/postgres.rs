@@ -569,7 +569,10 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
     store.health().await.unwrap();
     log.push(format!(
         "revoked {}",
-        store.set_revoked(&[(1, None), (3, None), (99, None)], Some(600)).await.unwrap()
+        store
+            .set_revoked(&[(1, None), (3, None), (99, None)], Some(600))
+            .await
+            .unwrap()
     ));
     log.push(format!(
         "revoked again {}",

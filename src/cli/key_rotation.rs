@@ -78,8 +78,7 @@ pub async fn destroy_data_key(
         println!("nothing destroyed");
         return Ok(ExitCode::from(1));
     }
-    let destroyed =
-        rotation::destroy_data_key(admin.store.as_ref(), &root, version, shred).await?;
+    let destroyed = rotation::destroy_data_key(admin.store.as_ref(), &root, version, shred).await?;
     let summary = format!(
         "destroyed data key v{version}; {} records wrapped under it are unreadable for good \
          (backups keep it wrapped under the root key: rotate the root and destroy the old one \

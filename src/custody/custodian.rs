@@ -16,10 +16,10 @@ use crate::locking::lock;
 use crate::metrics::Metrics;
 use crate::sealing::SealNonce;
 use crate::store::{
-    Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, Decision, Fingerprint,
-    ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record,
-    RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError, StoredRecord,
-    TaggedTable, UnixTime, Window,
+    Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, CustodyChange, Decision,
+    Fingerprint, ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary,
+    Operation, Record, RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError,
+    StoredRecord, TaggedTable, UnixTime, Window,
 };
 use async_trait::async_trait;
 use std::collections::HashSet;
@@ -96,7 +96,10 @@ impl Custodian {
             }
             let (version, value) = keyring.add_version(&root)?;
             self.store.set_custody_values(vec![value]).await?;
-            tracing::info!(version, "made the first data key; records are wrapped from now on");
+            tracing::info!(
+                version,
+                "made the first data key; records are wrapped from now on"
+            );
         }
         let all_wrapped = values
             .iter()
@@ -135,8 +138,12 @@ impl Custodian {
     fn forged(&self, table: &'static str, id: i64, why: &CustodyError) {
         if let CustodyError::Shredded(version) = why {
             if lock(&self.reported).insert((table, id)) {
-                tracing::warn!(table, id, version,
-                    "record unreadable for good: its data key was destroyed");
+                tracing::warn!(
+                    table,
+                    id,
+                    version,
+                    "record unreadable for good: its data key was destroyed"
+                );
             }
             return;
         }
@@ -188,7 +195,11 @@ impl Custodian {
         Ok(ciphertext.to_vec())
     }
 
-    fn open_exported(&self, keys: &Keyring, record: &StoredRecord) -> Result<Vec<u8>, CustodyError> {
+    fn open_exported(
+        &self,
+        keys: &Keyring,
+        record: &StoredRecord,
+    ) -> Result<Vec<u8>, CustodyError> {
         self.open_stored(
             keys,
             &record.nonce,
@@ -236,8 +247,9 @@ impl Custodian {
     fn trusted_approval(&self, keys: &Keyring, mut approval: Approval) -> Approval {
         if approval_is_decided(&approval)
             && !self.untagged_trusted(&approval.tag)
-            && let Err(why) =
-                approval_fields(&approval, |fields| keys.verify(fields, approval.tag.as_deref()))
+            && let Err(why) = approval_fields(&approval, |fields| {
+                keys.verify(fields, approval.tag.as_deref())
+            })
         {
             self.forged("approvals", approval.id, &why);
             approval.state = ApprovalState::Pending;
@@ -248,8 +260,9 @@ impl Custodian {
 
     fn trusted_binding(&self, keys: &Keyring, mut binding: Binding) -> Binding {
         if !self.untagged_trusted(&binding.tag)
-            && let Err(why) =
-            binding_fields(&binding, |fields| keys.verify(fields, binding.tag.as_deref()))
+            && let Err(why) = binding_fields(&binding, |fields| {
+                keys.verify(fields, binding.tag.as_deref())
+            })
         {
             self.forged("foreign_bindings", binding.info.id, &why);
             binding.info.revoked_at = Some(binding.info.revoked_at.unwrap_or(0));
@@ -301,7 +314,8 @@ impl Custodian {
             let Some(last) = page.last() else { break };
             after = last.info.id;
             for binding in page.iter().filter(|b| !self.untagged_trusted(&b.tag)) {
-                if let Err(why) = binding_fields(binding, |f| keys.verify(f, binding.tag.as_deref()))
+                if let Err(why) =
+                    binding_fields(binding, |f| keys.verify(f, binding.tag.as_deref()))
                 {
                     found.push(("foreign_bindings", binding.info.id, why.to_string()));
                 }
@@ -338,9 +352,11 @@ impl Custodian {
             Err(CustodyError::WrongRoot { .. }) => {
                 // `keys rotate-root`: what this server holds still opens every record.
                 if !self.root_rotated.swap(true, Ordering::AcqRel) {
-                    tracing::warn!("the data keys were re-wrapped under another key source \
+                    tracing::warn!(
+                        "the data keys were re-wrapped under another key source \
                         (`keys rotate-root`): serving on with the keys held; restart with the \
-                        new keySource to pick up data keys made after this");
+                        new keySource to pick up data keys made after this"
+                    );
                 }
                 return Ok(());
             }
@@ -373,8 +389,11 @@ impl Custodian {
         let mut left = remaining(&versions);
         self.metrics.custody_records(&versions, left);
         if left > 0 {
-            tracing::info!(records = left, version = current,
-                "wrapping records under the current data key, while serving");
+            tracing::info!(
+                records = left,
+                version = current,
+                "wrapping records under the current data key, while serving"
+            );
         }
         let filter = RecordFilter {
             key_version_other_than: Some(current),
@@ -431,7 +450,12 @@ impl Custodian {
             .await?
             .iter()
             .filter(|approval| approval.tag.is_none() && approval_is_decided(approval))
-            .map(|approval| (approval.id, Some(approval_fields(approval, |f| keys.tag(f)))))
+            .map(|approval| {
+                (
+                    approval.id,
+                    Some(approval_fields(approval, |f| keys.tag(f))),
+                )
+            })
             .collect();
         self.store.retag(TaggedTable::Approvals, &approvals).await?;
         let mut after = 0;
@@ -445,7 +469,12 @@ impl Custodian {
             let untagged: Vec<Retag> = page
                 .iter()
                 .filter(|binding| binding.tag.is_none())
-                .map(|binding| (binding.info.id, Some(binding_fields(binding, |f| keys.tag(f)))))
+                .map(|binding| {
+                    (
+                        binding.info.id,
+                        Some(binding_fields(binding, |f| keys.tag(f))),
+                    )
+                })
                 .collect();
             self.store
                 .retag(TaggedTable::ForeignBindings, &untagged)
@@ -648,10 +677,7 @@ impl Store for Custodian {
         self.store.custody_values().await
     }
 
-    async fn set_custody_values(
-        &self,
-        changes: Vec<(String, Option<Vec<u8>>)>,
-    ) -> Result<(), StoreError> {
+    async fn set_custody_values(&self, changes: Vec<CustodyChange>) -> Result<(), StoreError> {
         self.store.set_custody_values(changes).await
     }
 
@@ -682,14 +708,14 @@ impl Store for Custodian {
         windows.retain(|window| {
             self.untagged_trusted(&window.tag)
                 || window_fields(window, |fields| keys.verify(fields, window.tag.as_deref()))
-                .map_err(|why| {
-                    let id = match window.operation {
-                        Operation::Seal => 1,
-                        Operation::Unseal => 2,
-                    };
-                    self.forged("windows", id, &why);
-                })
-                .is_ok()
+                    .map_err(|why| {
+                        let id = match window.operation {
+                            Operation::Seal => 1,
+                            Operation::Unseal => 2,
+                        };
+                        self.forged("windows", id, &why);
+                    })
+                    .is_ok()
         });
         Ok(windows)
     }
@@ -832,8 +858,8 @@ impl Store for Custodian {
             .filter(|binding| {
                 self.untagged_trusted(&binding.tag)
                     || binding_fields(binding, |f| keys.verify(f, binding.tag.as_deref()))
-                    .map_err(|why| self.forged("foreign_bindings", binding.info.id, &why))
-                    .is_ok()
+                        .map_err(|why| self.forged("foreign_bindings", binding.info.id, &why))
+                        .is_ok()
             })
             .map(|mut binding| {
                 binding.info.revoked_at = revoked_at;

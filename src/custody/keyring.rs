@@ -4,7 +4,7 @@
 
 use super::mac::TAG_LEN;
 use super::{CustodyError, DataKey, RecordBinding, Root, WRAPPED_LEN, open_record, seal_record};
-use crate::store::{Approval, ApprovalState, Binding, UnixTime, Window};
+use crate::store::{Approval, ApprovalState, Binding, CustodyChange, UnixTime, Window};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -45,7 +45,9 @@ impl Keyring {
             };
             let key = root.unwrap(value)?;
             if version.parse::<u32>().ok() != Some(key.version()) {
-                return Err(CustodyError::Forged("data key (kept under another version)"));
+                return Err(CustodyError::Forged(
+                    "data key (kept under another version)",
+                ));
             }
             keys.insert(key.version(), Arc::new(key));
         }
@@ -79,10 +81,7 @@ impl Keyring {
     }
 
     /// A new version above every one there is, and the custody value that keeps it.
-    pub fn add_version(
-        &mut self,
-        root: &Root,
-    ) -> Result<(u32, (String, Option<Vec<u8>>)), CustodyError> {
+    pub fn add_version(&mut self, root: &Root) -> Result<(u32, CustodyChange), CustodyError> {
         let version = self.keys.keys().next_back().map_or(1, |v| v + 1);
         let key = DataKey::generate(version);
         let wrapped = root.wrap(&key)?;
@@ -92,10 +91,7 @@ impl Keyring {
     }
 
     /// Every data key wrapped anew under `root` (root rotation), as custody values.
-    pub fn rewrapped_under(
-        &self,
-        root: &Root,
-    ) -> Result<Vec<(String, Option<Vec<u8>>)>, CustodyError> {
+    pub fn rewrapped_under(&self, root: &Root) -> Result<Vec<CustodyChange>, CustodyError> {
         self.keys
             .iter()
             .map(|(version, key)| Ok((data_key_name(*version), Some(root.wrap(key)?))))
@@ -142,9 +138,9 @@ impl Keyring {
         if self.is_destroyed(parsed.version) {
             return Err(CustodyError::Shredded(parsed.version));
         }
-        let key = self
-            .get(parsed.version)
-            .ok_or(CustodyError::Forged("record (wrapped under an unknown data key)"))?;
+        let key = self.get(parsed.version).ok_or(CustodyError::Forged(
+            "record (wrapped under an unknown data key)",
+        ))?;
         open_record(key, binding, envelope)
     }
 }
@@ -175,7 +171,9 @@ pub fn record_fields<T>(
     key_version: Option<u32>,
     with: impl FnOnce(&[&[u8]]) -> T,
 ) -> T {
-    let version = key_version.map(|v| v.to_be_bytes().to_vec()).unwrap_or_default();
+    let version = key_version
+        .map(|v| v.to_be_bytes().to_vec())
+        .unwrap_or_default();
     with(&[
         b"record v1",
         nonce,

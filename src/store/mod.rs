@@ -137,6 +137,9 @@ pub struct Custody {
     pub tag: Option<Vec<u8>>,
 }
 
+/// A custody value to set (`Some`) or remove (`None`), by name.
+pub type CustodyChange = (String, Option<Vec<u8>>);
+
 /// A row's id and the tag of its new state (see [`Custody`]).
 pub type Retag = (i64, Option<Vec<u8>>);
 
@@ -355,10 +358,7 @@ pub trait Store: Send + Sync + 'static {
     async fn custody_values(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
     /// Sets (`Some`) or removes (`None`) custody values, all in one transaction, durably.
-    async fn set_custody_values(
-        &self,
-        changes: Vec<(String, Option<Vec<u8>>)>,
-    ) -> Result<(), StoreError>;
+    async fn set_custody_values(&self, changes: Vec<CustodyChange>) -> Result<(), StoreError>;
 
     /// Deletes the records with these ids that still match `filter` when the deletion runs
     /// (a record restored meanwhile is kept), durably; returns how many were deleted.

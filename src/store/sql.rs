@@ -36,7 +36,6 @@ pub const INFO_COLUMNS: &str = "id, node_uuid, ip, created_at, last_access, revo
 /// After [`INFO_COLUMNS`] in a whole record.
 pub const RECORD_COLUMNS: &str = "nonce, ciphertext, key_version, tag";
 
-
 /// A stored key version; one that is not a version (edited by hand) reads as unwrapped,
 /// which custody then refuses as it would any unwrapped record once all are wrapped.
 pub fn key_version(version: Option<i64>) -> Option<u32> {

@@ -214,7 +214,10 @@ pub async fn approvals_wait_pass_expire_and_deny(store: &dyn Store) {
         .unwrap();
     assert_eq!(still.state, ApprovalState::Denied, "a denial stays");
     assert_eq!(
-        store.decide(999_999, Decision::Deny, 1, None).await.unwrap(),
+        store
+            .decide(999_999, Decision::Deny, 1, None)
+            .await
+            .unwrap(),
         None
     );
 

@@ -12,10 +12,10 @@ use crate::store::sql::{
     WINDOW_COLUMNS, approvals, conditions,
 };
 use crate::store::{
-    Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, Decision, Fingerprint,
-    ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record,
-    RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError, StoredRecord,
-    TaggedTable, UnixTime, Window,
+    Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, CustodyChange, Decision,
+    Fingerprint, ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary,
+    Operation, Record, RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError,
+    StoredRecord, TaggedTable, UnixTime, Window,
 };
 use async_trait::async_trait;
 use std::time::Duration;
@@ -308,10 +308,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn set_custody_values(
-        &self,
-        changes: Vec<(String, Option<Vec<u8>>)>,
-    ) -> Result<(), StoreError> {
+    async fn set_custody_values(&self, changes: Vec<CustodyChange>) -> Result<(), StoreError> {
         self.with(|mut client| async move {
             let tx = client.transaction().await?;
             for (name, value) in &changes {

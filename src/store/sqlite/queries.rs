@@ -9,10 +9,10 @@ use crate::store::sql::{
     WINDOW_COLUMNS, approvals, conditions,
 };
 use crate::store::{
-    Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, Decision, Fingerprint,
-    ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary, Operation, Record,
-    RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError, StoredRecord,
-    TaggedTable, UnixTime, Window,
+    Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, CustodyChange, Decision,
+    Fingerprint, ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary,
+    Operation, Record, RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError,
+    StoredRecord, TaggedTable, UnixTime, Window,
 };
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
@@ -187,9 +187,8 @@ impl Store for SqliteStore {
             let mut statement = conn.prepare_cached(
                 "SELECT key_version, count(*) FROM records GROUP BY key_version ORDER BY 1",
             )?;
-            let rows = statement.query_map([], |row| {
-                Ok((sql::key_version(row.get(0)?), row.get(1)?))
-            })?;
+            let rows =
+                statement.query_map([], |row| Ok((sql::key_version(row.get(0)?), row.get(1)?)))?;
             rows.collect()
         })
     }
@@ -219,10 +218,7 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn set_custody_values(
-        &self,
-        changes: Vec<(String, Option<Vec<u8>>)>,
-    ) -> Result<(), StoreError> {
+    async fn set_custody_values(&self, changes: Vec<CustodyChange>) -> Result<(), StoreError> {
         self.write(move |conn| {
             for (name, value) in &changes {
                 match value {
