@@ -150,6 +150,8 @@ async fn answer(mut stream: UnixStream, unsealing: Arc<Unsealing>, audit: Arc<Au
         }
     };
     let own = rustix::process::geteuid().as_raw();
+    // Read before any answer, so that a refused client is not cut off while it writes.
+    let request_line = read_line(&mut stream).await;
     let (request, answer) = if uid != own && uid != 0 {
         (
             "",
@@ -159,7 +161,7 @@ async fn answer(mut stream: UnixStream, unsealing: Arc<Unsealing>, audit: Arc<Au
             )),
         )
     } else {
-        match read_line(&mut stream).await {
+        match request_line {
             Ok(line) => match std::str::from_utf8(&line) {
                 Ok(text) => request(&unsealing, text).await,
                 Err(_) => ("", Answer::Refused("the request is not text".into())),
