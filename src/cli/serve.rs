@@ -132,6 +132,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
 fn announce_custody(custodian: &Custodian, source: Option<&KeySourceConfig>, socket: &Path) {
     let source = source.map(KeySourceConfig::describe).unwrap_or_default();
     if custodian.is_sealed() {
+        let socket = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
         tracing::warn!(key_source = %source, admin_socket = %socket.display(),
             "sealed: every seal and unseal is answered UNAVAILABLE (nodes retry) until \
              operators give their key shares with `talos-kms-server unseal-server`");
