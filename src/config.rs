@@ -25,6 +25,8 @@ pub const DEFAULT_AUDIT_LOG_NAME: &str = "talos-kms-server-audit.jsonl";
 /// Where the audit trail goes when the database is PostgreSQL and neither `auditLog` nor
 /// `nodeDbFile` says: the packaged unit's state directory.
 pub const DEFAULT_STATE_DIRECTORY: &str = "/var/lib/talos-kms-server";
+/// The admin socket's file name when `adminSocket` is not set: beside the database.
+pub const DEFAULT_ADMIN_SOCKET_NAME: &str = "talos-kms-server-admin.sock";
 
 /// Written where `--config` points when no file is there, as the legacy server did.
 pub const DEFAULT_CONFIG: &str = r#"# talos-kms-server configuration. Edit it, then start the server again.
@@ -125,7 +127,11 @@ bindAddress: "0.0.0.0"
 # keySource: {file: "root.key"}   # 32 random bytes, raw or base64 on one line, mode 0600
 # keySource: {tpm2: {tcti: "device:/dev/tpmrm0", pcrs: [], sealedObject: "root-key.tpm2"}}
 # keySource: {pkcs11: {module: "/usr/lib/softhsm/libsofthsm2.so", tokenLabel: "kms", keyLabel: "talos-kms-root", pinFile: "token-pin"}}
-# keySource: {shamir: {threshold: 3, shares: 5}}
+# keySource: {shamir: {threshold: 3, shares: 5}}   # starts sealed: see adminSocket
+# With shamir the server starts sealed until operators give their shares with
+# `talos-kms-server unseal-server --config FILE`, through this local socket (the service
+# user and root only; never the network). Default: beside the database.
+# adminSocket: "/var/lib/talos-kms-server/talos-kms-server-admin.sock"
 
 kmsLogLevel: "INFO"   # this server's own messages
 rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
@@ -175,6 +181,7 @@ struct RawConfig {
     trusted_proxies: Option<Vec<String>>,
     take_over: Option<Vec<RawTakeOver>>,
     key_source: Option<serde_json::Value>,
+    admin_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +230,9 @@ pub struct Config {
     pub take_over_sources: Vec<String>,
     /// Where the root key comes from; none: the split scheme alone protects the records.
     pub key_source: Option<KeySourceConfig>,
+    /// The local socket `unseal-server` reaches a sealed server through: `adminSocket`, else
+    /// beside the database (PostgreSQL: where the audit trail would go by default).
+    pub admin_socket: PathBuf,
 }
 
 impl fmt::Debug for Config {
@@ -420,6 +430,20 @@ impl Config {
             }
             (None, None, _) => None,
         };
+        let beside = |file: &Path| file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let admin_socket = match (raw.admin_socket, &database, &node_db_file) {
+            (Some(socket), _, _) => Some(resolve(socket)),
+            (None, Some(Database::Sqlite(path)), _) => {
+                Some(beside(path).join(DEFAULT_ADMIN_SOCKET_NAME))
+            }
+            (None, Some(Database::Postgres(_)), Some(legacy)) => {
+                Some(beside(legacy).join(DEFAULT_ADMIN_SOCKET_NAME))
+            }
+            (None, Some(Database::Postgres(_)), None) => {
+                Some(Path::new(DEFAULT_STATE_DIRECTORY).join(DEFAULT_ADMIN_SOCKET_NAME))
+            }
+            (None, None, _) => None,
+        };
         let defaults = Rotation::default();
         let max_bytes = problems.check(match raw.audit_log_max_mib {
             Some(0) => Err("auditLogMaxMiB must be at least 1".into()),
@@ -459,6 +483,7 @@ impl Config {
             root_log_level: root_log_level?,
             take_over: Arc::new(take_over),
             take_over_sources,
+            admin_socket: admin_socket?,
         })
     }
 }
@@ -1040,6 +1065,30 @@ mod tests {
             .join("\n");
         assert!(uncommented.contains("\nrateLimitGlobal"));
         assert_eq!(parse(&uncommented).unwrap().policy, Rules::default());
+    }
+
+    #[test]
+    fn the_admin_socket_is_beside_the_database_unless_set() {
+        let commented = DEFAULT_CONFIG
+            .lines()
+            .find_map(|line| line.strip_prefix("# adminSocket: "))
+            .unwrap();
+        let default = parse(DEFAULT_CONFIG).unwrap().admin_socket;
+        assert_eq!(default, Path::new(commented.trim_matches('"')));
+        let postgres = parse(&DEFAULT_CONFIG.replace(
+            "database: \"/var/lib/talos-kms-server/talos-kms-server.db\"",
+            "database: \"postgres://kms@db/kms\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            postgres.admin_socket,
+            Path::new("/etc/talos-kms-server").join(DEFAULT_ADMIN_SOCKET_NAME)
+        );
+        let set = parse(&format!("{DEFAULT_CONFIG}\nadminSocket: run/admin.sock\n")).unwrap();
+        assert_eq!(
+            set.admin_socket,
+            Path::new("/etc/talos-kms-server/run/admin.sock")
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod recover;
 mod serve;
 mod talos;
 mod time_text;
+mod unseal_server;
 mod window;
 
 use clap::{Parser, Subcommand};
@@ -91,6 +92,9 @@ enum Command {
     Man(man::Args),
     /// Make the root key of the configured `keySource` (README, "Key custody").
     KeySource(key_source::Args),
+    /// Give your key share to a sealed server (`keySource: shamir`), read from the terminal
+    /// (not echoed) or stdin, through its local admin socket.
+    UnsealServer(unseal_server::Args),
 }
 
 /// How a command prints its results.
@@ -139,6 +143,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(Command::Completions(args)), _) => completions::run(args),
         (Some(Command::Man(args)), _) => man::run(args),
         (Some(Command::KeySource(args)), _) => key_source::run(args),
+        (Some(Command::UnsealServer(args)), config) => unseal_server::run(args, config),
         (None, None) => {
             anyhow::bail!(
                 "nothing to do: start the server with `talos-kms-server --config FILE`, try it \

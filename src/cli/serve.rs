@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use talos_kms_server::audit::{self, AuditLog};
 use talos_kms_server::config::Config;
-use talos_kms_server::custody::{self, Custodian, KeySourceConfig};
+use talos_kms_server::custody::{self, BeforeServing, Custodian, KeySourceConfig, Unsealing};
 use talos_kms_server::logging;
 use talos_kms_server::metrics::Metrics;
 use talos_kms_server::server::{self, Port, Purpose, ServerOptions};
@@ -45,7 +45,16 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         .metrics_address
         .map(|address| server::bind(address, Purpose::Metrics))
         .transpose()?;
+    let threshold = match config.key_source {
+        Some(KeySourceConfig::Shamir { threshold, .. }) => Some(threshold),
+        _ => None,
+    };
+    // Removed again when the server stops.
+    let admin_socket = threshold
+        .map(|_| custody::admin_socket::bind(&config.admin_socket))
+        .transpose()?;
     let opened = store::open(&config.database).await?;
+    let below = Arc::clone(&opened.store);
     let guarded = custody::guard(
         opened.store,
         config.key_source.as_ref(),
@@ -54,9 +63,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     .await?;
     let store = guarded.store;
     if let Some(custodian) = &guarded.custodian {
-        announce_custody(custodian, config.key_source.as_ref());
+        announce_custody(custodian, config.key_source.as_ref(), &config.admin_socket);
         custodian.spawn_rewrap();
     }
+    let sealed = guarded.custodian.filter(|custodian| custodian.is_sealed());
     let taking_over = config
         .node_db_file
         .as_deref()
@@ -90,9 +100,18 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     let audit = Arc::new(
         AuditLog::open(&config.audit_log, Some(config.audit_rotation))?.checkpointed(audit_key)?,
     );
-    if let Some(legacy) = &config.node_db_file {
+    if let (Some(legacy), None) = (&config.node_db_file, &sealed) {
         take_over_legacy(store.as_ref(), legacy).await?;
     }
+    let _unsealing = match (admin_socket, sealed, threshold) {
+        (Some(socket), Some(custodian), Some(threshold)) => {
+            // Taken over once the shares came, before a node is answered.
+            let before_serving = config.node_db_file.clone().map(take_over_when_unsealed);
+            let unsealing = Unsealing::new(custodian, below, threshold, before_serving);
+            Some(socket.serve(Arc::new(unsealing), Arc::clone(&audit)))
+        }
+        _ => None,
+    };
     let options = ServerOptions {
         tls: tls::server_config_with(identity.clone())?,
         store,
@@ -110,10 +129,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn announce_custody(custodian: &Custodian, source: Option<&KeySourceConfig>) {
+fn announce_custody(custodian: &Custodian, source: Option<&KeySourceConfig>, socket: &Path) {
     let source = source.map(KeySourceConfig::describe).unwrap_or_default();
     if custodian.is_sealed() {
-        tracing::warn!(key_source = %source,
+        let socket = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+        tracing::warn!(key_source = %source, admin_socket = %socket.display(),
             "sealed: every seal and unseal is answered UNAVAILABLE (nodes retry) until \
              operators give their key shares with `talos-kms-server unseal-server`");
     } else {
@@ -245,6 +265,17 @@ fn log_certificate_validity(leaf: &CertificateFacts) {
         ),
         Validity::Valid => {}
     }
+}
+
+fn take_over_when_unsealed(legacy: std::path::PathBuf) -> BeforeServing {
+    Box::new(move |store| {
+        let legacy = legacy.clone();
+        Box::pin(async move {
+            take_over_legacy(store.as_ref(), &legacy)
+                .await
+                .map_err(|e| format!("the key is right, but {e:#}"))
+        })
+    })
 }
 
 pub async fn take_over_legacy(store: &dyn Store, legacy: &Path) -> anyhow::Result<()> {

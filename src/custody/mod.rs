@@ -7,6 +7,7 @@
 //! authenticated where they enter and leave it, so that neither store knows a key source
 //! exists (README, "Key custody").
 
+pub mod admin_socket;
 mod custodian;
 mod envelope;
 mod file;
@@ -19,12 +20,14 @@ mod secret;
 pub mod shamir;
 #[cfg(feature = "tpm2")]
 mod tpm2;
+mod unsealing;
 
 pub use custodian::Custodian;
 pub use envelope::{Envelope, MAX_RECORD_LEN, RecordBinding, open_record, seal_record};
 pub use hierarchy::{DataKey, Root, WRAPPED_LEN};
 pub use mac::{MacKey, TAG_LEN, encode_fields};
 pub use secret::{KEY_LEN, SecretKey, memory_lock_shortfall};
+pub use unsealing::{Answer, BeforeServing, Unsealing};
 
 use std::path::{Path, PathBuf};
 
