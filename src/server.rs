@@ -136,17 +136,29 @@ impl Port {
         let (stop, shutdown) = watch::channel(false);
         let reporter = HealthReporter::new();
         let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+        // Nothing is accepted until health is known: a sealed store is never SERVING, even
+        // for the first milliseconds.
+        let (health_known, known) = watch::channel(false);
+        let after_health = |known: watch::Receiver<bool>| async move {
+            let mut known = known;
+            let _ = known.wait_for(|known| *known).await;
+        };
         if let Some(port) = options.metrics_port {
             tracing::info!(
                 address = %port.local_addr,
                 "serving metrics at /metrics, and gRPC health checking without TLS"
             );
-            tokio::spawn(crate::listener::metrics::serve(
+            let serve = crate::listener::metrics::serve(
                 port.tcp,
                 Arc::clone(&options.metrics),
                 health.clone(),
                 stop.subscribe(),
-            ));
+            );
+            let known = after_health(known.clone());
+            tokio::spawn(async move {
+                known.await;
+                serve.await
+            });
         }
         tokio::spawn(watch_store(
             Arc::clone(&options.store),
@@ -154,6 +166,7 @@ impl Port {
             reporter,
             Arc::clone(&options.metrics),
             stop.subscribe(),
+            health_known,
         ));
         let (finished_sender, finished) = mpsc::channel(1);
         let limits = options.limits.fit_to_file_limit();
@@ -183,7 +196,13 @@ impl Port {
         Ok(RunningServer {
             local_addr: addr,
             stop,
-            listener: tokio::spawn(listener.run()),
+            listener: tokio::spawn({
+                let known = after_health(known);
+                async move {
+                    known.await;
+                    listener.run().await
+                }
+            }),
             finished,
             store: options.store,
             audit: options.audit,
@@ -260,6 +279,7 @@ async fn watch_store(
     reporter: HealthReporter,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
+    health_known: watch::Sender<bool>,
 ) {
     let mut ticks = tokio::time::interval(HEALTH_INTERVAL);
     let mut last_count = None::<tokio::time::Instant>;
@@ -281,6 +301,7 @@ async fn watch_store(
             },
         )
         .await;
+        health_known.send_replace(true);
         // Counting a million records is a scan: not at every tick.
         let records = if up && last_count.is_none_or(|at| at.elapsed() >= RECORD_COUNT_INTERVAL) {
             last_count = Some(tokio::time::Instant::now());

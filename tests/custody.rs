@@ -505,3 +505,88 @@ async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
     };
     assert_eq!(unseals_all(&running, &sealed).await, sealed.len() - 1);
 }
+
+/// A backup stays wrapped: restoring it is refused under a config whose key source cannot
+/// open its data keys (another key file, or none), before the database is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_restores_only_under_the_key_source_that_wrapped_it() {
+    let setup = Setup::new("");
+    with_key_file(&setup);
+    let running = setup.start();
+    let client = running.node("127.0.0.31");
+    let passphrase = random_passphrase();
+    let blob = client.seal("backed-up", &passphrase).await.unwrap();
+    let backup = running.dir.path().join("backup.db");
+    running
+        .admin(&["db", "backup", backup.to_str().unwrap()])
+        .await;
+    let Running {
+        dir,
+        server,
+        pki,
+        config,
+    } = running;
+    assert!(server.terminate().success());
+    let config_text = std::fs::read_to_string(&config).unwrap();
+    let database = dir.path().join("kms.db");
+    let before = std::fs::read(&database).unwrap();
+
+    let other = dir.path().join("other.yaml");
+    std::fs::write(&other, config_text.replace("root.key", "other.key")).unwrap();
+    run_ok(&["key-source", "init", "--config", other.to_str().unwrap()]).await;
+    let keyless = dir.path().join("keyless.yaml");
+    std::fs::write(
+        &keyless,
+        config_text.replace("keySource: {file: root.key}", ""),
+    )
+    .unwrap();
+    for (config, problem) in [
+        (&other, "does not unwrap under this root key"),
+        (&keyless, "no `keySource`"),
+    ] {
+        let refused = run_binary(&[
+            "db",
+            "restore",
+            backup.to_str().unwrap(),
+            "--force",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        assert_eq!(refused.status.code(), Some(1));
+        let stderr = text(&refused.stderr);
+        assert!(
+            stderr.contains(problem) && stderr.contains("cannot be restored"),
+            "{stderr}"
+        );
+        assert_eq!(
+            std::fs::read(&database).unwrap(),
+            before,
+            "the database is untouched"
+        );
+    }
+
+    let out = run_ok(&[
+        "db",
+        "restore",
+        backup.to_str().unwrap(),
+        "--force",
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .await;
+    assert!(out.contains("restored 1 records"), "{out}");
+    let running = Running {
+        server: ServerProcess::start(&config).unwrap(),
+        pki,
+        config,
+        dir,
+    };
+    assert_eq!(
+        running
+            .node("127.0.0.31")
+            .unseal("backed-up", &blob)
+            .await
+            .unwrap(),
+        passphrase
+    );
+}

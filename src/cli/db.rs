@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use talos_kms_server::audit::AuditLog;
 use talos_kms_server::config::Config;
+use talos_kms_server::custody;
 use talos_kms_server::store::migrate::{self, MigrationReport};
 use talos_kms_server::store::{self, Database, PgOptions, SqliteStore};
 
@@ -329,6 +330,13 @@ fn restore(
 ) -> anyhow::Result<ExitCode> {
     let config = Config::read(config_path)?;
     let database = &sqlite_only(config.database.clone(), "restore")?;
+    // A backup whose records the configured key source cannot open is refused before the
+    // database is touched.
+    custody::check_data_keys(
+        &SqliteStore::custody_values_of(file)?,
+        config.key_source.as_ref(),
+    )
+    .with_context(|| format!("{} cannot be restored under this config", file.display()))?;
     let mut progress = Phases::default();
     let report = SqliteStore::restore(file, database, force, &mut |what, done, total| {
         progress.update(what, done, total)

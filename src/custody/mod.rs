@@ -228,6 +228,27 @@ pub struct Initialised {
     pub shares: Vec<String>,
 }
 
+/// Whether the configured key source opens the data keys among `values` (a backup's, a
+/// database's): the versions it opens. Without a key source, data keys are refused (their
+/// records would be unreadable); a shamir source cannot be checked without its shares.
+pub fn check_data_keys(
+    values: &[(String, Vec<u8>)],
+    source: Option<&KeySourceConfig>,
+) -> Result<Vec<u32>, CustodyError> {
+    let wrapped = values
+        .iter()
+        .any(|(name, _)| name.starts_with(keyring::DATA_KEY_PREFIX));
+    match source {
+        None if wrapped => Err(CustodyError::Source(
+            "its records are wrapped under a key source, but the config has no `keySource`: \
+             configure the key source that wrapped them"
+                .into(),
+        )),
+        None | Some(KeySourceConfig::Shamir { .. }) => Ok(Vec::new()),
+        Some(source) => Ok(keyring::Keyring::unwrap_all(&source.open()?, values)?.versions()),
+    }
+}
+
 /// The store to serve or administer, and its custodian when a key source is configured.
 pub struct Guarded {
     pub store: std::sync::Arc<dyn crate::store::Store>,

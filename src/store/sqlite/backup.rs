@@ -168,6 +168,27 @@ impl SqliteStore {
         Ok(BackupReport { records, bytes })
     }
 
+    /// Key custody's values in a backup (or a database), read without changing it; none in
+    /// a file from before custody.
+    pub fn custody_values_of(file: &Path) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let open_error = |problem: String| StoreError::Open {
+            path: file.display().to_string(),
+            problem,
+        };
+        let conn = open_read_only(file, true).map_err(open_error)?;
+        let has_table: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'custody'",
+            [],
+            |row| row.get(0),
+        )?;
+        if !has_table {
+            return Ok(Vec::new());
+        }
+        let mut statement = conn.prepare("SELECT name, value FROM custody ORDER BY name")?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Checks a backup (or a database) without changing it: SQLite's integrity check, the
     /// application id and schema version, and every record's fields.
     pub fn verify(file: &Path, progress: ProgressFn<'_>) -> Verification {
