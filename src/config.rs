@@ -119,9 +119,10 @@ bindAddress: "0.0.0.0"
 #   - {scheme: gustinn, keyDir: "/etc/talos-kms-server/gustinn-keys", ipBinding: false}
 #   - {scheme: gustinn, keyFile: "/etc/talos-kms-server/gustinn.key", keyId: "v1", ipBinding: true}
 
-# OFF, ERROR, WARN, INFO, DEBUG, TRACE (SEVERE, WARNING, FINE, FINER, FINEST also accepted).
-# Key custody (README, "Key custody"): where the root key comes from. Not yet used to wrap
-# records in this build; `talos-kms-server key-source init --config FILE` makes the key.
+# Key custody (README, "Key custody"): a root key outside the database wraps the records
+# and authenticates the policy's state, so a copy of the database is worthless and an edit
+# behind the server's back is refused. `talos-kms-server key-source init --config FILE`
+# makes the key; an existing database is wrapped in the background while it serves.
 # Relative paths are taken beside this file; a bare file name is looked up first in
 # $CREDENTIALS_DIRECTORY (systemd LoadCredentialEncrypted=).
 # keySource: {file: "root.key"}   # 32 random bytes, raw or base64 on one line, mode 0600
@@ -133,6 +134,7 @@ bindAddress: "0.0.0.0"
 # user and root only; never the network). Default: beside the database.
 # adminSocket: "/var/lib/talos-kms-server/talos-kms-server-admin.sock"
 
+# OFF, ERROR, WARN, INFO, DEBUG, TRACE (SEVERE, WARNING, FINE, FINER, FINEST also accepted).
 kmsLogLevel: "INFO"   # this server's own messages
 rootLogLevel: "WARNING" # everything else (TLS, HTTP/2 libraries)
 "#;
