@@ -870,7 +870,8 @@ def finish(opts, results, results_path, summary):
     with open(os.path.join(opts.out, "summary.md"), "w") as f:
         f.write(text)
     print(text)
-    if not (opts.only_reference or opts.only_baseline or opts.only_refused or opts.only_database):
+    if not (opts.only_reference or opts.only_baseline or opts.only_refused or opts.only_database
+            or opts.only_rewrap):
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_plot.py"), results_path, opts.out],
                        check=True)
 

@@ -42,7 +42,9 @@ fn wrapped(database: &Path) -> (i64, i64) {
 }
 
 fn with_key_file(setup: &Setup) {
-    setup.rewrite("keySource: {file: root.key}\nmaxNewRecordsPerHour: 0\n");
+    setup.rewrite(
+        "keySource: {file: root.key}\nmaxNewRecordsPerHour: 0\nmetricsAddress: 127.0.0.1:0\n",
+    );
     let output = run_binary(&["key-source", "init", "--config", setup.config_str()]);
     assert!(output.status.success(), "{}", text(&output.stderr));
 }
@@ -113,6 +115,14 @@ async fn an_existing_database_is_wrapped_while_serving_and_a_kill_9_halfway_lose
     unseal_sample(&client, &all, 997).await;
     wait_for_line(&server, "every record is wrapped", Duration::from_secs(120));
     assert_eq!(wrapped(&database), (RECORDS as i64, RECORDS as i64));
+    let metrics = scrape(&server.metrics_address(), None);
+    for line in [
+        format!("talos_kms_custody_records{{key_version=\"v1\"}} {RECORDS}"),
+        "talos_kms_custody_rewrap_remaining 0".to_string(),
+        "talos_kms_custody_sealed 0".to_string(),
+    ] {
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
     unseal_sample(&client, &all, 401).await;
 
     // A new seal is wrapped at once, and unseals.
@@ -506,6 +516,26 @@ async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
     assert_eq!(unseals_all(&running, &sealed).await, sealed.len() - 1);
 }
 
+/// Every record and custody value, as stored.
+fn content(database: &Path) -> Vec<String> {
+    let db =
+        rusqlite::Connection::open_with_flags(database, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut rows = Vec::new();
+    for query in [
+        "SELECT id || hex(nonce) || hex(ciphertext) || coalesce(hex(tag), '') FROM records",
+        "SELECT name || hex(value) FROM custody",
+    ] {
+        let mut statement = db.prepare(query).unwrap();
+        let found = statement
+            .query_map([], |row| row.get::<_, String>(0))
+            .unwrap();
+        rows.extend(found.map(Result::unwrap));
+    }
+    assert!(rows.len() >= 2, "{rows:?}");
+    rows
+}
+
 /// A backup stays wrapped: restoring it is refused under a config whose key source cannot
 /// open its data keys (another key file, or none), before the database is touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,7 +559,7 @@ async fn a_backup_restores_only_under_the_key_source_that_wrapped_it() {
     assert!(server.terminate().success());
     let config_text = std::fs::read_to_string(&config).unwrap();
     let database = dir.path().join("kms.db");
-    let before = std::fs::read(&database).unwrap();
+    let before = content(&database);
 
     let other = dir.path().join("other.yaml");
     std::fs::write(&other, config_text.replace("root.key", "other.key")).unwrap();
@@ -558,12 +588,16 @@ async fn a_backup_restores_only_under_the_key_source_that_wrapped_it() {
             stderr.contains(problem) && stderr.contains("cannot be restored"),
             "{stderr}"
         );
-        assert_eq!(
-            std::fs::read(&database).unwrap(),
-            before,
-            "the database is untouched"
-        );
+        assert!(content(&database) == before, "the database is untouched");
     }
+
+    // A server given another key file refuses the database rather than start afresh.
+    let refused = ServerProcess::start(&other).err().unwrap_or_default();
+    assert!(
+        refused.contains("does not unwrap under this root key"),
+        "{refused}"
+    );
+    assert!(content(&database) == before, "the database is untouched");
 
     let out = run_ok(&[
         "db",
