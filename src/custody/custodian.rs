@@ -677,6 +677,10 @@ impl Store for Custodian {
         self.store.custody_values().await
     }
 
+    async fn add_custody_value(&self, name: String, value: Vec<u8>) -> Result<bool, StoreError> {
+        self.store.add_custody_value(name, value).await
+    }
+
     async fn set_custody_values(&self, changes: Vec<CustodyChange>) -> Result<(), StoreError> {
         self.store.set_custody_values(changes).await
     }

@@ -308,6 +308,20 @@ impl Store for PgStore {
         .await
     }
 
+    async fn add_custody_value(&self, name: String, value: Vec<u8>) -> Result<bool, StoreError> {
+        self.with(|client| async move {
+            client
+                .execute(
+                    "INSERT INTO custody (name, value) VALUES ($1, $2)
+                     ON CONFLICT (name) DO NOTHING",
+                    &[&name, &value],
+                )
+                .await
+                .map(|added| added == 1)
+        })
+        .await
+    }
+
     async fn set_custody_values(&self, changes: Vec<CustodyChange>) -> Result<(), StoreError> {
         self.with(|mut client| async move {
             let tx = client.transaction().await?;

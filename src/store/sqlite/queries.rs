@@ -218,6 +218,18 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn add_custody_value(&self, name: String, value: Vec<u8>) -> Result<bool, StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO custody (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+            )?
+            .execute(params![name, value])
+            .map(|added| added as u64)
+        })
+        .await
+        .map(|added| added == 1)
+    }
+
     async fn set_custody_values(&self, changes: Vec<CustodyChange>) -> Result<(), StoreError> {
         self.write(move |conn| {
             for (name, value) in &changes {
