@@ -22,6 +22,7 @@ mod tpm2;
 pub use custodian::Custodian;
 pub use envelope::{Envelope, MAX_RECORD_LEN, RecordBinding, open_record, seal_record};
 pub use hierarchy::{DataKey, Root, WRAPPED_LEN};
+pub use keyring::DATA_KEY_PREFIX;
 pub use mac::{MacKey, TAG_LEN, encode_fields};
 pub use secret::{KEY_LEN, SecretKey, memory_lock_shortfall};
 
@@ -238,7 +239,10 @@ pub async fn guard(
 ) -> Result<Guarded, CustodyError> {
     let Some(source) = source else {
         let values = store.custody_values().await?;
-        if values.iter().any(|(name, _)| name.starts_with(keyring::DATA_KEY_PREFIX)) {
+        if values
+            .iter()
+            .any(|(name, _)| name.starts_with(keyring::DATA_KEY_PREFIX))
+        {
             return Err(CustodyError::Source(
                 "the database's records are wrapped under a key source, but the config has no \
                  `keySource`: configure the key source that wrapped them (README, \"Key \
