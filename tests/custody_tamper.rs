@@ -733,6 +733,17 @@ fn legacy_unseal(stored: &[u8], node: &str, ip: &str, blob: &[u8]) -> Option<Vec
         .ok()
 }
 
+/// `check`'s exit code and its key source lines.
+fn check_key_source(site: &Site) -> (Option<i32>, String) {
+    let output = run_binary(&["check", "--config", site.config_str()]);
+    let lines = text(&output.stdout)
+        .lines()
+        .filter(|line| line.starts_with("key source"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (output.status.code(), lines)
+}
+
 /// The stored ciphertext of the record of `blob`.
 fn stored(site: &Site, blob: &[u8]) -> Vec<u8> {
     unhex(&site.sql(&format!(
@@ -757,10 +768,19 @@ async fn the_database_and_a_blob_yield_nothing(backend: Backend) {
         Some(&before[..])
     );
 
-    // With a key source: the old record is wrapped in the background, new ones at once.
+    // With a key source: `check` tells what is not wrapped yet; the server wraps the old
+    // record in the background, new ones at once.
     site.use_key_source(true);
     let made = site.admin(&["key-source", "init"]);
     assert!(made.status.success(), "{}", text(&made.stderr));
+    let (code, lines) = check_key_source(&site);
+    assert!(lines.contains("reachable, the root key opens"), "{lines}");
+    assert!(lines.contains("no data key yet"), "{lines}");
+    assert!(
+        lines.contains("WARNING: 1 records are not yet wrapped"),
+        "{lines}"
+    );
+    assert_eq!(code, Some(2), "{lines}");
     let server = site.serve();
     let node = site.node(&server, ADDRESS_1);
     let after = random_passphrase();
@@ -779,6 +799,22 @@ async fn the_database_and_a_blob_yield_nothing(backend: Backend) {
     assert_eq!(
         site.sql("SELECT count(*) FROM records WHERE key_version IS NULL OR tag IS NULL"),
         "0"
+    );
+    let (code, lines) = check_key_source(&site);
+    assert!(
+        lines.contains("data keys: v1 wraps 2 records; the key source unwraps them")
+            && lines.contains("every record is wrapped")
+            && !lines.contains("WARNING"),
+        "{lines}"
+    );
+    // PostgreSQL's password in the URL is warned about.
+    let warnings = if site.pg.is_some() { 2 } else { 0 };
+    assert_eq!(code, Some(warnings), "{lines}");
+    let (code, said) = db_verify(&site);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("the key source unwraps data keys v1, and every row verifies"),
+        "{said}"
     );
 
     // Without the key source the server refuses the database, and changes nothing.
@@ -799,8 +835,36 @@ async fn the_database_and_a_blob_yield_nothing(backend: Backend) {
     assert_eq!(listed.status.code(), Some(1));
     assert_eq!(site.contents(), contents, "the database was changed");
 
-    // With it again, every record unseals.
+    // Another key file: named by `check` and `db verify`, and the server does not start.
     site.use_key_source(true);
+    let key_file = site.dir.path().join("root.key");
+    let right_key = std::fs::read(&key_file).unwrap();
+    std::fs::remove_file(&key_file).unwrap();
+    let made = site.admin(&["key-source", "init"]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let (code, lines) = check_key_source(&site);
+    assert_eq!(code, Some(1), "{lines}");
+    assert!(
+        lines.contains("PROBLEM: data key v1 does not unwrap under this root key"),
+        "{lines}"
+    );
+    let (code, said) = db_verify(&site);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("cannot open the data keys") && said.contains("does not unwrap"),
+        "{said}"
+    );
+    let refused = run_limited(
+        Command::new(BINARY).args(["--config", site.config_str()]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("does not unwrap"));
+    assert_eq!(site.contents(), contents, "the database was changed");
+
+    // With the right key again, every record unseals.
+    write_private(&key_file, "");
+    std::fs::write(&key_file, right_key).unwrap();
     let server = site.serve();
     let node = site.node(&server, ADDRESS_1);
     assert_eq!(node.unseal(NODE, &old_blob).await.unwrap(), before);
