@@ -107,8 +107,8 @@ impl Site {
         self.config.to_str().unwrap()
     }
 
-    /// The server, once its first pass over the database is done (the marker is stored):
-    /// from then on every record is wrapped and an untagged row is a forgery.
+    /// The server, once its first pass over the database is done (no "adopting" value is
+    /// left): from then on every record is wrapped and an untagged row is a forgery.
     fn serve(&self) -> Watched {
         let mut server = Watched {
             server: ServerProcess::start(&self.config).unwrap(),
@@ -116,7 +116,10 @@ impl Site {
         };
         server.lines = server.server.startup_log.clone();
         let started = Instant::now();
-        while self.sql("SELECT count(*) FROM custody WHERE name = 'all-records-wrapped'") != "1" {
+        let ready = "SELECT CASE WHEN EXISTS (SELECT 1 FROM custody WHERE name LIKE 'data-key/v%') \
+                     AND NOT EXISTS (SELECT 1 FROM custody WHERE name = 'adopting-untagged-rows') \
+                     THEN 'ready' ELSE 'adopting' END";
+        while self.sql(ready) != "ready" {
             server.drain();
             assert!(
                 started.elapsed() < Duration::from_secs(30),
@@ -762,6 +765,8 @@ async fn the_database_and_a_blob_yield_nothing(backend: Backend) {
     let node = client_for("127.0.0.1", server.addr.port(), &site.pki.ca, None);
     let before = random_passphrase();
     let old_blob = node.seal(NODE, &before).await.unwrap();
+    // A window from before custody, adopted (tagged) by the first pass.
+    site.admin_ok(&["window", "open", "unseal", "--for", "1h"]);
     assert!(server.terminate().success());
     assert_eq!(
         legacy_unseal(&stored(&site, &old_blob), NODE, ADDRESS_1, &old_blob).as_deref(),
@@ -815,6 +820,10 @@ async fn the_database_and_a_blob_yield_nothing(backend: Backend) {
     assert!(
         said.contains("the key source unwraps data keys v1, and every row verifies"),
         "{said}"
+    );
+    assert_eq!(
+        site.sql("SELECT count(*) FROM windows WHERE tag IS NOT NULL"),
+        "1"
     );
 
     // Without the key source the server refuses the database, and changes nothing.
@@ -880,4 +889,75 @@ async fn the_database_and_a_blob_yield_nothing_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_and_a_blob_yield_nothing_on_postgres() {
     the_database_and_a_blob_yield_nothing(Backend::Postgres).await;
+}
+
+// --- the end of adoption undone -------------------------------------------------------------
+
+/// Rows written before custody are trusted untagged only until the first pass tagged them:
+/// deleting what says that pass is done must not make an untagged row trusted again.
+async fn forged_rows_stay_forged_when_the_marker_is_deleted(backend: Backend) {
+    let Some(site) = Site::new(backend, "sealPolicy: window\nunsealPolicy: approve\n") else {
+        return;
+    };
+    let server = site.serve();
+    let node = site.node(&server, ADDRESS_1);
+    site.admin_ok(&["window", "open", "seal", "--for", "10m"]);
+    let passphrase = random_passphrase();
+    let blob = node.seal(NODE, &passphrase).await.unwrap();
+    site.admin_ok(&["window", "close", "seal"]);
+    server.stop();
+
+    let now = talos_kms_server::store::now();
+    site.sql("DELETE FROM custody WHERE name = 'all-records-wrapped'");
+    site.sql(&format!(
+        "INSERT INTO windows (operation, opened_at, closes_at) VALUES ('seal', {now}, {})",
+        now + 3600
+    ));
+    site.sql(&format!(
+        "INSERT INTO approvals (operation, node_uuid, ip, state, first_seen, last_seen, \
+         attempts, approved_until, decided_at) \
+         VALUES ('unseal', '{NODE}', '{ADDRESS_1}', 'approved', {now}, {now}, 1, {}, {now})",
+        now + 3600
+    ));
+    let approval: i64 = site.sql("SELECT id FROM approvals").parse().unwrap();
+
+    let mut server = site.serve();
+    let node = site.node(&server, ADDRESS_1);
+    let status = refused(
+        node.seal(NODE, &random_passphrase()).await,
+        "a window inserted behind the server's back",
+    );
+    assert!(status.message().contains("no seal window"), "{status:?}");
+    let status = refused(
+        node.unseal(NODE, &blob).await,
+        "an approval inserted behind the server's back",
+    );
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let lines = server.forged_lines();
+    assert_named_once(&lines, "approvals", approval);
+    assert!(
+        lines.iter().any(|line| line.contains("table=\"windows\"")),
+        "{lines:#?}"
+    );
+    assert_eq!(server.forged_metric("windows"), 1);
+    assert_eq!(server.forged_metric("approvals"), 1);
+    server.stop();
+    let (code, said) = db_verify(&site);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains(&format!("problem: approvals {approval}: "))
+            && said.contains("problem: windows: seal window")
+            && said.contains("authentication: 2 rows failed"),
+        "{said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_rows_stay_forged_when_the_marker_is_deleted_on_sqlite() {
+    forged_rows_stay_forged_when_the_marker_is_deleted(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_rows_stay_forged_when_the_marker_is_deleted_on_postgres() {
+    forged_rows_stay_forged_when_the_marker_is_deleted(Backend::Postgres).await;
 }

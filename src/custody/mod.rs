@@ -239,10 +239,7 @@ pub async fn guard(
 ) -> Result<Guarded, CustodyError> {
     let Some(source) = source else {
         let values = store.custody_values().await?;
-        if values
-            .iter()
-            .any(|(name, _)| name.starts_with(keyring::DATA_KEY_PREFIX))
-        {
+        if values.iter().any(|(name, _)| name.starts_with(keyring::DATA_KEY_PREFIX)) {
             return Err(CustodyError::Source(
                 "the database's records are wrapped under a key source, but the config has no \
                  `keySource`: configure the key source that wrapped them (README, \"Key \
