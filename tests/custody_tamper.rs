@@ -403,6 +403,15 @@ async fn a_cleared_revocation_stays_revoked(backend: Backend) {
     assert_decoy(node.unseal(NODE, &blob).await, &passphrase, "after restore");
     server.stop();
     assert_verify_names(&site, &[("records", id)]);
+    if site.pg.is_none() {
+        // A backup keeps the forged row, and `db verify FILE` names it too.
+        let backup = site.dir.path().join("backup.db");
+        site.admin_ok(&["db", "backup", backup.to_str().unwrap()]);
+        let verified = site.admin(&["db", "verify", backup.to_str().unwrap()]);
+        let said = text(&verified.stdout);
+        assert_eq!(verified.status.code(), Some(1), "{said}");
+        assert!(said.contains(&format!("problem: records {id}: ")), "{said}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -675,7 +684,7 @@ async fn a_moved_binding_unseals_nothing(backend: Backend) {
     let Some(site) = Site::with_files(
         backend,
         "takeOver:\n  - {scheme: sidero-reference, keyFile: reference.key}\n",
-        |dir| std::fs::write(dir.join("reference.key"), &key).unwrap(),
+        |dir| std::fs::write(dir.join("reference.key"), key.as_slice()).unwrap(),
     ) else {
         return;
     };
