@@ -385,7 +385,13 @@ async fn a_cleared_revocation_stays_revoked(backend: Backend) {
             &format!("un-revoked behind the server's back, attempt {attempt}"),
         );
     }
-    assert_named_once(&server.forged_lines(), "records", id);
+    let lines = server.forged_lines();
+    assert_named_once(&lines, "records", id);
+    assert_no_secret(
+        &lines.join("\n"),
+        "the log",
+        &[("passphrase", &passphrase), ("blob", &blob)],
+    );
     assert_eq!(server.forged_metric("records"), 1);
     let reasons = site.refused_unseals();
     assert_eq!(
