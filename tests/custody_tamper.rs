@@ -603,6 +603,28 @@ async fn a_moved_or_copied_record_unseals_nothing(backend: Backend) {
             ("records", copy),
         ],
     );
+    let json = site.admin(&["db", "verify", "--output", "json"]);
+    assert_eq!(json.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["sound"], false, "{json}");
+    assert_eq!(
+        json["custody"]["data_keys"],
+        serde_json::json!([1]),
+        "{json}"
+    );
+    let forged: Vec<(String, i64)> = json["custody"]["forged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row["table"].as_str().unwrap().to_string(),
+                row["id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let records = |id: i64| ("records".to_string(), id);
+    assert_eq!(forged, [records(*moved), records(*renamed), records(copy)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
