@@ -495,8 +495,16 @@ async fn a_forged_approval_lets_nothing_through(backend: Backend) {
     // An operator's approval through the server still works, and is trusted again.
     site.admin_ok(&["pending", "approve", &pending.to_string(), "--for", "15m"]);
     assert_eq!(node.unseal(NODE, &blob).await.unwrap(), passphrase);
+    // An approval that ran out, extended behind the server's back: still pending.
+    site.admin_ok(&["pending", "approve", &pending.to_string(), "--for", "1s"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    site.sql(&format!(
+        "UPDATE approvals SET approved_until = approved_until + 3600 WHERE id = {pending}"
+    ));
+    let status = refused(node.unseal(NODE, &blob).await, "approval extended");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     server.stop();
-    assert_verify_names(&site, &[("approvals", approved)]);
+    assert_verify_names(&site, &[("approvals", approved), ("approvals", pending)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
