@@ -6,10 +6,10 @@
 //! risky or may fail for some clients.
 
 mod certificate;
+mod custody;
 mod host;
 
 use crate::config::{Config, ConfigError};
-use crate::custody::{self, KeySourceConfig};
 use crate::policy::Mode;
 use crate::server::Purpose;
 use crate::store::legacy_json;
@@ -118,54 +118,9 @@ pub async fn run(config_path: &Path, options: &CheckOptions) -> Report {
             format!("unseals blobs of {source}"),
         );
     }
-    key_source(&mut report, &config);
+    custody::check(&mut report, &config).await;
     audit_key(&mut report, &config);
     report
-}
-
-/// Which key source, whether it can be reached, and what it does not do yet.
-fn key_source(report: &mut Report, config: &Config) {
-    let Some(source) = &config.key_source else {
-        report.add(
-            "key source",
-            Level::Info,
-            "none: the records are protected by the split scheme alone (README, \"Key \
-             custody\")",
-        );
-        return;
-    };
-    let reached = match source {
-        KeySourceConfig::Shamir { .. } => Ok("operators hold the shares"),
-        _ => source.open().map(|_| "reachable, the root key opens"),
-    };
-    match reached {
-        Ok(how) => report.add(
-            "key source",
-            Level::Ok,
-            format!("{}: {how}", source.describe()),
-        ),
-        Err(error) => report.add(
-            "key source",
-            Level::Problem,
-            format!("{}: {error}", source.describe()),
-        ),
-    }
-    report.add(
-        "key source",
-        Level::Warning,
-        "records are not yet wrapped by the key source in this build: a database copy plus a \
-         node's disk still yields that node's passphrase (README, \"Key custody\")",
-    );
-    if let Some(why) = custody::memory_lock_shortfall() {
-        report.add(
-            "key source",
-            Level::Warning,
-            format!(
-                "keys cannot be locked out of swap ({why}): raise LimitMEMLOCK= in the unit \
-                 (e.g. 1M)"
-            ),
-        );
-    }
 }
 
 /// Whether the audit trail's checkpoints are keyed: without a key, whoever can write the

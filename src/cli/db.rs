@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use talos_kms_server::audit::AuditLog;
 use talos_kms_server::config::Config;
-use talos_kms_server::custody;
+use talos_kms_server::custody::{self, DATA_KEY_PREFIX, KeySourceConfig};
 use talos_kms_server::store::migrate::{self, MigrationReport};
-use talos_kms_server::store::{self, Database, PgOptions, SqliteStore};
+use talos_kms_server::store::{self, Database, PgOptions, PgStore, SqliteStore};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,7 +38,8 @@ enum Action {
         force: bool,
     },
     /// Check a backup, or without FILE the database, changing nothing: integrity, schema and
-    /// every record. Exit 1 on any problem.
+    /// every record; with a `keySource`, that it unwraps the data keys and that every row
+    /// verifies (a PostgreSQL database: that alone). Exit 1 on any problem.
     Verify {
         /// The backup (or database file) to check; the config's database without it.
         #[arg(value_name = "FILE")]
@@ -87,11 +88,34 @@ pub async fn run(
             backup(&required()?, &file, force, args.output, command_line).await
         }
         Action::Verify { file } => {
-            let file = match file {
-                Some(file) => file,
-                None => sqlite_only(Config::read(&required()?)?.database, "verify")?,
+            let config = match (&file, &config) {
+                (Some(_), None) => None,
+                _ => Some(Config::read(&required()?)?),
             };
-            verify(&file, args.output)
+            let key_source = config.as_ref().and_then(|c| c.key_source.clone());
+            let database = match (file, config) {
+                (Some(file), _) => Database::Sqlite(file),
+                (None, Some(config)) => config.database,
+                (None, None) => unreachable!("a config is read when no FILE is given"),
+            };
+            let file = match (&database, &key_source) {
+                (Database::Postgres(_), Some(_)) => None,
+                _ => Some(sqlite_only(database.clone(), "verify")?),
+            };
+            let integrity = file
+                .as_deref()
+                .map(|file| verify_integrity(file, args.output));
+            let custody = match key_source {
+                Some(source) if integrity.as_ref().is_none_or(|i| i.sound) => {
+                    Some(verify_custody(&database, &source).await?)
+                }
+                _ => None,
+            };
+            Ok(report_verification(
+                integrity.as_ref(),
+                custody.as_ref(),
+                args.output,
+            ))
         }
         Action::Restore { file, force } => {
             restore(&required()?, &file, force, args.output, command_line)
@@ -267,58 +291,207 @@ async fn backup(
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(file: &Path, output: Output) -> anyhow::Result<ExitCode> {
+/// The integrity check of an SQLite file, told as it is found (text) or kept for the one
+/// JSON object.
+struct Integrity {
+    sound: bool,
+    json: serde_json::Value,
+}
+
+fn verify_integrity(file: &Path, output: Output) -> Integrity {
     let mut progress = Phases::default();
     let verification = SqliteStore::verify(file, &mut |what, done, total| {
         progress.update(what, done, total)
     });
     progress.finish();
     let sound = verification.is_sound();
+    if let Output::Text = output {
+        for warning in &verification.warnings {
+            println!("warning: {warning}");
+        }
+        for problem in &verification.problems {
+            println!("problem: {problem}");
+        }
+        if verification.more_problems > 0 {
+            println!("problem: {} more, not listed", verification.more_problems);
+        }
+        let found = verification.problems.len() as u64 + verification.more_problems;
+        if sound {
+            println!(
+                "{}: sound, {} records, schema version {}",
+                file.display(),
+                verification.records,
+                verification.schema_version.unwrap_or_default()
+            );
+        } else {
+            let problems = if found == 1 { "problem" } else { "problems" };
+            println!(
+                "{}: {found} {problems} found; do not rely on it (restore refuses it)",
+                file.display()
+            );
+        }
+    }
+    Integrity {
+        sound,
+        json: serde_json::json!({
+            "file": file.display().to_string(),
+            "sound": sound,
+            "records": verification.records,
+            "schema_version": verification.schema_version,
+            "problems": verification.problems,
+            "more_problems": verification.more_problems,
+            "warnings": verification.warnings,
+        }),
+    }
+}
+
+/// What the key source says of a database: the data keys it unwraps, and the rows that fail
+/// their authentication.
+struct CustodyCheck {
+    data_keys: Vec<u32>,
+    /// (table, id, why)
+    forged: Vec<(&'static str, i64, String)>,
+    /// Why the rows were not checked, when they were not.
+    not_checked: Option<String>,
+}
+
+/// Opens the database's data keys with the key source and checks every row, writing
+/// nothing: a database without data keys (or with an older schema) is only described.
+async fn verify_custody(
+    database: &Database,
+    source: &KeySourceConfig,
+) -> anyhow::Result<CustodyCheck> {
+    let not_checked = |why: String| CustodyCheck {
+        data_keys: Vec::new(),
+        forged: Vec::new(),
+        not_checked: Some(why),
+    };
+    // Opening a store brings its schema up to date: only one that is already is opened.
+    let (schema, current) = match database {
+        Database::Sqlite(path) => {
+            let found = SqliteStore::inspect(path, &[])?;
+            (Some(found.schema_version), found.current_version)
+        }
+        Database::Postgres(options) => {
+            let found = PgStore::inspect(options).await?;
+            (found.schema_version, found.current_version)
+        }
+    };
+    if schema.is_none_or(|version| version < current) {
+        return Ok(not_checked(
+            "its schema is older than this build's, so nothing in it is wrapped yet (the \
+             server wraps the records after upgrading it)"
+                .into(),
+        ));
+    }
+    if matches!(source, KeySourceConfig::Shamir { .. }) {
+        return Ok(not_checked(
+            "a shamir key source opens only in the running server, with operators' shares".into(),
+        ));
+    }
+    let store = store::open_existing(database)
+        .await
+        .with_context(|| format!("cannot open {database}"))?;
+    let values = store.custody_values().await?;
+    if !values
+        .iter()
+        .any(|(name, _)| name.starts_with(DATA_KEY_PREFIX))
+    {
+        store.close().await?;
+        return Ok(not_checked(
+            "it holds no data key yet: nothing is wrapped (the server makes the first data \
+             key at start and wraps the records while it serves)"
+                .into(),
+        ));
+    }
+    let metrics = std::sync::Arc::new(talos_kms_server::metrics::Metrics::new());
+    let guarded = custody::guard(std::sync::Arc::clone(&store), Some(source), metrics)
+        .await
+        .with_context(|| {
+            format!(
+                "{}: cannot open the data keys of {database}",
+                source.describe()
+            )
+        })?;
+    let custodian = guarded
+        .custodian
+        .context("a configured key source always has a custodian")?;
+    let forged = custodian.verify_all().await?;
+    let data_keys = custodian.versions();
+    store.close().await?;
+    Ok(CustodyCheck {
+        data_keys,
+        forged,
+        not_checked: None,
+    })
+}
+
+/// A forged row as the operator finds it: `records 12`, `windows` (one per operation).
+fn row_name(table: &str, id: i64) -> String {
+    if table == "windows" {
+        table.to_string()
+    } else {
+        format!("{table} {id}")
+    }
+}
+
+fn report_verification(
+    integrity: Option<&Integrity>,
+    custody: Option<&CustodyCheck>,
+    output: Output,
+) -> ExitCode {
+    let sound = integrity.is_none_or(|i| i.sound) && custody.is_none_or(|c| c.forged.is_empty());
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::json!({
-                "file": file.display().to_string(),
-                "sound": sound,
-                "records": verification.records,
-                "schema_version": verification.schema_version,
-                "problems": verification.problems,
-                "more_problems": verification.more_problems,
-                "warnings": verification.warnings,
-            })
-        ),
+        Output::Json => {
+            let mut json = integrity.map_or_else(|| serde_json::json!({}), |i| i.json.clone());
+            json["sound"] = sound.into();
+            if let Some(custody) = custody {
+                json["custody"] = serde_json::json!({
+                    "data_keys": custody.data_keys,
+                    "not_checked": custody.not_checked,
+                    "forged": custody.forged.iter().map(|(table, id, problem)| {
+                        serde_json::json!({"table": table, "id": id, "problem": problem})
+                    }).collect::<Vec<_>>(),
+                });
+            }
+            println!("{json}");
+        }
         Output::Text => {
-            for warning in &verification.warnings {
-                println!("warning: {warning}");
-            }
-            for problem in &verification.problems {
-                println!("problem: {problem}");
-            }
-            if verification.more_problems > 0 {
-                println!("problem: {} more, not listed", verification.more_problems);
-            }
-            let found = verification.problems.len() as u64 + verification.more_problems;
-            if sound {
-                println!(
-                    "{}: sound, {} records, schema version {}",
-                    file.display(),
-                    verification.records,
-                    verification.schema_version.unwrap_or_default()
-                );
-            } else {
-                let problems = if found == 1 { "problem" } else { "problems" };
-                println!(
-                    "{}: {found} {problems} found; do not rely on it (restore refuses it)",
-                    file.display()
-                );
+            if let Some(custody) = custody {
+                print_custody(custody);
             }
         }
     }
-    Ok(if sound {
+    if sound {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
+}
+
+fn print_custody(custody: &CustodyCheck) {
+    if let Some(why) = &custody.not_checked {
+        println!("authentication: not checked: {why}");
+        return;
+    }
+    for (table, id, why) in &custody.forged {
+        println!("problem: {}: {why}", row_name(table, *id));
+    }
+    let versions: Vec<String> = custody.data_keys.iter().map(|v| format!("v{v}")).collect();
+    match custody.forged.len() {
+        0 => println!(
+            "authentication: the key source unwraps data keys {}, and every row verifies",
+            versions.join(", ")
+        ),
+        forged => println!(
+            "authentication: {forged} {} failed (changed behind the server's back, or written \
+             under another key): the server answers each as an unknown record, a revoked \
+             binding, a pending request or a closed window. Find out who wrote to the \
+             database; an approval or a window is made whole by deciding it again (`pending`, \
+             `window`), a record or binding by restoring a backup",
+            if forged == 1 { "row" } else { "rows" }
+        ),
+    }
 }
 
 fn restore(

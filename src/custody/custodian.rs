@@ -80,7 +80,7 @@ impl Custodian {
 
     /// Unwraps the data keys under `root` and starts answering.
     pub async fn unseal(&self, root: Root) -> Result<(), CustodyError> {
-        let values = self.store.custody_values().await?;
+        let mut values = self.store.custody_values().await?;
         let mut keyring = Keyring::unwrap_all(&root, &values)?;
         if keyring.is_empty() {
             let wrapped = self.store.key_versions().await?;
@@ -94,18 +94,39 @@ impl Custodian {
                         .into(),
                 ));
             }
-            let (version, value) = keyring.add_version(&root)?;
-            self.store.set_custody_values(vec![value]).await?;
-            tracing::info!(
-                version,
-                "made the first data key; records are wrapped from now on"
-            );
+            let (version, (name, value)) = keyring.add_version(&root)?;
+            let value = value.expect("a new data key has a value");
+            let adopting = (ADOPTING.to_string(), keyring.tag(&adopting_fields()));
+            if self
+                .store
+                .add_custody_values(vec![(name, value), adopting])
+                .await?
+            {
+                tracing::info!(
+                    version,
+                    "made the first data key; records are wrapped from now on"
+                );
+            } else {
+                // Another replica made it first: its key is the one.
+                tracing::info!(version, "another server made the first data key; using it");
+            }
+            values = self.store.custody_values().await?;
+            keyring = Keyring::unwrap_all(&root, &values)?;
+            if keyring.is_empty() {
+                return Err(CustodyError::Source(
+                    "the first data key could not be made: the database's custody table holds \
+                     a value of its name but no key; restore the database from a backup"
+                        .into(),
+                ));
+            }
         }
-        let all_wrapped = values
+        // Untagged rows are trusted only while a genuine value says that rows from before
+        // custody are still to be adopted: the absence of a value proves nothing.
+        let adopting = values
             .iter()
-            .find(|(name, _)| name == ALL_WRAPPED)
-            .is_some_and(|(_, tag)| keyring.verify(&all_wrapped_fields(), Some(tag)).is_ok());
-        self.all_wrapped.store(all_wrapped, Ordering::Release);
+            .find(|(name, _)| name == ADOPTING)
+            .is_some_and(|(_, tag)| keyring.verify(&adopting_fields(), Some(tag)).is_ok());
+        self.all_wrapped.store(!adopting, Ordering::Release);
         *lock(&self.root) = Some(Arc::new(root));
         *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keyring));
         self.metrics.custody_sealed(false);
@@ -427,7 +448,10 @@ impl Custodian {
             self.adopt_untagged_rows(&keys).await?;
             let tag = keys.tag(&all_wrapped_fields());
             self.store
-                .set_custody_values(vec![(ALL_WRAPPED.to_string(), Some(tag))])
+                .set_custody_values(vec![
+                    (ALL_WRAPPED.to_string(), Some(tag)),
+                    (ADOPTING.to_string(), None),
+                ])
                 .await?;
             self.all_wrapped.store(true, Ordering::Release);
             tracing::info!("every record is wrapped: an unwrapped one is refused from now on");
@@ -562,6 +586,13 @@ fn all_wrapped_fields() -> [&'static [u8]; 1] {
     [b"every record wrapped v1"]
 }
 
+/// Stored with the first data key, removed once the rows from before custody are tagged.
+const ADOPTING: &str = "adopting-untagged-rows";
+
+fn adopting_fields() -> [&'static [u8]; 1] {
+    [b"adopting untagged rows v1"]
+}
+
 #[async_trait]
 impl Store for Custodian {
     async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError> {
@@ -677,8 +708,8 @@ impl Store for Custodian {
         self.store.custody_values().await
     }
 
-    async fn add_custody_value(&self, name: String, value: Vec<u8>) -> Result<bool, StoreError> {
-        self.store.add_custody_value(name, value).await
+    async fn add_custody_values(&self, values: Vec<(String, Vec<u8>)>) -> Result<bool, StoreError> {
+        self.store.add_custody_values(values).await
     }
 
     async fn set_custody_values(&self, changes: Vec<CustodyChange>) -> Result<(), StoreError> {

@@ -25,6 +25,7 @@ mod unsealing;
 pub use custodian::Custodian;
 pub use envelope::{Envelope, MAX_RECORD_LEN, RecordBinding, open_record, seal_record};
 pub use hierarchy::{DataKey, Root, WRAPPED_LEN};
+pub use keyring::DATA_KEY_PREFIX;
 pub use mac::{MacKey, TAG_LEN, encode_fields};
 pub use secret::{KEY_LEN, SecretKey, memory_lock_shortfall};
 pub use unsealing::{Answer, BeforeServing, Unsealing};

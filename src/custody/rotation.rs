@@ -15,7 +15,7 @@ pub async fn rotate_data_key(store: &dyn Store, root: &Root) -> Result<u32, Cust
     }
     let (version, (name, value)) = keyring.add_version(root)?;
     let value = value.expect("a new data key has a value");
-    if !store.add_custody_value(name, value).await? {
+    if !store.add_custody_values(vec![(name, value)]).await? {
         return Err(CustodyError::Source(format!(
             "data key v{version} was made meanwhile by another rotation; nothing was changed"
         )));

@@ -357,9 +357,10 @@ pub trait Store: Send + Sync + 'static {
     /// Custody's named values (wrapped data keys, markers), opaque to the store.
     async fn custody_values(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
-    /// Adds a custody value unless one of that name exists, durably; whether it was added.
-    /// Two replicas making a data key at once: one wins, and both use its key.
-    async fn add_custody_value(&self, name: String, value: Vec<u8>) -> Result<bool, StoreError>;
+    /// Adds custody values, all in one transaction, unless one of their names exists
+    /// (then nothing is added), durably; whether they were added. Two replicas making a
+    /// data key at once: one wins, and both use its key.
+    async fn add_custody_values(&self, values: Vec<(String, Vec<u8>)>) -> Result<bool, StoreError>;
 
     /// Sets (`Some`) or removes (`None`) custody values, all in one transaction, durably.
     async fn set_custody_values(&self, changes: Vec<CustodyChange>) -> Result<(), StoreError>;

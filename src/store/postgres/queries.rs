@@ -308,16 +308,23 @@ impl Store for PgStore {
         .await
     }
 
-    async fn add_custody_value(&self, name: String, value: Vec<u8>) -> Result<bool, StoreError> {
-        self.with(|client| async move {
-            client
-                .execute(
-                    "INSERT INTO custody (name, value) VALUES ($1, $2)
-                     ON CONFLICT (name) DO NOTHING",
-                    &[&name, &value],
-                )
-                .await
-                .map(|added| added == 1)
+    async fn add_custody_values(&self, values: Vec<(String, Vec<u8>)>) -> Result<bool, StoreError> {
+        self.with(|mut client| async move {
+            let tx = client.transaction().await?;
+            for (name, value) in &values {
+                let added = tx
+                    .execute(
+                        "INSERT INTO custody (name, value) VALUES ($1, $2)
+                         ON CONFLICT (name) DO NOTHING",
+                        &[name, value],
+                    )
+                    .await?;
+                if added == 0 {
+                    // Dropped without a commit: rolled back, nothing added.
+                    return Ok(false);
+                }
+            }
+            tx.commit().await.map(|()| true)
         })
         .await
     }

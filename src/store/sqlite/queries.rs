@@ -218,13 +218,21 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn add_custody_value(&self, name: String, value: Vec<u8>) -> Result<bool, StoreError> {
+    async fn add_custody_values(&self, values: Vec<(String, Vec<u8>)>) -> Result<bool, StoreError> {
+        // The one writer runs this whole: nothing comes between the check and the inserts.
         self.write(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO custody (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
-            )?
-            .execute(params![name, value])
-            .map(|added| added as u64)
+            let mut taken = conn.prepare_cached("SELECT 1 FROM custody WHERE name = ?1")?;
+            for (name, _) in &values {
+                if taken.exists([name])? {
+                    return Ok(0);
+                }
+            }
+            let mut insert =
+                conn.prepare_cached("INSERT INTO custody (name, value) VALUES (?1, ?2)")?;
+            for (name, value) in &values {
+                insert.execute(params![name, value])?;
+            }
+            Ok(1)
         })
         .await
         .map(|added| added == 1)
