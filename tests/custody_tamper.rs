@@ -258,20 +258,6 @@ impl Watched {
         }
     }
 
-    fn wait_for(&mut self, needle: &str, limit: Duration) -> bool {
-        let started = Instant::now();
-        loop {
-            self.drain();
-            if self.lines.iter().any(|line| line.contains(needle)) {
-                return true;
-            }
-            if started.elapsed() > limit {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// The ERROR lines naming forged rows (after the log has caught up).
     fn forged_lines(&mut self) -> Vec<String> {
         std::thread::sleep(Duration::from_millis(300));
