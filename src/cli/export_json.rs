@@ -4,9 +4,11 @@
 use super::Output;
 use super::admin::{Admin, admin_event, config_path, print, refuse_existing};
 use super::progress::Progress;
+use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use talos_kms_server::custody;
 use talos_kms_server::store::legacy_json::LegacyExport;
 use talos_kms_server::store::{self, Database, RecordFilter, SqliteStore, Store};
 
@@ -49,6 +51,12 @@ pub async fn run(
             let database = Database::parse(&database, Path::new("."))
                 .map_err(|problem| anyhow::anyhow!("--database: {problem}"))?;
             let store = store::open_existing(&database).await?;
+            // Wrapped records open only under their key source, which a config names.
+            let metrics = Arc::new(talos_kms_server::metrics::Metrics::new());
+            let store = custody::guard(store, None, metrics)
+                .await
+                .context("export it with --config, whose keySource opens them")?
+                .store;
             (database, store, None)
         }
         None => {
