@@ -624,3 +624,71 @@ async fn a_backup_restores_only_under_the_key_source_that_wrapped_it() {
         passphrase
     );
 }
+
+/// `export-json` needs the key source and writes the legacy format as before: a keyless
+/// server that imports the file unseals every record; without a config it refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_json_opens_the_records_into_the_legacy_format() {
+    let setup = Setup::new("");
+    with_key_file(&setup);
+    let running = setup.start();
+    let mut sealed = Vec::new();
+    for i in 0..3 {
+        let node = format!("exported-{i}");
+        let passphrase = random_passphrase();
+        let blob = running
+            .node("127.0.0.41")
+            .seal(&node, &passphrase)
+            .await
+            .unwrap();
+        sealed.push(SealedVolume {
+            node,
+            source: "127.0.0.41".into(),
+            passphrase,
+            blob,
+        });
+    }
+    let file = running.dir.path().join("export.json");
+    let out = running
+        .admin(&["export-json", file.to_str().unwrap()])
+        .await;
+    assert!(out.contains("exported 3 records"), "{out}");
+    let exported: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    for record in exported.as_array().unwrap() {
+        use base64::Engine;
+        let ciphertext = base64::engine::general_purpose::STANDARD
+            .decode(record["cipherTextB64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            ciphertext.len(),
+            48,
+            "the legacy ciphertext, not an envelope"
+        );
+    }
+    let database = running.dir.path().join("kms.db");
+    let refused = run_binary(&[
+        "export-json",
+        running.dir.path().join("raw.json").to_str().unwrap(),
+        "--database",
+        database.to_str().unwrap(),
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("export it with --config"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    let keyless = Setup::new("");
+    let imported = run_ok(&[
+        "import-json",
+        file.to_str().unwrap(),
+        "--config",
+        keyless.config_str(),
+    ])
+    .await;
+    assert!(imported.contains("imported 3 records"), "{imported}");
+    let keyless = keyless.start();
+    assert_eq!(unseals_all(&keyless, &sealed).await, sealed.len());
+}
