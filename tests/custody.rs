@@ -137,6 +137,35 @@ async fn an_existing_database_is_wrapped_while_serving_and_a_kill_9_halfway_lose
     assert!(server.terminate().success());
 }
 
+/// A server stopped cleanly, its directory and certificates kept for the next start.
+struct Stopped {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    config: std::path::PathBuf,
+}
+
+fn stop_server(running: Running) -> Stopped {
+    let Running {
+        dir,
+        server,
+        pki,
+        config,
+    } = running;
+    assert!(server.terminate().success());
+    Stopped { dir, pki, config }
+}
+
+impl Stopped {
+    fn start(self, config: &Path) -> Running {
+        Running {
+            server: ServerProcess::start(config).unwrap(),
+            pki: self.pki,
+            config: config.to_path_buf(),
+            dir: self.dir,
+        }
+    }
+}
+
 /// Records under data key `version` (SQLite's view).
 fn under_version(database: &Path, version: i64) -> i64 {
     let db =
@@ -286,13 +315,8 @@ async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed
     assert_eq!(failed, 0, "no call failed during the rotations");
 
     // The old root no longer opens the data keys; the new one opens every record.
-    let Running {
-        dir: _dir,
-        server,
-        pki,
-        config,
-    } = running;
-    assert!(server.terminate().success());
+    let stopped = stop_server(running);
+    let config = stopped.config.clone();
     let refused = run_binary(&[
         "keys",
         "rotate-data-key",
@@ -306,12 +330,7 @@ async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed
         text(&refused.stderr)
     );
     std::fs::copy(&new_config, &config).unwrap();
-    let running = Running {
-        server: ServerProcess::start(&config).unwrap(),
-        pki,
-        config,
-        dir: _dir,
-    };
+    let running = stopped.start(&config);
     assert_eq!(unseals_all(&running, &volumes).await, volumes.len());
     let config = running.config_str().to_string();
 
@@ -338,13 +357,8 @@ async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed
 
     // Crypto-shredding: with v3 made while no server re-wraps, v2's records are refused
     // until --shred, then unreadable for good.
-    let Running {
-        dir: _dir,
-        server,
-        pki,
-        config: config_path,
-    } = running;
-    assert!(server.terminate().success());
+    let stopped = stop_server(running);
+    let config_path = stopped.config.clone();
     run_ok(&["keys", "rotate-data-key", "--config", &config]).await;
     let refused = run_binary(&[
         "keys",
@@ -370,12 +384,7 @@ async fn data_key_and_root_rotate_under_load_with_no_failed_call_and_a_destroyed
     ])
     .await;
     assert!(out.contains(&format!("{} records", volumes.len())), "{out}");
-    let running = Running {
-        server: ServerProcess::start(&config_path).unwrap(),
-        pki,
-        config: config_path,
-        dir: _dir,
-    };
+    let running = stopped.start(&config_path);
     assert_eq!(
         unseals_all(&running, &volumes).await,
         0,
@@ -417,13 +426,8 @@ async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
     running
         .admin(&["window", "open", "unseal", "--for", "1h"])
         .await;
-    let Running {
-        dir,
-        server,
-        pki,
-        config,
-    } = running;
-    assert!(server.terminate().success());
+    let stopped = stop_server(running);
+    let config = stopped.config.clone();
 
     let out = run_ok(&[
         "db",
@@ -454,36 +458,25 @@ async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
     // A server on PostgreSQL with the same key source: everything but the revoked record.
     let config_text = std::fs::read_to_string(&config).unwrap();
     let sqlite_line = format!("database: {}", sqlite.display());
-    let pg_config = dir.path().join("pg.yaml");
+    let pg_config = stopped.dir.path().join("pg.yaml");
     std::fs::write(
         &pg_config,
         config_text.replace(
             &sqlite_line,
             &format!(
                 "database: \"{url}\"\nauditLog: {}",
-                dir.path().join("pg-audit.jsonl").display()
+                stopped.dir.path().join("pg-audit.jsonl").display()
             ),
         ),
     )
     .unwrap();
-    let running = Running {
-        server: ServerProcess::start(&pg_config).unwrap(),
-        pki,
-        config: pg_config.clone(),
-        dir,
-    };
+    let running = stopped.start(&pg_config);
     let right = unseals_all(&running, &sealed).await;
     assert_eq!(right, sealed.len() - 1, "the revoked one stays revoked");
-    let Running {
-        dir,
-        server,
-        pki,
-        config: _,
-    } = running;
-    assert!(server.terminate().success());
+    let stopped = stop_server(running);
 
     // Without the key source the PostgreSQL database is refused, not served as empty.
-    let keyless = dir.path().join("keyless.yaml");
+    let keyless = stopped.dir.path().join("keyless.yaml");
     std::fs::write(
         &keyless,
         std::fs::read_to_string(&pg_config)
@@ -495,7 +488,7 @@ async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
     assert!(refused.contains("no `keySource`"), "{refused}");
 
     // And back to a new SQLite file, which the first config's key source opens.
-    let back = dir.path().join("back.db");
+    let back = stopped.dir.path().join("back.db");
     let out = run_ok(&[
         "db",
         "migrate",
@@ -507,12 +500,7 @@ async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
     .await;
     assert!(out.contains("migrated 10 records"), "{out}");
     std::fs::rename(&back, &sqlite).unwrap();
-    let running = Running {
-        server: ServerProcess::start(&config).unwrap(),
-        pki,
-        config,
-        dir,
-    };
+    let running = stopped.start(&config);
     assert_eq!(unseals_all(&running, &sealed).await, sealed.len() - 1);
 }
 
@@ -550,21 +538,16 @@ async fn a_backup_restores_only_under_the_key_source_that_wrapped_it() {
     running
         .admin(&["db", "backup", backup.to_str().unwrap()])
         .await;
-    let Running {
-        dir,
-        server,
-        pki,
-        config,
-    } = running;
-    assert!(server.terminate().success());
+    let stopped = stop_server(running);
+    let config = stopped.config.clone();
     let config_text = std::fs::read_to_string(&config).unwrap();
-    let database = dir.path().join("kms.db");
+    let database = stopped.dir.path().join("kms.db");
     let before = content(&database);
 
-    let other = dir.path().join("other.yaml");
+    let other = stopped.dir.path().join("other.yaml");
     std::fs::write(&other, config_text.replace("root.key", "other.key")).unwrap();
     run_ok(&["key-source", "init", "--config", other.to_str().unwrap()]).await;
-    let keyless = dir.path().join("keyless.yaml");
+    let keyless = stopped.dir.path().join("keyless.yaml");
     std::fs::write(
         &keyless,
         config_text.replace("keySource: {file: root.key}", ""),
@@ -609,12 +592,7 @@ async fn a_backup_restores_only_under_the_key_source_that_wrapped_it() {
     ])
     .await;
     assert!(out.contains("restored 1 records"), "{out}");
-    let running = Running {
-        server: ServerProcess::start(&config).unwrap(),
-        pki,
-        config,
-        dir,
-    };
+    let running = stopped.start(&config);
     assert_eq!(
         running
             .node("127.0.0.31")
