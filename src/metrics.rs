@@ -35,6 +35,11 @@ struct StaticReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -48,6 +53,8 @@ pub struct Metrics {
     connections_open: Gauge,
     connections_refused: Family<StaticReason, Counter>,
     connections_dropped: Family<StaticReason, Counter>,
+    connections_ended: Family<OutcomeLabel, Counter>,
+    connection_cpu: Family<OutcomeLabel, Counter<f64, AtomicU64>>,
     records: Gauge,
     pending_approvals: Gauge,
     store_up: Gauge,
@@ -114,6 +121,22 @@ impl Metrics {
              (per_address) was taken",
             connections_dropped.clone(),
         );
+        let connections_ended = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "connections_ended",
+            "Connections closed, by how their calls went: a Seal or Unseal answered OK \
+             (answered, decoys included), only refused ones (refused), or none (no_call: \
+             refused or failed handshakes, clients that left, health checks)",
+            connections_ended.clone(),
+        );
+        let connection_cpu = Family::<OutcomeLabel, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "connection_cpu_seconds",
+            "CPU time of the connections' own tasks (TLS handshake, HTTP/2, calls answered \
+             without waiting), by outcome as in connections_ended; in a storm, refused and \
+             no_call are the work spent on calls that did not succeed",
+            connection_cpu.clone(),
+        );
         let records = Gauge::default();
         registry.register(
             "records",
@@ -166,6 +189,8 @@ impl Metrics {
             connections_open,
             connections_refused,
             connections_dropped,
+            connections_ended,
+            connection_cpu,
             records,
             pending_approvals,
             store_up,
@@ -237,6 +262,15 @@ impl Metrics {
         self.connections_dropped
             .get_or_create(&StaticReason { reason })
             .inc();
+    }
+
+    /// A connection ended; `outcome` as in the metric's help.
+    pub fn connection_cpu(&self, outcome: &'static str, spent: Duration) {
+        let label = OutcomeLabel { outcome };
+        self.connections_ended.get_or_create(&label).inc();
+        self.connection_cpu
+            .get_or_create(&label)
+            .inc_by(spent.as_secs_f64());
     }
 
     pub fn store(&self, up: bool, records: Option<u64>, pending_approvals: Option<usize>) {

@@ -21,12 +21,14 @@
 mod accept;
 mod call;
 mod connection;
+mod cpu_time;
 mod handshake_failures;
 mod limits;
 pub mod metrics;
 mod proxied;
 pub mod proxy_protocol;
 mod refusals;
+mod shedding;
 pub mod slots;
 mod write_batch;
 

@@ -25,6 +25,8 @@ pub enum Kind {
     ProxyUntrusted,
     /// A trusted proxy's connection without a valid PROXY header.
     ProxyInvalid,
+    /// Its place in the handshake queue would have outlasted its client's patience.
+    Queue,
 }
 
 impl Kind {
@@ -36,6 +38,7 @@ impl Kind {
             Kind::Full => "evicted",
             Kind::ProxyUntrusted => "proxy_untrusted",
             Kind::ProxyInvalid => "proxy_invalid",
+            Kind::Queue => "handshake_queue",
         }
     }
 
@@ -70,6 +73,12 @@ impl Kind {
                  address from trustedProxies; more from this address are summed up once a \
                  minute"
             }
+            Kind::Queue => {
+                "connection closed before its TLS handshake: the handshakes queued ahead of \
+                 it would take longer than its client waits (handshakeTimeout); the server \
+                 cannot keep up with this many new connections, and the node will retry; \
+                 more are summed up once a minute"
+            }
         }
     }
 
@@ -80,6 +89,7 @@ impl Kind {
             Kind::Full => "evicted (all slots taken)",
             Kind::ProxyUntrusted => "PROXY header from an untrusted address",
             Kind::ProxyInvalid => "no valid PROXY header from a trusted proxy",
+            Kind::Queue => "refused (handshake queue longer than the client waits)",
         }
     }
 }
