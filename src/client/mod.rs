@@ -84,6 +84,7 @@ impl ClientOptions {
     }
 }
 
+#[derive(Clone)]
 pub struct KmsClient {
     options: ClientOptions,
     tls: Option<(TlsConnector, ServerName<'static>)>,
