@@ -231,7 +231,11 @@ impl fmt::Display for StormReport {
                     .collect();
                 writeln!(f, "{})", parts.join(", "))?;
             }
-            _ => writeln!(
+            (Some(_), None) => writeln!(
+                f,
+                "  on failed calls   (the server exports no talos_kms_connection_cpu_seconds)"
+            )?,
+            (None, _) => writeln!(
                 f,
                 "  on failed calls   (give --metrics, the server's metricsAddress)"
             )?,

@@ -185,15 +185,19 @@ pub async fn storm(client: KmsClient, options: StormOptions) -> Result<StormRepo
     let mut opened = std::mem::take(&mut *lock(&opened));
     opened.sort_unstable();
     let mut latencies = std::mem::take(&mut *lock(&latencies));
-    let failed_cpu_share = connection_cpu_s.as_ref().map(|by_outcome| {
-        let failed: f64 = by_outcome
-            .iter()
-            .filter(|(outcome, _)| *outcome != "answered")
-            .map(|(_, seconds)| seconds)
-            .sum();
-        let total = server_cpu_s.unwrap_or_else(|| by_outcome.values().sum());
-        if total > 0.0 { failed / total } else { 0.0 }
-    });
+    // A server without the metric (an older build) tells nothing of where its CPU went.
+    let failed_cpu_share = connection_cpu_s
+        .as_ref()
+        .filter(|by_outcome| !by_outcome.is_empty())
+        .map(|by_outcome| {
+            let failed: f64 = by_outcome
+                .iter()
+                .filter(|(outcome, _)| *outcome != "answered")
+                .map(|(_, seconds)| seconds)
+                .sum();
+            let total = server_cpu_s.unwrap_or_else(|| by_outcome.values().sum());
+            if total > 0.0 { failed / total } else { 0.0 }
+        });
     Ok(StormReport {
         mode: "storm",
         nodes: node_count,
