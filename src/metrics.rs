@@ -54,7 +54,7 @@ pub struct Metrics {
     connections_refused: Family<StaticReason, Counter>,
     connections_dropped: Family<StaticReason, Counter>,
     connections_ended: Family<OutcomeLabel, Counter>,
-    connection_cpu: Family<OutcomeLabel, Counter<f64, AtomicU64>>,
+    connection_busy: Family<OutcomeLabel, Counter<f64, AtomicU64>>,
     records: Gauge,
     pending_approvals: Gauge,
     store_up: Gauge,
@@ -129,13 +129,14 @@ impl Metrics {
              refused or failed handshakes, clients that left, health checks)",
             connections_ended.clone(),
         );
-        let connection_cpu = Family::<OutcomeLabel, Counter<f64, AtomicU64>>::default();
+        let connection_busy = Family::<OutcomeLabel, Counter<f64, AtomicU64>>::default();
         registry.register(
-            "connection_cpu_seconds",
-            "CPU time of the connections' own tasks (TLS handshake, HTTP/2, calls answered \
-             without waiting), by outcome as in connections_ended; in a storm, refused and \
-             no_call are the work spent on calls that did not succeed",
-            connection_cpu.clone(),
+            "connection_busy_seconds",
+            "Time the server's threads spent working on connections (every poll of their \
+             tasks: TLS handshake, HTTP/2, calls answered without waiting; polls never wait, \
+             so this is their CPU time), by outcome as in connections_ended; in a storm, \
+             refused and no_call are the work spent on calls that did not succeed",
+            connection_busy.clone(),
         );
         let records = Gauge::default();
         registry.register(
@@ -190,7 +191,7 @@ impl Metrics {
             connections_refused,
             connections_dropped,
             connections_ended,
-            connection_cpu,
+            connection_busy,
             records,
             pending_approvals,
             store_up,
@@ -265,12 +266,12 @@ impl Metrics {
     }
 
     /// A connection ended; `outcome` as in the metric's help.
-    pub fn connection_cpu(&self, outcome: &'static str, spent: Duration) {
+    pub fn connection_ended(&self, outcome: &'static str, busy: Duration) {
         let label = OutcomeLabel { outcome };
         self.connections_ended.get_or_create(&label).inc();
-        self.connection_cpu
+        self.connection_busy
             .get_or_create(&label)
-            .inc_by(spent.as_secs_f64());
+            .inc_by(busy.as_secs_f64());
     }
 
     pub fn store(&self, up: bool, records: Option<u64>, pending_approvals: Option<usize>) {

@@ -135,9 +135,9 @@ pub struct StormReport {
     /// The server's CPU time during the storm (all threads, from /proc).
     pub server_cpu_s: Option<f64>,
     pub server_cpu_us_per_call: Option<f64>,
-    /// CPU time of the server's connections during the storm, by outcome (its
-    /// `connection_cpu_seconds` metric).
-    pub connection_cpu_s: Option<BTreeMap<String, f64>>,
+    /// Time the server spent working on its connections during the storm, by outcome (its
+    /// `connection_busy_seconds` metric: their CPU time).
+    pub connection_busy_s: Option<BTreeMap<String, f64>>,
     /// Share of the server's CPU time spent on connections whose calls did not succeed
     /// (outcomes refused and no_call), of its whole CPU time when --server-pid is given.
     pub failed_cpu_share: Option<f64>,
@@ -222,7 +222,7 @@ impl fmt::Display for StormReport {
             )?,
             None => writeln!(f, "  server CPU        (give --server-pid)")?,
         }
-        match (&self.connection_cpu_s, self.failed_cpu_share) {
+        match (&self.connection_busy_s, self.failed_cpu_share) {
             (Some(by_outcome), Some(share)) => {
                 write!(f, "  on failed calls   {:.1} % (", share * 100.0)?;
                 let parts: Vec<String> = by_outcome
@@ -233,7 +233,7 @@ impl fmt::Display for StormReport {
             }
             (Some(_), None) => writeln!(
                 f,
-                "  on failed calls   (the server exports no talos_kms_connection_cpu_seconds)"
+                "  on failed calls   (the server exports no talos_kms_connection_busy_seconds)"
             )?,
             (None, _) => writeln!(
                 f,

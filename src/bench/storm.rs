@@ -34,8 +34,8 @@ pub struct StormOptions {
     pub sources: Option<IpNet>,
     pub retry_after: Duration,
     pub server_pid: Option<u32>,
-    /// The server's metrics address (host:port), for the CPU time of its connections by
-    /// outcome.
+    /// The server's metrics address (host:port), for the time it spent on its connections
+    /// by outcome.
     pub metrics: Option<String>,
 }
 
@@ -166,7 +166,7 @@ pub async fn storm(client: KmsClient, options: StormOptions) -> Result<StormRepo
         .transpose()
         .map_err(BenchError::Setup)?;
     let client_cpu_s = client_cpu.used().map_err(BenchError::Setup)?.as_secs_f64();
-    let connection_cpu_s = match (&options.metrics, scrape_before) {
+    let connection_busy_s = match (&options.metrics, scrape_before) {
         (Some(address), Some(before)) => {
             let after = scrape(address).await?;
             Some(
@@ -186,7 +186,7 @@ pub async fn storm(client: KmsClient, options: StormOptions) -> Result<StormRepo
     opened.sort_unstable();
     let mut latencies = std::mem::take(&mut *lock(&latencies));
     // A server without the metric (an older build) tells nothing of where its CPU went.
-    let failed_cpu_share = connection_cpu_s
+    let failed_cpu_share = connection_busy_s
         .as_ref()
         .filter(|by_outcome| !by_outcome.is_empty())
         .map(|by_outcome| {
@@ -217,7 +217,7 @@ pub async fn storm(client: KmsClient, options: StormOptions) -> Result<StormRepo
         latency: Latency::of(&mut latencies),
         server_cpu_s,
         server_cpu_us_per_call: server_cpu_s.map(|s| s * 1e6 / calls.max(1) as f64),
-        connection_cpu_s,
+        connection_busy_s,
         failed_cpu_share,
         server_peak_rss_mib: options
             .server_pid
@@ -350,7 +350,7 @@ async fn preseal(client: &KmsClient, options: &StormOptions) -> Result<Vec<Node>
         .collect())
 }
 
-/// The server's connection CPU seconds by outcome, from its metrics endpoint.
+/// The time the server spent on its connections, by outcome, from its metrics endpoint.
 async fn scrape(address: &str) -> Result<BTreeMap<String, f64>, BenchError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let failed = |problem: String| {
@@ -372,7 +372,7 @@ async fn scrape(address: &str) -> Result<BTreeMap<String, f64>, BenchError> {
         .await
         .map_err(|_| failed("no answer within 10 s".into()))?
         .map_err(|e| failed(e.to_string()))?;
-    let prefix = "talos_kms_connection_cpu_seconds_total{outcome=\"";
+    let prefix = "talos_kms_connection_busy_seconds_total{outcome=\"";
     let by_outcome: BTreeMap<String, f64> = text
         .lines()
         .filter_map(|line| {

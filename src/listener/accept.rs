@@ -1,8 +1,8 @@
 //! The accept loop: who is let in, and a slot for each connection it spawns a handler for.
 
+use super::busy_time::{self, Outcome};
 use super::call::MAX_WATCHES;
 use super::connection::Handler;
-use super::cpu_time::{self, Outcome};
 use super::handshake_failures::SUMMARY_INTERVAL;
 use super::refusals::{self, Kind};
 use super::shedding::{AnswerTimes, HandshakeQueue};
@@ -211,7 +211,7 @@ impl Listener {
             let metrics = Arc::clone(&self.metrics);
             metrics.connection_opened();
             tokio::spawn(async move {
-                cpu_time::measured(handler.run(socket, first_look), &outcome, &metrics).await;
+                busy_time::measured(handler.run(socket, first_look), &outcome, &metrics).await;
                 metrics.connection_closed();
                 drop(permit);
             });

@@ -2,7 +2,7 @@
 //! busy while the call is in flight, `callTimeout`, the bound on health Watches, and the
 //! executor that answers a call in the poll that reads it.
 
-use super::cpu_time::Outcome;
+use super::busy_time::Outcome;
 use super::shedding::{self, AnswerTimes};
 use super::slots::{Busy, Slot};
 use super::write_batch::{Answering, Unanswered};

@@ -1,8 +1,8 @@
 //! One connection's life: its PROXY header when from a trusted proxy, the TLS handshake
 //! (its costly step a few connections at a time), then HTTP/2 until it closes.
 
+use super::busy_time::Outcome;
 use super::call::{Cuts, InlineFirst, WithPeer};
-use super::cpu_time::Outcome;
 use super::handshake_failures::Reason;
 use super::refusals::{self, Kind};
 use super::shedding::{AnswerTimes, HandshakeQueue};

@@ -19,9 +19,9 @@
 //! its answer joins it.
 
 mod accept;
+mod busy_time;
 mod call;
 mod connection;
-mod cpu_time;
 mod handshake_failures;
 mod limits;
 pub mod metrics;
