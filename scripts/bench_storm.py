@@ -9,7 +9,8 @@ Usage: scripts/bench_storm.py [--new BIN] [--old BIN] [--runs 3] [--shapes 10000
 
 After each storm, the same server measures its CPU per fresh-connection unseal (c=8), the
 unit of the issue's target: every volume unsealed within 1.15 x (calls x that) plus one
-retry interval. Writes one JSON line per storm to OUT/storm.jsonl, each storm's timeline to
+retry interval, and of a figure both builds have: the share of the server's CPU beyond what
+the needed unseals cost (an older build has no talos_kms_connection_busy_seconds). Writes one JSON line per storm to OUT/storm.jsonl, each storm's timeline to
 OUT/<build>-<shape>-<run>.csv, and the plot OUT/storm.svg (scripts/storm_plot.py).
 Everything runs on loopback (nodes from 127.1.0.0/16), in a temporary directory removed at
 the end.
@@ -112,9 +113,13 @@ def main():
                                 os.remove(database + suffix)
                     calls_needed = nodes * volumes
                     bound = 1.15 * calls_needed * unit["server_cpu_us_per_call"] / 1e6
+                    # Comparable across builds (an older one has no metric of its own): the
+                    # server's CPU beyond what the needed unseals cost at normal load.
+                    needed_s = calls_needed * unit["server_cpu_us_per_call"] / 1e6
                     storm.update(build=name, run=run, timeline=os.path.basename(timeline),
                                  unseal_cpu_us=unit["server_cpu_us_per_call"],
-                                 target_s=bound + float(args.retry_after))
+                                 target_s=bound + float(args.retry_after),
+                                 beyond_needed_share=max(0.0, 1 - needed_s / storm["server_cpu_s"]))
                     results.write(json.dumps(storm) + "\n")
                     results.flush()
                     share = storm.get("failed_cpu_share")
@@ -123,7 +128,8 @@ def main():
                           f"{storm['calls']} calls, {storm['timeouts']} past deadline, "
                           f"{storm['retries']} retries, errors {storm['errors']}; server CPU "
                           f"{storm['server_cpu_s']:.1f} s, on failed calls "
-                          f"{'-' if share is None else f'{share * 100:.1f} %'}; peak RSS "
+                          f"{'-' if share is None else f'{share * 100:.1f} %'} (beyond the needed "
+                          f"unseals {storm['beyond_needed_share'] * 100:.1f} %); peak RSS "
                           f"{storm['server_peak_rss_mib']:.1f} MiB; mismatches {storm['mismatches']}; "
                           f"unseal {unit['server_cpu_us_per_call']:.0f} µs",
                           flush=True)

@@ -138,8 +138,8 @@ pub struct StormReport {
     /// Time the server spent working on its connections during the storm, by outcome (its
     /// `connection_busy_seconds` metric: their CPU time).
     pub connection_busy_s: Option<BTreeMap<String, f64>>,
-    /// Share of the server's CPU time spent on connections whose calls did not succeed
-    /// (outcomes refused and no_call), of its whole CPU time when --server-pid is given.
+    /// Share of the server's work on connections spent on those whose calls did not succeed
+    /// (outcomes refused and no_call, of all of `connection_busy_s`).
     pub failed_cpu_share: Option<f64>,
     /// The server's peak resident memory (VmHWM) since it started.
     pub server_peak_rss_mib: Option<f64>,
