@@ -146,6 +146,7 @@ impl Service<http::Request<Incoming>> for WithPeer {
         };
         Answer {
             kind,
+            slot: Arc::clone(&self.slot),
             in_flight,
             answering: Some(self.unanswered.call()),
             watch,
@@ -172,6 +173,7 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
 /// whole then; a health `Watch` stays busy while its stream lasts.
 pub struct Answer<F, H> {
     kind: AnswerKind<F, H>,
+    slot: Arc<Slot>,
     in_flight: Option<Busy>,
     answering: Option<Answering>,
     /// A Watch's place among [`MAX_WATCHES`], held while its stream lasts.
@@ -306,6 +308,9 @@ where
                 AnswerKind::Grpc(..) => this.outcome.answered(is_ok(response)),
                 AnswerKind::Refused(_) => this.outcome.answered(false),
                 AnswerKind::Health(_) => {}
+            }
+            if !matches!(this.kind, AnswerKind::Health(_)) {
+                this.slot.answered();
             }
             if let Some(timed) = this.timed.take() {
                 timed.times.took(timed.seal, timed.began.elapsed());

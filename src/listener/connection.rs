@@ -271,6 +271,7 @@ async fn handshake(
     }
     let accept = hello.into_stream(Arc::clone(tls.config()));
     drop(turn);
+    slot.paid();
     busy_until_waiting(accept, computing)
         .await
         .map(Handshake::Done)
