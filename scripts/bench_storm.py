@@ -98,6 +98,7 @@ def main():
                     database = os.path.join(work, f"{name}.db")
                     shutil.copyfile(base, database)
                     server = Server(binary, work, cert, database)
+                    load_before = open("/proc/loadavg").read().split()[0]
                     try:
                         timeline = os.path.join(args.out, f"{name}-{nodes}x{volumes}-{run}.csv")
                         storm = bench(args.new, server, ca, "--mode", "storm", "--nodes", nodes,
@@ -116,6 +117,11 @@ def main():
                     # Comparable across builds (an older one has no metric of its own): the
                     # server's CPU beyond what the needed unseals cost at normal load.
                     needed_s = calls_needed * unit["server_cpu_us_per_call"] / 1e6
+                    # The machine may be shared: how busy it was, and how much of its core
+                    # the server had while the storm lasted.
+                    storm.update(load_before=float(load_before),
+                                 load_after=float(open("/proc/loadavg").read().split()[0]),
+                                 server_core_share=storm["server_cpu_s"] / storm["time_to_all_unsealed_s"])
                     storm.update(build=name, run=run, timeline=os.path.basename(timeline),
                                  unseal_cpu_us=unit["server_cpu_us_per_call"],
                                  target_s=bound + float(args.retry_after),
@@ -131,7 +137,8 @@ def main():
                           f"{'-' if share is None else f'{share * 100:.1f} %'} (beyond the needed "
                           f"unseals {storm['beyond_needed_share'] * 100:.1f} %); peak RSS "
                           f"{storm['server_peak_rss_mib']:.1f} MiB; mismatches {storm['mismatches']}; "
-                          f"unseal {unit['server_cpu_us_per_call']:.0f} µs",
+                          f"unseal {unit['server_cpu_us_per_call']:.0f} µs; client CPU "
+                          f"{storm['client_cpu_s']:.1f} s; load {storm['load_before']}→{storm['load_after']}",
                           flush=True)
     finally:
         results.close()
