@@ -211,7 +211,8 @@ impl Listener {
             let metrics = Arc::clone(&self.metrics);
             metrics.connection_opened();
             tokio::spawn(async move {
-                busy_time::measured(handler.run(socket, first_look), &outcome, &metrics).await;
+                let run = std::pin::pin!(handler.run(socket, first_look));
+                busy_time::measured(run, &outcome, &metrics).await;
                 metrics.connection_closed();
                 drop(permit);
             });

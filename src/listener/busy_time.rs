@@ -38,11 +38,17 @@ impl Outcome {
     }
 }
 
-/// Runs `task`, then counts the time its polls took under the outcome it left.
-pub async fn measured(task: impl Future<Output = ()>, outcome: &Outcome, metrics: &Metrics) {
+/// Runs `task`, then counts the time its polls took under the outcome it left. The task
+/// comes pinned where its caller made it: taken by value, it would be stored twice in this
+/// future (the argument and the pinned copy), a connection's whole state over again.
+pub async fn measured<F: Future<Output = ()>>(
+    task: Pin<&mut F>,
+    outcome: &Outcome,
+    metrics: &Metrics,
+) {
     let mut spent = Duration::ZERO;
     Timed {
-        task: std::pin::pin!(task),
+        task,
         spent: &mut spent,
     }
     .await;
@@ -84,7 +90,7 @@ mod tests {
             }
             tokio::task::yield_now().await;
         };
-        measured(busy, &outcome, &metrics).await;
+        measured(std::pin::pin!(busy), &outcome, &metrics).await;
         assert_eq!(outcome.label(), "answered");
         let text = metrics.encode_openmetrics();
         let line = text
