@@ -56,9 +56,9 @@ impl Kind {
                  summed up once a minute"
             }
             Kind::Full => {
-                "every connection slot was taken: closed the connection that had waited \
-                 longest on its client to admit a new one (raise maxConnections if this \
-                 happens without an attack); more are summed up once a minute"
+                "every connection slot was taken: closed a connection waiting on its client \
+                 to admit a new one (raise maxConnections if this happens without an attack); \
+                 more are summed up once a minute"
             }
             Kind::ProxyUntrusted => {
                 "PROXY protocol header from an address that is not in trustedProxies: \

@@ -3,10 +3,12 @@
 //! A slot is *busy* while the server owes its connection work: a ClientHello or request it
 //! has not read yet, a handshake queued for or inside its computation, a call in flight. It
 //! is *waiting* otherwise: on its client's next bytes (the ClientHello, the handshake's
-//! Finished, a request). Only waiting connections are closed to make room, the one that
-//! has waited longest first, so that connections that hold a slot without using it (silent
-//! sockets, slowloris, idle TLS connections) cannot lock nodes out; and a connection that
-//! has waited for [`ListenerLimits::idle_timeout`](super::ListenerLimits) is closed anyway.
+//! Finished, a request). Only waiting connections are closed to make room, those whose
+//! close throws least away first (an answered call's, then one whose handshake the server
+//! has not computed yet), the longest-waiting of them, so that connections that hold a
+//! slot without using it (silent sockets, slowloris, idle TLS connections) cannot lock
+//! nodes out; and a connection that has waited for
+//! [`ListenerLimits::idle_timeout`](super::ListenerLimits) is closed anyway.
 //!
 //! The request path only touches one connection's atomics ([`Busy`]); the registry's lock
 //! is taken when a connection opens or closes, and for eviction, which scans it.
