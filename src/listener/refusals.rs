@@ -19,7 +19,7 @@ pub enum Kind {
     /// Over `maxConnectionsPerAddress`: the new one refused, or the address's own waiting
     /// connection closed to admit it.
     PerAddress,
-    /// Every slot taken: the connection that waited longest on its client was closed.
+    /// Every slot taken: a connection waiting on its client was closed.
     Full,
     /// A PROXY protocol header from an address outside `trustedProxies`.
     ProxyUntrusted,
