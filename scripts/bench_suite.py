@@ -534,7 +534,7 @@ def main():
         # Target 5: the storm, with the server's peak memory.
         server = Server(work, certs["p256"], db("storm.db"))
         nodes = 200 if opts.quick else 2000
-        storm = keep(bench(server, ca, "--mode", "storm", "--nodes", nodes, "--volumes", 2, experiment="storm"))
+        storm = keep(bench(server, ca, "--mode", "storm", "--nodes", nodes, "--volumes", 2, "--retry-after", 1, experiment="storm"))
         peak = server.rss_kib("VmHWM")
         server.stop()
         summary.append(f"\n## Target 5: storm, {nodes} nodes x 2 volumes\n")
@@ -566,7 +566,7 @@ def overload(work, ca, runs, quick, keep, summary, db):
         try:
             floor = keep(bench(server, ca, "--mode", "handshake", "--concurrency", 16, "--duration", 3,
                                cpus="1", experiment="overload-floor", run=r))
-            storm = keep(bench(server, ca, "--mode", "storm", "--nodes", nodes, "--volumes", 2, cpus="1",
+            storm = keep(bench(server, ca, "--mode", "storm", "--nodes", nodes, "--volumes", 2, "--retry-after", 1, cpus="1",
                                experiment="overload", run=r))
             storm["needed_s"] = nodes * 2 * floor["server_cpu_us_per_call"] / 1e6
             storm["peak_kib"] = server.rss_kib("VmHWM")

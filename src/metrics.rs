@@ -46,6 +46,11 @@ struct KeyVersionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -59,6 +64,8 @@ pub struct Metrics {
     connections_open: Gauge,
     connections_refused: Family<StaticReason, Counter>,
     connections_dropped: Family<StaticReason, Counter>,
+    connections_ended: Family<OutcomeLabel, Counter>,
+    connection_busy: Family<OutcomeLabel, Counter<f64, AtomicU64>>,
     records: Gauge,
     pending_approvals: Gauge,
     store_up: Gauge,
@@ -135,6 +142,23 @@ impl Metrics {
              (per_address) was taken",
             connections_dropped.clone(),
         );
+        let connections_ended = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "connections_ended",
+            "Connections closed, by how their calls went: a Seal or Unseal answered OK \
+             (answered, decoys included), only refused ones (refused), or none (no_call: \
+             refused or failed handshakes, clients that left, health checks)",
+            connections_ended.clone(),
+        );
+        let connection_busy = Family::<OutcomeLabel, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "connection_busy_seconds",
+            "Time the server's threads spent working on connections (every poll of their \
+             tasks: TLS handshake, HTTP/2, calls answered without waiting; polls never wait, \
+             so this is their CPU time), by outcome as in connections_ended; in a storm, \
+             refused and no_call are the work spent on calls that did not succeed",
+            connection_busy.clone(),
+        );
         let records = Gauge::default();
         registry.register(
             "records",
@@ -208,6 +232,8 @@ impl Metrics {
             connections_open,
             connections_refused,
             connections_dropped,
+            connections_ended,
+            connection_busy,
             records,
             pending_approvals,
             store_up,
@@ -280,6 +306,15 @@ impl Metrics {
         self.connections_dropped
             .get_or_create(&StaticReason { reason })
             .inc();
+    }
+
+    /// A connection ended; `outcome` as in the metric's help.
+    pub fn connection_ended(&self, outcome: &'static str, busy: Duration) {
+        let label = OutcomeLabel { outcome };
+        self.connections_ended.get_or_create(&label).inc();
+        self.connection_busy
+            .get_or_create(&label)
+            .inc_by(busy.as_secs_f64());
     }
 
     pub fn store(&self, up: bool, records: Option<u64>, pending_approvals: Option<usize>) {

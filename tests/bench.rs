@@ -122,19 +122,69 @@ fn bench_measures_every_mode_and_checks_every_answer() {
     );
     assert_eq!(report["mismatches"], 0);
 
+    drop(running);
+}
+
+#[test]
+fn a_small_storm_unseals_every_volume_each_node_from_its_own_address() {
+    let running = Running::start("metricsAddress: 127.0.0.1:0\n");
+    let timeline = running.dir.path().join("timeline.csv");
+    let metrics = running.server.metrics_address();
     let storm = bench(
-        server,
-        &ca,
-        &["--mode", "storm", "--nodes", "20", "--volumes", "2"],
+        &running.server,
+        &running.pki.ca,
+        &[
+            "--mode",
+            "storm",
+            "--nodes",
+            "20",
+            "--volumes",
+            "2",
+            "--retry-after",
+            "0.2",
+            "--metrics",
+            &metrics,
+            "--timeline",
+            timeline.to_str().unwrap(),
+        ],
     );
+    assert_eq!(storm["volumes_unsealed"], 40, "{storm}");
     assert_eq!(storm["volumes_left_locked"], 0, "{storm}");
     assert_eq!(storm["mismatches"], 0, "{storm}");
-    assert!(storm["calls"].as_u64().unwrap() >= 40, "{storm}");
+    assert_eq!(storm["sources"], "127.1.0.0/16", "{storm}");
+    assert_eq!(storm["retry_after_s"], 0.2, "{storm}");
+    let calls = storm["calls"].as_u64().unwrap();
+    assert_eq!(calls, 40 + storm["retries"].as_u64().unwrap(), "{storm}");
+    assert!(storm["server_cpu_s"].as_f64().unwrap() > 0.0, "{storm}");
+    let rss = storm["server_peak_rss_mib"].as_f64().unwrap();
+    assert!((1.0..1024.0).contains(&rss), "{storm}");
     assert!(
-        storm["time_to_all_unsealed_s"].as_f64().unwrap() > 0.0,
+        storm["connection_busy_s"]["answered"].as_f64().unwrap() > 0.0,
         "{storm}"
     );
-    drop(running);
+    let share = storm["failed_cpu_share"].as_f64().unwrap();
+    assert!((0.0..1.0).contains(&share), "{storm}");
+
+    // The timeline ends with every volume open.
+    let csv = std::fs::read_to_string(&timeline).unwrap();
+    assert!(csv.starts_with("seconds,unsealed\n"), "{csv}");
+    let last = csv.lines().last().unwrap();
+    assert!(last.ends_with(",40"), "{csv}");
+
+    // Each node called from an address of its own, as the audit trail saw them.
+    let trail =
+        std::fs::read_to_string(running.dir.path().join("talos-kms-server-audit.jsonl")).unwrap();
+    let peers: std::collections::BTreeSet<String> = trail
+        .lines()
+        .filter(|line| line.contains(r#""action":"unseal""#))
+        .filter_map(|line| {
+            let value: Value = serde_json::from_str(line).ok()?;
+            Some(value["peer"].as_str()?.to_string())
+        })
+        .collect();
+    let expected: std::collections::BTreeSet<String> =
+        (1..=20).map(|n| format!("127.1.0.{n}")).collect();
+    assert_eq!(peers, expected);
 }
 
 #[test]

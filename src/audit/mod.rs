@@ -72,6 +72,8 @@ pub enum Reason {
     Pinned,
     /// The request never finished arriving within `callTimeout`.
     CallTimeout,
+    /// The call's `grpc-timeout` passed before such a call is answered: not started.
+    DeadlineTooShort,
 }
 
 impl Action {
@@ -112,6 +114,7 @@ impl Reason {
             Reason::Denied => "denied",
             Reason::Pinned => "pinned",
             Reason::CallTimeout => "call_timeout",
+            Reason::DeadlineTooShort => "deadline_too_short",
         }
     }
 }
@@ -145,6 +148,7 @@ impl std::fmt::Display for Reason {
             Reason::Denied => "denied",
             Reason::Pinned => "pinned to another address",
             Reason::CallTimeout => "call timeout",
+            Reason::DeadlineTooShort => "deadline too short",
         })
     }
 }

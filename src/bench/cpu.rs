@@ -1,4 +1,4 @@
-//! CPU time of a process, all threads (live and exited), user plus system, from /proc.
+//! CPU time and peak memory of a process, from /proc; pinning this one to a CPU.
 
 use std::time::Duration;
 
@@ -40,15 +40,65 @@ impl CpuMeter {
         })
     }
 
+    /// CPU time used since `start`.
+    pub fn used(&self) -> Result<Duration, String> {
+        Ok(cpu_time(&self.pid)?.saturating_sub(self.start))
+    }
+
     /// Microseconds of CPU per call since `start`.
     pub fn per_call_us(&self, calls: u64) -> Result<f64, String> {
-        let used = cpu_time(&self.pid)?.saturating_sub(self.start);
-        Ok(used.as_micros() as f64 / calls.max(1) as f64)
+        Ok(self.used()?.as_micros() as f64 / calls.max(1) as f64)
     }
+}
+
+/// The most memory process `pid` has held at once (VmHWM), in bytes.
+pub fn peak_rss(pid: &str) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| format!("{path}: no VmHWM line"))
+}
+
+/// Pins every thread of this process (and so the threads they start) to CPU `cpu`, as
+/// `taskset -c CPU` would have from the start.
+pub fn pin_to(cpu: usize) -> Result<(), String> {
+    use rustix::process::Pid;
+    use rustix::thread::{CpuSet, sched_setaffinity};
+    if cpu >= CpuSet::MAX_CPU {
+        return Err(format!("CPU {cpu} does not exist"));
+    }
+    let mut set = CpuSet::new();
+    set.set(cpu);
+    let tasks =
+        std::fs::read_dir("/proc/self/task").map_err(|e| format!("/proc/self/task: {e}"))?;
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+            .and_then(Pid::from_raw)
+        else {
+            continue;
+        };
+        sched_setaffinity(Some(tid), &set)
+            .map_err(|e| format!("cannot pin the client to CPU {cpu}: {e}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn own_peak_memory_is_readable() {
+        let peak = super::peak_rss("self").unwrap();
+        assert!(peak > 1024 * 1024, "{peak}");
+    }
+
     #[test]
     fn own_cpu_time_is_readable_and_grows() {
         let before = super::cpu_time("self").unwrap();

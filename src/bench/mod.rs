@@ -8,9 +8,9 @@ mod report;
 mod storm;
 pub mod volumes;
 
-pub use cpu::CpuMeter;
+pub use cpu::{CpuMeter, pin_to};
 pub use report::{Latency, Report, StormReport};
-pub use storm::storm;
+pub use storm::{StormOptions, TALOS_RETRY_AFTER, storm};
 
 use crate::client::{ClientError, Connection, KmsClient, random_passphrase, random_uuid};
 use std::collections::BTreeMap;
@@ -37,8 +37,9 @@ pub enum Mode {
     /// TCP connection that sends nothing, until the server closes it: against a server whose
     /// allow-lists exclude --source-ip, what a refused connection costs; adds nothing.
     Connect,
-    /// --nodes nodes booting at once, each unsealing --volumes volumes, with retries; adds
-    /// nodes x volumes records first, none with --volumes-from.
+    /// --nodes nodes booting at once as Talos nodes do (each from its own address, volumes
+    /// one after the other, 10 s per call, a retry --retry-after a failure); adds nodes x
+    /// volumes records first, none with --volumes-from.
     Storm,
 }
 

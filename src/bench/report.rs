@@ -112,11 +112,17 @@ pub struct StormReport {
     pub nodes: usize,
     /// Volumes per node (the most of any node, with --volumes-from).
     pub volumes: usize,
+    /// The network the nodes' source addresses were taken from; `None`: one address.
+    pub sources: Option<String>,
+    pub retry_after_s: f64,
     /// From the moment every node starts until the last volume is unsealed.
     pub time_to_all_unsealed_s: f64,
     pub calls: u64,
+    /// Calls past their 10 s deadline.
     pub timeouts: u64,
     pub other_errors: u64,
+    /// Failed calls by kind, timeouts included.
+    pub errors: BTreeMap<String, u64>,
     /// What the first failed call said.
     pub first_error: Option<String>,
     pub retries: u64,
@@ -126,28 +132,75 @@ pub struct StormReport {
     /// Volumes still locked when the storm's time limit ran out.
     pub volumes_left_locked: u64,
     pub latency: Latency,
+    /// The server's CPU time during the storm (all threads, from /proc).
+    pub server_cpu_s: Option<f64>,
     pub server_cpu_us_per_call: Option<f64>,
+    /// Time the server spent working on its connections during the storm, by outcome (its
+    /// `connection_busy_seconds` metric: their CPU time).
+    pub connection_busy_s: Option<BTreeMap<String, f64>>,
+    /// Share of the server's work on connections spent on those whose calls did not succeed
+    /// (outcomes refused and no_call, of all of `connection_busy_s`).
+    pub failed_cpu_share: Option<f64>,
+    /// The server's peak resident memory (VmHWM) since it started.
+    pub server_peak_rss_mib: Option<f64>,
+    pub client_cpu_s: f64,
+    /// When each volume opened, in µs from the start, in order: for `--timeline`.
+    #[serde(skip)]
+    pub opened_us: Vec<u64>,
+}
+
+impl StormReport {
+    /// Volumes unsealed by the end of each `step` of the storm, as CSV.
+    pub fn timeline_csv(&self, step: std::time::Duration) -> String {
+        let step_us = step.as_micros().max(1) as u64;
+        let end = self.opened_us.last().copied().unwrap_or(0);
+        let mut csv = String::from("seconds,unsealed\n");
+        let mut opened = self.opened_us.iter().peekable();
+        let mut count = 0u64;
+        let mut at = 0u64;
+        loop {
+            while opened.next_if(|&&t| t <= at).is_some() {
+                count += 1;
+            }
+            csv.push_str(&format!("{:.3},{count}\n", at as f64 / 1e6));
+            if at >= end {
+                return csv;
+            }
+            at += step_us;
+        }
+    }
 }
 
 impl fmt::Display for StormReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sources = self.sources.as_deref().map_or_else(
+            || "one source address".into(),
+            |s| format!("nodes from {s}"),
+        );
         writeln!(
             f,
-            "storm: {} nodes x {} volumes, fresh connections, 10 s deadline per call",
-            self.nodes, self.volumes
+            "storm: {} nodes x {} volumes, {sources}, fresh connections, 10 s deadline per \
+             call, retry after {} s",
+            self.nodes, self.volumes, self.retry_after_s
         )?;
         writeln!(
             f,
-            "  all unsealed in   {:.2} s",
-            self.time_to_all_unsealed_s
+            "  all unsealed in   {:.2} s ({} of {} volumes)",
+            self.time_to_all_unsealed_s,
+            self.volumes_unsealed,
+            self.volumes_unsealed + self.volumes_left_locked
         )?;
         writeln!(
             f,
             "  calls             {} ({} retries)",
             self.calls, self.retries
         )?;
-        writeln!(f, "  timed out         {}", self.timeouts)?;
-        writeln!(f, "  other errors      {}", self.other_errors)?;
+        writeln!(f, "  past deadline     {}", self.timeouts)?;
+        write!(f, "  other errors      {}", self.other_errors)?;
+        for (kind, count) in self.errors.iter().filter(|(kind, _)| *kind != "timeout") {
+            write!(f, "  {kind}: {count}")?;
+        }
+        writeln!(f)?;
         if let Some(error) = &self.first_error {
             writeln!(f, "  first error       {error}")?;
         }
@@ -161,10 +214,35 @@ impl fmt::Display for StormReport {
             ms(l.p99_us),
             ms(l.max_us)
         )?;
-        write!(
-            f,
-            "  server CPU/call   {}",
-            server_cpu(self.server_cpu_us_per_call)
-        )
+        match self.server_cpu_s {
+            Some(cpu) => writeln!(
+                f,
+                "  server CPU        {cpu:.2} s, {}/call",
+                server_cpu(self.server_cpu_us_per_call)
+            )?,
+            None => writeln!(f, "  server CPU        (give --server-pid)")?,
+        }
+        match (&self.connection_busy_s, self.failed_cpu_share) {
+            (Some(by_outcome), Some(share)) => {
+                write!(f, "  on failed calls   {:.1} % (", share * 100.0)?;
+                let parts: Vec<String> = by_outcome
+                    .iter()
+                    .map(|(outcome, s)| format!("{outcome} {s:.2} s"))
+                    .collect();
+                writeln!(f, "{})", parts.join(", "))?;
+            }
+            (Some(_), None) => writeln!(
+                f,
+                "  on failed calls   (the server exports no talos_kms_connection_busy_seconds)"
+            )?,
+            (None, _) => writeln!(
+                f,
+                "  on failed calls   (give --metrics, the server's metricsAddress)"
+            )?,
+        }
+        if let Some(rss) = self.server_peak_rss_mib {
+            writeln!(f, "  server peak RSS   {rss:.1} MiB")?;
+        }
+        write!(f, "  client CPU        {:.2} s", self.client_cpu_s)
     }
 }

@@ -1,6 +1,7 @@
 //! `bench`: measure a KMS endpoint the way Talos uses it.
 
 use super::client::Target;
+use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,7 +17,17 @@ one per seal; unseal, mixed and storm first seal the volumes they unseal (--node
   talos-kms-server bench --endpoint URL --mode unseal --volumes-from vols.jsonl
 
 fill adds its records (nodes fill-...) to the server's database file directly, once;
-where it cannot, `client seal --output json >> vols.jsonl` makes volumes one at a time.")]
+where it cannot, `client seal --output json >> vols.jsonl` makes volumes one at a time.
+
+Storm: Talos nodes after a power cut, as Talos behaves (docs/protocol.md §2): every node
+starts at once from its own source address (--sources; on loopback 127.1.0.0/16 by default,
+which Linux routes to lo), unseals its volumes one after the other, each call on a fresh
+connection with a 10 s deadline (sent as grpc-timeout), and tries a failed call again after
+--retry-after (30 s, as Talos). The volumes are sealed first from the same addresses. It
+reports the time until every volume is unsealed, calls past their deadline, retries, the
+server's CPU time (--server-pid) and peak memory, and the share of that CPU spent on calls
+that did not succeed (--metrics, the server's metricsAddress). Pin the server and the client
+to a core each, e.g. `taskset -c 0 talos-kms-server ...` and `bench --cpu 1`.")]
 pub struct Args {
     #[command(flatten)]
     target: Target,
@@ -48,9 +59,28 @@ pub struct Args {
     /// seal --output json`) instead of sealing new ones: adds no record.
     #[arg(long, value_name = "FILE")]
     volumes_from: Option<PathBuf>,
-    /// Server process to measure CPU time of (from /proc).
+    /// Server process to measure CPU time (and, for storm, peak memory) of, from /proc.
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
+    /// Storm: each node calls from an address of its own in this network (node n from its
+    /// n+1-th address). Default against a loopback endpoint: 127.1.0.0/16; elsewhere, and
+    /// with --volumes-from, every node calls from --source-ip or the default route's address.
+    #[arg(long, value_name = "CIDR")]
+    sources: Option<ipnet::IpNet>,
+    /// Storm: how long a node waits before trying a failed call again (Talos: 30 s).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    retry_after: Option<Duration>,
+    /// Storm: the server's metrics address (host:port of its metricsAddress), to report the
+    /// share of its CPU spent on calls that did not succeed.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
+    /// Storm: write the volumes unsealed over time to FILE, as CSV (seconds,unsealed, every
+    /// 100 ms).
+    #[arg(long, value_name = "FILE")]
+    timeline: Option<PathBuf>,
+    /// Pin this client to one CPU (e.g. the core the server is not pinned to).
+    #[arg(long, value_name = "CPU")]
+    cpu: Option<usize>,
     /// A table for people, or one JSON object for scripts.
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -64,6 +94,15 @@ enum Output {
     Json,
 }
 
+/// Whether the endpoint's host is a loopback address (or `localhost`).
+fn is_loopback(client: &talos_kms_server::client::KmsClient) -> bool {
+    let host = &client.options().endpoint.host;
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() && ip.is_ipv4())
+}
+
 fn parse_seconds(text: &str) -> Result<Duration, String> {
     let seconds = text
         .trim_end_matches('s')
@@ -72,7 +111,16 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
 }
 
+/// Where storm nodes call from when --sources is not given: addresses of their own on a
+/// loopback endpoint, where Linux routes all of 127/8 to lo.
+const LOOPBACK_SOURCES: &str = "127.1.0.0/16";
+/// The resolution of --timeline.
+const TIMELINE_STEP: Duration = Duration::from_millis(100);
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(cpu) = args.cpu {
+        bench::pin_to(cpu).map_err(anyhow::Error::msg)?;
+    }
     let client = args.target.client()?;
     let volumes = match &args.volumes_from {
         Some(path) => Some(bench::volumes::read(path)?),
@@ -80,8 +128,31 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     // (report as text, as JSON, whether any call succeeded, the first error)
     let (text, json, succeeded, first_error) = if args.mode == Mode::Storm {
-        let report =
-            bench::storm(client, args.nodes, args.volumes, volumes, args.server_pid).await?;
+        let sources = match (args.sources, &volumes) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "--sources and --volumes-from do not go together: volumes from a file are \
+                 bound to the one address they were sealed from (--source-ip)"
+            ),
+            (Some(sources), None) => Some(sources),
+            (None, None) if client.options().source_ip.is_none() && is_loopback(&client) => {
+                Some(LOOPBACK_SOURCES.parse()?)
+            }
+            (None, _) => None,
+        };
+        let options = bench::StormOptions {
+            nodes: args.nodes,
+            volumes: args.volumes,
+            given: volumes,
+            sources,
+            retry_after: args.retry_after.unwrap_or(bench::TALOS_RETRY_AFTER),
+            server_pid: args.server_pid,
+            metrics: args.metrics.clone(),
+        };
+        let report = bench::storm(client, options).await?;
+        if let Some(path) = &args.timeline {
+            std::fs::write(path, report.timeline_csv(TIMELINE_STEP))
+                .with_context(|| format!("cannot write the timeline {}", path.display()))?;
+        }
         let succeeded = report.volumes_unsealed > 0;
         let first_error = report.first_error.clone();
         (

@@ -84,6 +84,7 @@ impl ClientOptions {
     }
 }
 
+#[derive(Clone)]
 pub struct KmsClient {
     options: ClientOptions,
     tls: Option<(TlsConnector, ServerName<'static>)>,
@@ -96,6 +97,9 @@ pub struct Connection {
     grpc: KMSServiceClient<H2>,
     sender: SendRequest<tonic::body::Body>,
     endpoint: Arc<str>,
+    /// The deadline each call's `grpc-timeout` tells the server, as grpc-go sends its
+    /// context's: a fresh call's is its dial plus the client's timeout. `None`: no header.
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl KmsClient {
@@ -136,7 +140,12 @@ impl KmsClient {
     /// Seals `passphrase` on a fresh connection, like a Talos node at first boot.
     pub async fn seal(&self, node_uuid: &str, passphrase: &[u8]) -> Result<Vec<u8>, ClientError> {
         let result = self
-            .deadline(async { self.connect_now().await?.seal(node_uuid, passphrase).await })
+            .deadline(async {
+                self.connect_fresh()
+                    .await?
+                    .seal(node_uuid, passphrase)
+                    .await
+            })
             .await;
         self.explain(result).await
     }
@@ -144,7 +153,7 @@ impl KmsClient {
     /// Unseals `sealed` on a fresh connection, like a Talos node at boot.
     pub async fn unseal(&self, node_uuid: &str, sealed: &[u8]) -> Result<Vec<u8>, ClientError> {
         let result = self
-            .deadline(async { self.connect_now().await?.unseal(node_uuid, sealed).await })
+            .deadline(async { self.connect_fresh().await?.unseal(node_uuid, sealed).await })
             .await;
         self.explain(result).await
     }
@@ -263,6 +272,26 @@ impl KmsClient {
             .unwrap_or(Err(ClientError::Timeout(self.options.timeout)))
     }
 
+    /// A connection for one call, whose deadline counts from now, as a node's does.
+    async fn connect_fresh(&self) -> Result<Connection, ClientError> {
+        let deadline = tokio::time::Instant::now() + self.options.timeout;
+        let mut connection = self.connect_now().await?;
+        connection.deadline = Some(deadline);
+        Ok(connection)
+    }
+
+    /// This client, calling from `source` instead (a node of its own in a storm).
+    pub fn from_source(&self, source: IpAddr) -> KmsClient {
+        KmsClient {
+            options: ClientOptions {
+                source_ip: Some(source),
+                ..self.options.clone()
+            },
+            tls: self.tls.clone(),
+            origin: self.origin.clone(),
+        }
+    }
+
     async fn connect_now(&self) -> Result<Connection, ClientError> {
         let tcp = self.tcp().await?;
         let sender = match &self.tls {
@@ -276,6 +305,7 @@ impl KmsClient {
             grpc: KMSServiceClient::with_origin(H2(sender.clone()), self.origin.clone()),
             sender,
             endpoint: self.options.endpoint.to_string().into(),
+            deadline: None,
         })
     }
 
@@ -394,10 +424,7 @@ impl Connection {
         passphrase: &[u8],
     ) -> Result<Vec<u8>, ClientError> {
         self.ready().await?;
-        let request = proto::Request {
-            node_uuid: node_uuid.to_string(),
-            data: passphrase.to_vec(),
-        };
+        let request = self.request(node_uuid, passphrase);
         let response = self
             .grpc
             .seal(request)
@@ -408,16 +435,29 @@ impl Connection {
 
     pub async fn unseal(&mut self, node_uuid: &str, sealed: &[u8]) -> Result<Vec<u8>, ClientError> {
         self.ready().await?;
-        let request = proto::Request {
-            node_uuid: node_uuid.to_string(),
-            data: sealed.to_vec(),
-        };
+        let request = self.request(node_uuid, sealed);
         let response = self
             .grpc
             .unseal(request)
             .await
             .map_err(|status| self.status_error(status))?;
         Ok(std::mem::take(&mut response.into_inner().data))
+    }
+
+    /// Sets the deadline the next calls tell the server (`grpc-timeout`).
+    pub fn set_deadline(&mut self, deadline: tokio::time::Instant) {
+        self.deadline = Some(deadline);
+    }
+
+    fn request(&self, node_uuid: &str, data: &[u8]) -> tonic::Request<proto::Request> {
+        let mut request = tonic::Request::new(proto::Request {
+            node_uuid: node_uuid.to_string(),
+            data: data.to_vec(),
+        });
+        if let Some(deadline) = self.deadline {
+            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        }
+        request
     }
 
     /// Waits until the connection can take a call. The generated client would turn a broken

@@ -1,9 +1,11 @@
 //! The accept loop: who is let in, and a slot for each connection it spawns a handler for.
 
+use super::busy_time::{self, Outcome};
 use super::call::MAX_WATCHES;
 use super::connection::Handler;
 use super::handshake_failures::SUMMARY_INTERVAL;
 use super::refusals::{self, Kind};
+use super::shedding::{AnswerTimes, HandshakeQueue};
 use super::slots::{Eviction, Registered, Room};
 use super::{HandshakeFailures, Health, ListenerLimits, Refusals, Slots, proxied, stopped};
 use crate::audit::AuditLog;
@@ -34,6 +36,9 @@ pub struct Listener {
     slots: Arc<Slots>,
     /// Handshakes computing their first flight at once; see `connection.rs`.
     handshakes: Arc<Semaphore>,
+    /// Who waits for `handshakes`, and how long a place in that queue lasts.
+    handshake_queue: Arc<HandshakeQueue>,
+    answer_times: Arc<AnswerTimes>,
     handshake_failures: Arc<HandshakeFailures>,
     refusals: Arc<Refusals>,
     limits: ListenerLimits,
@@ -83,6 +88,8 @@ impl Listener {
                 limits.idle_timeout,
             )),
             handshakes: Arc::new(Semaphore::new(limits.handshakes_at_once())),
+            handshake_queue: Arc::default(),
+            answer_times: Arc::default(),
             handshake_failures: Arc::default(),
             refusals: Arc::default(),
             limits,
@@ -180,12 +187,17 @@ impl Listener {
             };
             let Registered { slot, first_look } = self.slots.register(ip);
             let _ = socket.set_nodelay(true);
+            let outcome = Arc::new(Outcome::default());
             let handler = Handler {
                 peer,
                 slot,
                 proxies: proxies.as_ref().map(|p| (Arc::clone(p), from_proxy)),
                 tls: self.tls.clone(),
                 handshakes: Arc::clone(&self.handshakes),
+                handshake_queue: Arc::clone(&self.handshake_queue),
+                answer_times: Arc::clone(&self.answer_times),
+                outcome: Arc::clone(&outcome),
+                refusals: Arc::clone(&self.refusals),
                 handshake_failures: Arc::clone(&self.handshake_failures),
                 limits: self.limits.clone(),
                 grpc: grpc.clone(),
@@ -199,7 +211,8 @@ impl Listener {
             let metrics = Arc::clone(&self.metrics);
             metrics.connection_opened();
             tokio::spawn(async move {
-                handler.run(socket, first_look).await;
+                let run = std::pin::pin!(handler.run(socket, first_look));
+                busy_time::measured(run, &outcome, &metrics).await;
                 metrics.connection_closed();
                 drop(permit);
             });

@@ -2,6 +2,8 @@
 //! busy while the call is in flight, `callTimeout`, the bound on health Watches, and the
 //! executor that answers a call in the poll that reads it.
 
+use super::busy_time::Outcome;
+use super::shedding::{self, AnswerTimes};
 use super::slots::{Busy, Slot};
 use super::write_batch::{Answering, Unanswered};
 use super::{Grpc, Health};
@@ -15,7 +17,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::Service;
 
@@ -64,6 +66,9 @@ pub(super) struct WithPeer {
     pub(super) watches: Arc<Semaphore>,
     pub(super) call_timeout: Duration,
     pub(super) cuts: Arc<Cuts>,
+    pub(super) answer_times: Arc<AnswerTimes>,
+    /// How this connection's calls went, for its CPU time's metric.
+    pub(super) outcome: Arc<Outcome>,
 }
 
 impl Service<http::Request<Incoming>> for WithPeer {
@@ -112,20 +117,41 @@ impl Service<http::Request<Incoming>> for WithPeer {
                 crate::proto::UNSEAL_PATH => Some(Action::Unseal),
                 _ => None,
             };
-            request.extensions_mut().insert(self.peer);
-            let deadline = Deadline {
-                after: self.call_timeout,
-                timer: None,
-                action,
-                cuts: Arc::clone(&self.cuts),
-            };
-            AnswerKind::Grpc(self.inner.call(request), deadline)
+            let given = shedding::grpc_timeout(request.headers());
+            match (action, given) {
+                (Some(action), Some(given))
+                    if given <= self.answer_times.expected(action == Action::Seal) =>
+                {
+                    AnswerKind::Refused(Some(self.cuts.shed(action, given)))
+                }
+                _ => {
+                    request.extensions_mut().insert(self.peer);
+                    let deadline = Deadline {
+                        after: self.call_timeout,
+                        timer: None,
+                        action,
+                        cuts: Arc::clone(&self.cuts),
+                    };
+                    AnswerKind::Grpc(self.inner.call(request), deadline)
+                }
+            }
+        };
+        let timed = match &kind {
+            AnswerKind::Grpc(_, Deadline { action, .. }) => action.map(|action| Timed {
+                seal: action == Action::Seal,
+                began: Instant::now(),
+                times: Arc::clone(&self.answer_times),
+            }),
+            _ => None,
         };
         Answer {
             kind,
+            slot: Arc::clone(&self.slot),
             in_flight,
             answering: Some(self.unanswered.call()),
             watch,
+            timed,
+            outcome: Arc::clone(&self.outcome),
         }
     }
 }
@@ -147,10 +173,20 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
 /// whole then; a health `Watch` stays busy while its stream lasts.
 pub struct Answer<F, H> {
     kind: AnswerKind<F, H>,
+    slot: Arc<Slot>,
     in_flight: Option<Busy>,
     answering: Option<Answering>,
     /// A Watch's place among [`MAX_WATCHES`], held while its stream lasts.
     watch: Option<OwnedSemaphorePermit>,
+    /// A seal's or unseal's start, for [`AnswerTimes`].
+    timed: Option<Timed>,
+    outcome: Arc<Outcome>,
+}
+
+struct Timed {
+    seal: bool,
+    began: Instant,
+    times: Arc<AnswerTimes>,
 }
 
 /// The KMS's or the health service's answer, or a refusal ready at once.
@@ -203,12 +239,34 @@ impl Deadline {
     }
 }
 
-/// Where a connection's calls cut by `callTimeout` (and its Watches over the limit) are
-/// counted and audited.
+/// Where a connection's calls cut by `callTimeout` or shed for their deadline (and its
+/// Watches over the limit) are counted and audited.
 pub(super) struct Cuts {
     pub(super) audit: Arc<AuditLog>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) peer: SocketAddr,
+}
+
+impl Cuts {
+    /// The answer to a call whose client's deadline (`given` by its `grpc-timeout`) passes
+    /// before such a call is usually answered: it is not started. UNAVAILABLE, which a
+    /// node retries, as every refusal it should wait out.
+    fn shed(&self, action: Action, given: Duration) -> http::Response<tonic::body::Body> {
+        let reason = audit::Reason::DeadlineTooShort;
+        let event = Event::unread_call(action, &crate::sealing::peer_ip_text(&self.peer))
+            .refused(reason)
+            .detail(format!("grpc-timeout {given:?}"));
+        // The answer stands whether or not the line could be written.
+        let _ = self.audit.write(&event);
+        self.metrics
+            .call(action.label(), "refused", reason.label(), Duration::ZERO);
+        tracing::debug!(peer = %self.peer, ?given, "call not started: its deadline leaves no time to answer it");
+        tonic::Status::unavailable(
+            "the call's deadline (grpc-timeout) passes before it could be answered; it was not \
+             started: retry with a longer deadline",
+        )
+        .into_http()
+    }
 }
 
 impl<F, H> Future for Answer<F, H>
@@ -245,6 +303,19 @@ where
                 None => Poll::Pending,
             },
         };
+        if let Poll::Ready(Ok(response)) = &polled {
+            match &this.kind {
+                AnswerKind::Grpc(..) => this.outcome.answered(is_ok(response)),
+                AnswerKind::Refused(_) => this.outcome.answered(false),
+                AnswerKind::Health(_) => {}
+            }
+            if !matches!(this.kind, AnswerKind::Health(_)) {
+                this.slot.answered();
+            }
+            if let Some(timed) = this.timed.take() {
+                timed.times.took(timed.seal, timed.began.elapsed());
+            }
+        }
         if polled.is_ready() {
             this.in_flight = None;
             this.answering = None;
@@ -252,6 +323,15 @@ where
         }
         polled
     }
+}
+
+/// Whether a gRPC answer is a success: an error is a trailers-only answer, its status in
+/// the headers.
+fn is_ok(response: &http::Response<tonic::body::Body>) -> bool {
+    response
+        .headers()
+        .get("grpc-status")
+        .is_none_or(|status| status == "0")
 }
 
 /// A streamed answer's body, keeping its connection busy (and a Watch its place) until it

@@ -1,11 +1,14 @@
 //! One connection's life: its PROXY header when from a trusted proxy, the TLS handshake
 //! (its costly step a few connections at a time), then HTTP/2 until it closes.
 
+use super::busy_time::Outcome;
 use super::call::{Cuts, InlineFirst, WithPeer};
 use super::handshake_failures::Reason;
+use super::refusals::{self, Kind};
+use super::shedding::{AnswerTimes, HandshakeQueue};
 use super::slots::{Busy, Closed, Slot, SlotHandle};
 use super::write_batch::{self, Hold, Unanswered};
-use super::{Grpc, HandshakeFailures, Health, ListenerLimits, proxied, stopped};
+use super::{Grpc, HandshakeFailures, Health, ListenerLimits, Refusals, proxied, stopped};
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::service::Peer;
@@ -37,6 +40,10 @@ pub(super) struct Handler {
     pub(super) proxies: Option<(Arc<proxied::Proxies>, bool)>,
     pub(super) tls: TlsAcceptor,
     pub(super) handshakes: Arc<Semaphore>,
+    pub(super) handshake_queue: Arc<HandshakeQueue>,
+    pub(super) answer_times: Arc<AnswerTimes>,
+    pub(super) outcome: Arc<Outcome>,
+    pub(super) refusals: Arc<Refusals>,
     pub(super) handshake_failures: Arc<HandshakeFailures>,
     pub(super) limits: ListenerLimits,
     pub(super) grpc: Grpc,
@@ -74,12 +81,22 @@ impl Handler {
                 self.slot.busy()
             }
         };
-        let handshaking = handshake(socket, &self.tls, &self.handshakes, &self.slot, first_look);
+        let queue = Queue {
+            turns: &self.handshakes,
+            places: &self.handshake_queue,
+            deadline,
+        };
+        let handshaking = handshake(socket, &self.tls, queue, &self.slot, first_look);
         let tls = tokio::select! {
             result = tokio::time::timeout_at(deadline, handshaking) => match result {
-                Ok(Ok(Some(tls))) => tls,
-                Ok(Ok(None)) => {
+                Ok(Ok(Handshake::Done(tls))) => tls,
+                Ok(Ok(Handshake::ClientLeft)) => {
                     tracing::debug!(peer = %self.peer, "client left before its handshake began");
+                    return;
+                }
+                Ok(Ok(Handshake::Shed)) => {
+                    self.metrics.connection_refused(Kind::Queue.label());
+                    refusals::closed_early(&self.refusals, &self.audit, self.peer.ip(), Kind::Queue, None);
                     return;
                 }
                 Ok(Err(error)) => {
@@ -108,6 +125,8 @@ impl Handler {
             unanswered: unanswered.clone(),
             watches: self.watches,
             call_timeout: self.limits.call_timeout,
+            answer_times: self.answer_times,
+            outcome: self.outcome,
             cuts: Arc::new(Cuts {
                 audit: self.audit,
                 metrics: Arc::clone(&self.metrics),
@@ -216,31 +235,64 @@ impl Handler {
 /// its FIN is all that follows its ClientHello (a TLS 1.3 client sends nothing more before
 /// the server's answer), and it is dropped without that work.
 ///
+/// A connection that would wait in that queue past its deadline (its client's patience,
+/// `handshakeTimeout` from its accept) is refused at once with a reset, before the costly
+/// step: its node retries sooner than if it had waited out its own deadline, and the
+/// turn goes to one that can still succeed.
+///
 /// The slot is busy while the server owes work (reading what arrived, queueing for and
 /// computing its flight) and waiting on the client otherwise; see [`slots`].
 async fn handshake(
     socket: TcpStream,
     tls: &TlsAcceptor,
-    handshakes: &Semaphore,
+    queue: Queue<'_>,
     slot: &Arc<Slot>,
     first_look: Busy,
-) -> std::io::Result<Option<TlsStream<TcpStream>>> {
+) -> std::io::Result<Handshake> {
     let hello = busy_until_waiting(
         LazyConfigAcceptor::new(rustls::server::Acceptor::default(), socket),
         first_look,
     )
     .await?;
     let computing = slot.busy();
-    let turn = handshakes
+    if tokio::time::Instant::now() + queue.places.expected_wait() > queue.deadline {
+        reset_stream(&hello.io);
+        return Ok(Handshake::Shed);
+    }
+    let place = queue.places.join();
+    let turn = queue
+        .turns
         .acquire()
         .await
         .map_err(|_| std::io::Error::other("the server is stopping"))?;
+    place.served();
     if client_left(&hello.io) {
-        return Ok(None);
+        return Ok(Handshake::ClientLeft);
     }
     let accept = hello.into_stream(Arc::clone(tls.config()));
     drop(turn);
-    busy_until_waiting(accept, computing).await.map(Some)
+    slot.paid();
+    busy_until_waiting(accept, computing)
+        .await
+        .map(Handshake::Done)
+}
+
+/// The turns at the costly step of a handshake, and the connection's deadline.
+struct Queue<'a> {
+    turns: &'a Semaphore,
+    places: &'a HandshakeQueue,
+    deadline: tokio::time::Instant,
+}
+
+// Made once per connection and taken apart at once: boxing the stream would cost an
+// allocation per connection for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Handshake {
+    Done(TlsStream<TcpStream>),
+    /// The client closed its connection while it waited.
+    ClientLeft,
+    /// Refused: it would have waited past its deadline.
+    Shed,
 }
 
 /// Drives `future`, keeping the slot busy until it first waits (on the client's bytes): a

@@ -6,9 +6,9 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerLimits {
     /// Connections served at once. Bounds memory and file descriptors, and keeps a handshake
-    /// storm from starving calls already past their handshake. When all are taken, the one
-    /// that waited longest on its client is closed to admit a new one; if every one is busy,
-    /// new ones wait in the kernel's accept queue.
+    /// storm from starving calls already past their handshake. When all are taken, one
+    /// waiting on its client is closed to admit a new one (see `slots`); if every one is
+    /// busy, new ones wait in the kernel's accept queue.
     pub max_connections: usize,
     /// Connections one address may hold at once, so that one client cannot take every slot;
     /// beyond it the address's own longest-waiting connection is closed (see `slots`).

@@ -9,7 +9,7 @@
 //! No one may lock nodes out by holding connections ([`slots`]): a connection from outside
 //! the allow-lists is closed before any TLS byte, an address holds at most its share, a
 //! connection waiting on its client for the idle timeout is closed, and when every slot is
-//! taken the one that waited longest is closed to admit the new one.
+//! taken one waiting on its client is closed to admit the new one.
 //!
 //! A Talos call is one request on a fresh connection, arriving with the client's TLS
 //! Finished. The handler answers it within the poll that reads it (`call.rs`) and
@@ -19,6 +19,7 @@
 //! its answer joins it.
 
 mod accept;
+mod busy_time;
 mod call;
 mod connection;
 mod handshake_failures;
@@ -27,6 +28,7 @@ pub mod metrics;
 mod proxied;
 pub mod proxy_protocol;
 mod refusals;
+mod shedding;
 pub mod slots;
 mod write_batch;
 

@@ -19,12 +19,14 @@ pub enum Kind {
     /// Over `maxConnectionsPerAddress`: the new one refused, or the address's own waiting
     /// connection closed to admit it.
     PerAddress,
-    /// Every slot taken: the connection that waited longest on its client was closed.
+    /// Every slot taken: a connection waiting on its client was closed.
     Full,
     /// A PROXY protocol header from an address outside `trustedProxies`.
     ProxyUntrusted,
     /// A trusted proxy's connection without a valid PROXY header.
     ProxyInvalid,
+    /// Its place in the handshake queue would have outlasted its client's patience.
+    Queue,
 }
 
 impl Kind {
@@ -36,6 +38,7 @@ impl Kind {
             Kind::Full => "evicted",
             Kind::ProxyUntrusted => "proxy_untrusted",
             Kind::ProxyInvalid => "proxy_invalid",
+            Kind::Queue => "handshake_queue",
         }
     }
 
@@ -53,9 +56,9 @@ impl Kind {
                  summed up once a minute"
             }
             Kind::Full => {
-                "every connection slot was taken: closed the connection that had waited \
-                 longest on its client to admit a new one (raise maxConnections if this \
-                 happens without an attack); more are summed up once a minute"
+                "every connection slot was taken: closed a connection waiting on its client \
+                 to admit a new one (raise maxConnections if this happens without an attack); \
+                 more are summed up once a minute"
             }
             Kind::ProxyUntrusted => {
                 "PROXY protocol header from an address that is not in trustedProxies: \
@@ -70,6 +73,12 @@ impl Kind {
                  address from trustedProxies; more from this address are summed up once a \
                  minute"
             }
+            Kind::Queue => {
+                "connection closed before its TLS handshake: the handshakes queued ahead of \
+                 it would take longer than its client waits (handshakeTimeout); the server \
+                 cannot keep up with this many new connections, and the node will retry; \
+                 more are summed up once a minute"
+            }
         }
     }
 
@@ -80,6 +89,7 @@ impl Kind {
             Kind::Full => "evicted (all slots taken)",
             Kind::ProxyUntrusted => "PROXY header from an untrusted address",
             Kind::ProxyInvalid => "no valid PROXY header from a trusted proxy",
+            Kind::Queue => "refused (handshake queue longer than the client waits)",
         }
     }
 }

@@ -3,10 +3,12 @@
 //! A slot is *busy* while the server owes its connection work: a ClientHello or request it
 //! has not read yet, a handshake queued for or inside its computation, a call in flight. It
 //! is *waiting* otherwise: on its client's next bytes (the ClientHello, the handshake's
-//! Finished, a request). Only waiting connections are closed to make room, the one that
-//! has waited longest first, so that connections that hold a slot without using it (silent
-//! sockets, slowloris, idle TLS connections) cannot lock nodes out; and a connection that
-//! has waited for [`ListenerLimits::idle_timeout`](super::ListenerLimits) is closed anyway.
+//! Finished, a request). Only waiting connections are closed to make room, those whose
+//! close throws least away first (an answered call's, then one whose handshake the server
+//! has not computed yet), the longest-waiting of them, so that connections that hold a
+//! slot without using it (silent sockets, slowloris, idle TLS connections) cannot lock
+//! nodes out; and a connection that has waited for
+//! [`ListenerLimits::idle_timeout`](super::ListenerLimits) is closed anyway.
 //!
 //! The request path only touches one connection's atomics ([`Busy`]); the registry's lock
 //! is taken when a connection opens or closes, and for eviction, which scans it.
@@ -14,7 +16,7 @@
 use crate::locking::lock;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -22,6 +24,13 @@ use tokio::time::Instant;
 
 /// Set in [`Slot::state`] once the server decided to close the connection.
 const CLOSING: u64 = 1 << 63;
+
+/// What closing a waiting connection would throw away, in the order they are closed: an
+/// answered call's connection nothing, one before its handshake's costly step nothing
+/// either, one whose handshake the server has paid for (a node about to call) that work.
+const ANSWERED: u8 = 0;
+const UNPAID: u8 = 1;
+const PAID: u8 = 2;
 
 /// A waiting connection is evictable only after waiting this long (or the idle timeout, if
 /// shorter): a node waits on nothing but its own round trip, and a new node's connection
@@ -67,6 +76,8 @@ pub struct Slot {
     state: AtomicU64,
     /// When it last began waiting on its client, in µs since `epoch`.
     since: AtomicU64,
+    /// [`ANSWERED`], [`UNPAID`] or [`PAID`]: which waiting connections are closed first.
+    stage: AtomicU8,
     evicted: Notify,
 }
 
@@ -131,7 +142,9 @@ impl Slots {
         Room::None
     }
 
-    /// When every slot is taken: closes the connection that has waited on its client longest.
+    /// When every slot is taken: closes a connection waiting on its client, the one whose
+    /// close throws least away (an answered one, then one whose handshake is not paid
+    /// for yet), the longest-waiting of them.
     pub fn evict_oldest(&self) -> Eviction {
         let registry = lock(&self.registry);
         let about_to_close = registry
@@ -147,7 +160,8 @@ impl Slots {
         }
     }
 
-    /// Closes the longest-waiting connection (of `only` if given); its address.
+    /// Closes the waiting connection (of `only` if given) whose close throws least away,
+    /// the longest-waiting of those; its address.
     fn evict(&self, registry: &Registry, only: Option<IpAddr>) -> Option<IpAddr> {
         let now = self.now_us();
         let waited_enough = self.evictable_after.as_micros() as u64;
@@ -160,7 +174,9 @@ impl Slots {
                 .filter(|(_, slot)| slot.state.load(Ordering::Acquire) == 0)
                 .map(|(ip, slot)| (slot.since.load(Ordering::Relaxed), *ip, slot))
                 .filter(|(since, _, _)| now.saturating_sub(*since) >= waited_enough)
-                .min_by_key(|(since, _, slot)| (*since, slot.id))?;
+                .min_by_key(|(since, _, slot)| {
+                    (slot.stage.load(Ordering::Relaxed), *since, slot.id)
+                })?;
             let (_, ip, slot) = oldest;
             if slot.claim() {
                 slot.evicted.notify_one();
@@ -181,6 +197,7 @@ impl Slots {
             epoch: self.epoch,
             state: AtomicU64::new(1),
             since: AtomicU64::new(self.now_us()),
+            stage: AtomicU8::new(UNPAID),
             evicted: Notify::new(),
         });
         registry.open.insert(id, (ip, Arc::clone(&slot)));
@@ -282,6 +299,19 @@ impl Slot {
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.state.fetch_add(1, Ordering::Acquire);
         Busy(Arc::clone(self))
+    }
+
+    /// The server has computed the connection's handshake flight: closing it now would
+    /// throw that work away.
+    pub fn paid(&self) {
+        let _ = self
+            .stage
+            .compare_exchange(UNPAID, PAID, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// A call on the connection has been answered: closing it throws nothing away.
+    pub fn answered(&self) {
+        self.stage.store(ANSWERED, Ordering::Relaxed);
     }
 
     /// Whether the connection has work in flight.
@@ -398,6 +428,24 @@ mod tests {
         drop(third);
         let _call = first.busy();
         assert_eq!(slots.evict_oldest(), Eviction::Nothing);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paid_for_handshake_is_closed_last_an_answered_connection_first() {
+        let slots = Arc::new(Slots::new(100, IDLE));
+        let paid = waiting(&slots, "10.0.0.1");
+        paid.paid();
+        let unpaid = waiting(&slots, "10.0.0.2");
+        let answered = waiting(&slots, "10.0.0.3");
+        answered.paid();
+        answered.answered();
+        age().await;
+        assert_eq!(slots.evict_oldest(), Eviction::Evicted(ip("10.0.0.3")));
+        drop(answered);
+        assert_eq!(slots.evict_oldest(), Eviction::Evicted(ip("10.0.0.2")));
+        drop(unpaid);
+        assert_eq!(slots.evict_oldest(), Eviction::Evicted(ip("10.0.0.1")));
+        drop(paid);
     }
 
     #[tokio::test(start_paused = true)]
