@@ -417,3 +417,113 @@ fn another_user_is_refused() {
         "the refused share was not taken"
     );
 }
+
+/// With a shamir source the root exists only in the running server: `keys rotate-data-key`,
+/// `rotate-root` (new shares, printed once, never logged or audited) and `destroy-data-key`
+/// are asked of it over the admin socket. After a restart the old shares open nothing and
+/// the new ones open every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_through_the_running_server_and_new_shares_replace_the_old() {
+    let setup = Setup::new(SHAMIR);
+    let old = init_shares(setup.config_str());
+    let running = setup.start();
+    let config = running.config.clone();
+    // Sealed: nothing to rotate with.
+    let sealed = run_binary(&["keys", "rotate-data-key", "--config", running.config_str()]);
+    assert_eq!(sealed.status.code(), Some(1));
+    assert!(text(&sealed.stderr).contains("give the key shares first"));
+    give(&config, &old[0], true).await;
+    give(&config, &old[2], true).await;
+    let node = running.node("127.0.0.51");
+    let passphrase = random_passphrase();
+    let blob = node.seal(NODE, &passphrase).await.unwrap();
+
+    let out = running.admin(&["keys", "rotate-data-key"]).await;
+    assert!(out.contains("made data key v2"), "{out}");
+    let out = running.admin(&["keys", "rotate-root"]).await;
+    let new: Vec<String> = out
+        .lines()
+        .filter(|line| line.starts_with("tkms1-2-"))
+        .map(String::from)
+        .collect();
+    assert_eq!(new.len(), 3, "{out}");
+    assert!(new.iter().all(|share| !old.contains(share)));
+    // v1 goes once the background pass re-wrapped its one record under v2.
+    let destroy = [
+        "keys",
+        "destroy-data-key",
+        "1",
+        "--yes",
+        "--config",
+        running.config_str(),
+    ];
+    let mut out = run_binary(&destroy);
+    for _ in 0..100 {
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            text(&out.stderr).contains("still wrapped under v1"),
+            "{}",
+            text(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        out = run_binary(&destroy);
+    }
+    assert!(
+        text(&out.stdout).contains("destroyed data key v1"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The shares went to the operator only.
+    let trail = running.admin(&["audit"]).await;
+    assert!(trail.contains("rotate-root"), "{trail}");
+    for share in &new {
+        assert!(
+            !trail.contains(share.as_str()),
+            "a share in the audit trail"
+        );
+    }
+
+    let Running {
+        dir: _dir,
+        mut server,
+        pki,
+        config,
+    } = running;
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let mut log = Vec::new();
+    while let Ok(line) = server.log.try_recv() {
+        log.push(line);
+    }
+    for share in &new {
+        assert!(
+            !log.iter().any(|line| line.contains(share.as_str())),
+            "a share in the log"
+        );
+    }
+    let running = Running {
+        server: ServerProcess::start(&config).unwrap(),
+        pki,
+        config,
+        dir: _dir,
+    };
+    give(&running.config, &old[0], true).await;
+    let refused = give(&running.config, &old[1], false).await;
+    assert!(
+        refused.contains("not the one this database's data keys"),
+        "{refused}"
+    );
+    give(&running.config, &new[1], true).await;
+    let unsealed = give(&running.config, &new[2], true).await;
+    assert!(unsealed.starts_with("unsealed"), "{unsealed}");
+    assert_eq!(
+        running
+            .node("127.0.0.51")
+            .unseal(NODE, &blob)
+            .await
+            .unwrap(),
+        passphrase
+    );
+}

@@ -7,7 +7,8 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 use talos_kms_server::config::Config;
-use talos_kms_server::custody::{KeySourceConfig, Root, rotation};
+use talos_kms_server::custody::{KeySourceConfig, Root, admin_socket, rotation};
+use zeroize::Zeroizing;
 
 fn root_of(admin: &Admin) -> anyhow::Result<Root> {
     let source = key_source(&admin.config)?;
@@ -16,10 +17,6 @@ fn root_of(admin: &Admin) -> anyhow::Result<Root> {
 
 fn key_source(config: &Config) -> anyhow::Result<&KeySourceConfig> {
     match &config.key_source {
-        Some(KeySourceConfig::Shamir { .. }) => bail!(
-            "with a shamir key source the root key exists only in the running server; this \
-             build rotates keys of file, tpm2 and pkcs11 sources only"
-        ),
         Some(source) => Ok(source),
         None => bail!(
             "the config has no `keySource`: there are no data keys to rotate (README, \"Key \
@@ -28,12 +25,39 @@ fn key_source(config: &Config) -> anyhow::Result<&KeySourceConfig> {
     }
 }
 
-pub async fn rotate_data_key(admin: &Admin, command_line: &[String]) -> anyhow::Result<ExitCode> {
-    let version = rotation::rotate_data_key(admin.store.as_ref(), &root_of(admin)?).await?;
-    let summary = format!(
-        "made data key v{version}: new seals use it within seconds, and servers re-wrap older \
-         records in the background (`check` shows the records per version)"
+/// With a shamir source the root exists only in the running server: the change is asked of
+/// it over its admin socket. Its answer, but for the new shares it may hold.
+fn ask_server(admin: &Admin, request: &str) -> anyhow::Result<Option<(String, Vec<String>)>> {
+    if !matches!(
+        admin.config.key_source,
+        Some(KeySourceConfig::Shamir { .. })
+    ) {
+        return Ok(None);
+    }
+    let answer = Zeroizing::new(
+        admin_socket::ask(&admin.config.admin_socket, request.as_bytes())
+            .map_err(anyhow::Error::msg)?,
     );
+    let Some(done) = answer.strip_prefix("rotated: ") else {
+        bail!("the server answered: {}", answer.as_str());
+    };
+    let mut parts = done.split(" share ");
+    let said = parts.next().unwrap_or_default().to_string();
+    Ok(Some((said, parts.map(str::to_string).collect())))
+}
+
+pub async fn rotate_data_key(admin: &Admin, command_line: &[String]) -> anyhow::Result<ExitCode> {
+    let summary = match ask_server(admin, "rotate-data-key")? {
+        Some((said, _)) => said,
+        None => {
+            let version = rotation::rotate_data_key(admin.store.as_ref(), &root_of(admin)?).await?;
+            format!(
+                "made data key v{version}: new seals use it within seconds, and servers \
+                 re-wrap older records in the background (`check` shows the records per \
+                 version)"
+            )
+        }
+    };
     admin.audit(admin_event(command_line).detail(&summary))?;
     println!("{summary}");
     Ok(ExitCode::SUCCESS)
@@ -41,9 +65,27 @@ pub async fn rotate_data_key(admin: &Admin, command_line: &[String]) -> anyhow::
 
 pub async fn rotate_root(
     admin: &Admin,
-    to_config: &Path,
+    to_config: Option<&Path>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
+    if let Some((said, shares)) = ask_server(admin, "rotate-root")? {
+        admin.audit(admin_event(command_line).detail(&said))?;
+        println!("{said}");
+        println!(
+            "The new shares, shown this once: give each to one operator now. The old ones \
+             open nothing from now on."
+        );
+        for share in shares {
+            println!("{share}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(to_config) = to_config else {
+        bail!(
+            "--to-config FILE is required: the config whose keySource is the new one \
+             (`key-source init` makes its key)"
+        );
+    };
     let old = root_of(admin)?;
     let new_config = Config::read(to_config)
         .with_context(|| format!("the new key source's config {}", to_config.display()))?;
@@ -73,17 +115,30 @@ pub async fn destroy_data_key(
     yes: bool,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let root = root_of(admin)?;
     if !yes && !confirmed(version)? {
         println!("nothing destroyed");
         return Ok(ExitCode::from(1));
     }
-    let destroyed = rotation::destroy_data_key(admin.store.as_ref(), &root, version, shred).await?;
+    let request = format!(
+        "destroy-data-key {version}{}",
+        if shred { " shred" } else { "" }
+    );
+    let destroyed = match ask_server(admin, &request)? {
+        Some((said, _)) => said,
+        None => {
+            let root = root_of(admin)?;
+            let destroyed =
+                rotation::destroy_data_key(admin.store.as_ref(), &root, version, shred).await?;
+            format!(
+                "destroyed data key v{version}; {} records wrapped under it are unreadable \
+                 for good",
+                destroyed.records
+            )
+        }
+    };
     let summary = format!(
-        "destroyed data key v{version}; {} records wrapped under it are unreadable for good \
-         (backups keep it wrapped under the root key: rotate the root and destroy the old one \
-         to shred those too)",
-        destroyed.records
+        "{destroyed} (backups keep it wrapped under the root key: rotate the root and destroy \
+         the old one to shred those too)"
     );
     admin.audit(admin_event(command_line).detail(&summary))?;
     println!("{summary}");

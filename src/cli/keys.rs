@@ -88,11 +88,13 @@ enum Action {
     /// and servers re-wrap older records in the background while they serve.
     RotateDataKey,
     /// Re-wrap the data keys under the key source of another config (a new key file, TPM
-    /// object or HSM key); records are not touched. Then point the servers at it.
+    /// object or HSM key), or with `shamir` under a new root split into new shares (printed
+    /// once); records are not touched. Then point the servers at it.
     RotateRoot {
-        /// The config whose `keySource` is the new one (`key-source init` it first).
+        /// The config whose `keySource` is the new one (`key-source init` it first); not
+        /// with `shamir`, where the running server makes the new root and its shares.
         #[arg(long, value_name = "FILE")]
-        to_config: PathBuf,
+        to_config: Option<PathBuf>,
     },
     /// Destroy a data key version for good (crypto-shredding): the kill switch for the
     /// records it wraps. Refused for the current version, and while records use it unless
@@ -184,7 +186,7 @@ pub async fn run(
         } => show(&admin, id, output).await,
         Action::RotateDataKey => key_rotation::rotate_data_key(&admin, command_line).await,
         Action::RotateRoot { to_config } => {
-            key_rotation::rotate_root(&admin, &to_config, command_line).await
+            key_rotation::rotate_root(&admin, to_config.as_deref(), command_line).await
         }
         Action::DestroyDataKey {
             version,

@@ -46,7 +46,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
         .map(|address| server::bind(address, Purpose::Metrics))
         .transpose()?;
     let threshold = match config.key_source {
-        Some(KeySourceConfig::Shamir { threshold, .. }) => Some(threshold),
+        Some(KeySourceConfig::Shamir { threshold, shares }) => Some((threshold, shares)),
         _ => None,
     };
     // Removed again when the server stops.

@@ -1,7 +1,8 @@
 //! The local admin socket of a sealed server (`keySource: shamir`), through which
 //! `unseal-server` gives operators' shares: a Unix domain socket, never TCP, mode 0600 and
 //! owned by the service user; a peer of another uid than the server's (or root) is refused
-//! by its credentials too. One line in, one line out: `share TEXT`, `start-over` or
+//! by its credentials too. One line in, one line out: `share TEXT`, `start-over`,
+//! `rotate-data-key`, `rotate-root`, `destroy-data-key VERSION [shred]` or
 //! `status`, answered as [`Answer::line`].
 
 use super::CustodyError;
@@ -171,6 +172,7 @@ async fn answer(mut stream: UnixStream, unsealing: Arc<Unsealing>, audit: Arc<Au
     };
     let line = answer.line();
     if request != "status" {
+        let line = answer.public_line();
         tracing::info!(uid, answer = %line, "unseal-server");
         let args: Vec<String> = [request]
             .iter()
@@ -197,6 +199,22 @@ async fn request(unsealing: &Unsealing, text: &str) -> (&'static str, Answer) {
         ("start-over", unsealing.start_over().await)
     } else if text == "status" {
         ("status", unsealing.status().await)
+    } else if text == "rotate-data-key" {
+        ("rotate-data-key", unsealing.rotate_data_key().await)
+    } else if text == "rotate-root" {
+        ("rotate-root", unsealing.rotate_root().await)
+    } else if let Some(args) = text.strip_prefix("destroy-data-key ") {
+        let (version, shred) = match args.split_once(' ') {
+            Some((version, "shred")) => (version, true),
+            _ => (args, false),
+        };
+        match version.parse() {
+            Ok(version) => (
+                "destroy-data-key",
+                unsealing.destroy_data_key(version, shred).await,
+            ),
+            Err(_) => ("", Answer::Refused("not a data key version".into())),
+        }
     } else {
         (
             "",

@@ -574,6 +574,38 @@ impl Custodian {
             .collect())
     }
 
+    /// A new data key version, made with the root this server holds (a shamir source's
+    /// root exists nowhere else); new seals use it at once.
+    pub async fn rotate_data_key(&self) -> Result<u32, CustodyError> {
+        let root = lock(&self.root).clone().ok_or(StoreError::Sealed)?;
+        let version = super::rotation::rotate_data_key(self.store.as_ref(), &root).await?;
+        self.reload_keys().await?;
+        self.wake.notify_one();
+        Ok(version)
+    }
+
+    /// Destroys a data key version with the root this server holds (see
+    /// [`super::rotation::destroy_data_key`]).
+    pub async fn destroy_data_key(
+        &self,
+        version: u32,
+        shred: bool,
+    ) -> Result<super::rotation::Destroyed, CustodyError> {
+        let root = lock(&self.root).clone().ok_or(StoreError::Sealed)?;
+        let destroyed =
+            super::rotation::destroy_data_key(self.store.as_ref(), &root, version, shred).await?;
+        self.reload_keys().await?;
+        Ok(destroyed)
+    }
+
+    /// Re-wraps the data keys under `new`, which this server holds from then on.
+    pub async fn rotate_root(&self, new: Root) -> Result<Vec<u32>, CustodyError> {
+        let old = lock(&self.root).clone().ok_or(StoreError::Sealed)?;
+        let versions = super::rotation::rotate_root(self.store.as_ref(), &old, &new).await?;
+        *lock(&self.root) = Some(Arc::new(new));
+        Ok(versions)
+    }
+
     /// Stops the background wrapping; what it wrote is durable, what it did not is done
     /// by the next start.
     pub fn stop(&self) {

@@ -38,6 +38,13 @@ pub fn init(threshold: u8, shares: u8) -> Result<Initialised, CustodyError> {
     })
 }
 
+/// A new root key and its shares, for `keys rotate-root` on a running server.
+pub fn new_root(threshold: u8, shares: u8) -> (SecretKey, Vec<String>) {
+    let key = SecretKey::random();
+    let lines = split(&key, threshold, shares);
+    (key, lines)
+}
+
 fn split(key: &SecretKey, threshold: u8, shares: u8) -> Vec<String> {
     let set = set_of(key);
     Sharks(threshold)

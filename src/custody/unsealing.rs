@@ -26,6 +26,8 @@ pub struct Unsealing {
     /// The store below the custodian, for [`BeforeServing`].
     below: Arc<dyn Store>,
     threshold: u8,
+    /// How many shares a new root is split into.
+    shares: u8,
     before_serving: Option<BeforeServing>,
     state: tokio::sync::Mutex<State>,
 }
@@ -50,6 +52,11 @@ pub enum Answer {
     Unsealed(String),
     Sealed(String),
     Refused(String),
+    /// A rotation done; `shares` (new shares, shown once) go to the caller only.
+    Rotated {
+        said: String,
+        shares: Vec<Zeroizing<String>>,
+    },
 }
 
 impl Answer {
@@ -59,6 +66,22 @@ impl Answer {
             Answer::Unsealed(text) => format!("unsealed: {text}"),
             Answer::Sealed(text) => format!("sealed: {text}"),
             Answer::Refused(text) => format!("refused: {text}"),
+            Answer::Rotated { said, shares } => {
+                let mut line = format!("rotated: {said}");
+                for share in shares {
+                    line.push_str(" share ");
+                    line.push_str(share);
+                }
+                line
+            }
+        }
+    }
+
+    /// The line for the log and the audit trail: never a share.
+    pub fn public_line(&self) -> String {
+        match self {
+            Answer::Rotated { said, .. } => format!("rotated: {said}"),
+            other => other.line(),
         }
     }
 }
@@ -67,13 +90,14 @@ impl Unsealing {
     pub fn new(
         custodian: Arc<Custodian>,
         below: Arc<dyn Store>,
-        threshold: u8,
+        (threshold, shares): (u8, u8),
         before_serving: Option<BeforeServing>,
     ) -> Unsealing {
         Unsealing {
             custodian,
             below,
             threshold,
+            shares,
             before_serving,
             state: tokio::sync::Mutex::new(State::Gathering(Vec::new())),
         }
@@ -203,6 +227,66 @@ impl Unsealing {
         }
     }
 
+    /// `keys rotate-data-key`: only this server holds the root of a shamir source.
+    pub async fn rotate_data_key(&self) -> Answer {
+        if let Some(refused) = self.refused_while_sealed().await {
+            return refused;
+        }
+        match self.custodian.rotate_data_key().await {
+            Ok(version) => Answer::Rotated {
+                said: format!(
+                    "made data key v{version}: new seals use it, and older records are \
+                     re-wrapped in the background"
+                ),
+                shares: Vec::new(),
+            },
+            Err(error) => Answer::Refused(format!("the data key was not rotated: {error}")),
+        }
+    }
+
+    /// `keys rotate-root`: a new root key, split into new shares that the caller shows
+    /// once; the data keys are re-wrapped under it, the old shares open nothing after.
+    pub async fn rotate_root(&self) -> Answer {
+        if let Some(refused) = self.refused_while_sealed().await {
+            return refused;
+        }
+        let (key, shares) = shamir::new_root(self.threshold, self.shares);
+        match self.custodian.rotate_root(Root::Key(key)).await {
+            Ok(versions) => Answer::Rotated {
+                said: format!(
+                    "re-wrapped data keys {versions:?} under a new root key in {} shares, any \
+                     {} of which rebuild it; the old shares open nothing from now on",
+                    self.shares, self.threshold
+                ),
+                shares: shares.into_iter().map(Zeroizing::new).collect(),
+            },
+            Err(error) => Answer::Refused(format!("the root was not rotated: {error}")),
+        }
+    }
+
+    /// `keys destroy-data-key`, as [`Unsealing::rotate_data_key`].
+    pub async fn destroy_data_key(&self, version: u32, shred: bool) -> Answer {
+        if let Some(refused) = self.refused_while_sealed().await {
+            return refused;
+        }
+        match self.custodian.destroy_data_key(version, shred).await {
+            Ok(destroyed) => Answer::Rotated {
+                said: format!(
+                    "destroyed data key v{version}; {} records wrapped under it are unreadable \
+                     for good",
+                    destroyed.records
+                ),
+                shares: Vec::new(),
+            },
+            Err(error) => Answer::Refused(format!("nothing was destroyed: {error}")),
+        }
+    }
+
+    async fn refused_while_sealed(&self) -> Option<Answer> {
+        matches!(&*self.state.lock().await, State::Gathering(_))
+            .then(|| Answer::Refused("the server is sealed: give the key shares first".into()))
+    }
+
     pub async fn status(&self) -> Answer {
         match &*self.state.lock().await {
             State::Unsealed => Answer::Unsealed("the server serves".into()),
@@ -238,7 +322,7 @@ mod tests {
         fn unsealing(&self, threshold: u8) -> (Arc<Custodian>, Unsealing) {
             let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&self.database).unwrap());
             let custodian = Custodian::sealed(Arc::clone(&store), Arc::new(Metrics::new()));
-            let unsealing = Unsealing::new(Arc::clone(&custodian), store, threshold, None);
+            let unsealing = Unsealing::new(Arc::clone(&custodian), store, (threshold, 5), None);
             (custodian, unsealing)
         }
     }
