@@ -438,6 +438,14 @@ async fn keys_rotate_through_the_running_server_and_new_shares_replace_the_old()
     let passphrase = random_passphrase();
     let blob = node.seal(NODE, &passphrase).await.unwrap();
 
+    // A change that needs the keys cannot be made from a separate command.
+    let revoke = run_binary(&["keys", "revoke", "1", "--config", running.config_str()]);
+    assert_eq!(revoke.status.code(), Some(1));
+    assert!(
+        text(&revoke.stderr).contains("only the running server holds"),
+        "{}",
+        text(&revoke.stderr)
+    );
     let out = running.admin(&["keys", "rotate-data-key"]).await;
     assert!(out.contains("made data key v2"), "{out}");
     let out = running.admin(&["keys", "rotate-root"]).await;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use talos_kms_server::audit::{AuditLog, Event};
 use talos_kms_server::config::Config;
-use talos_kms_server::custody;
+use talos_kms_server::custody::{self, KeySourceConfig};
 use talos_kms_server::store::{self, Store};
 
 pub struct Admin {
@@ -57,9 +57,13 @@ impl Admin {
         let store = store::open_existing(&config.database).await?;
         // Its own metrics: an admin command serves none.
         let metrics = Arc::new(talos_kms_server::metrics::Metrics::new());
-        let store = custody::guard(store, config.key_source.as_ref(), metrics)
-            .await?
-            .store;
+        let guarded = custody::guard(store, config.key_source.as_ref(), metrics).await?;
+        if let (Some(KeySourceConfig::Shamir { .. }), Some(custodian)) =
+            (&config.key_source, &guarded.custodian)
+        {
+            custodian.keys_in_server();
+        }
+        let store = guarded.store;
         let audit = AuditLog::open(&config.audit_log, None)?;
         Ok(Admin {
             config,

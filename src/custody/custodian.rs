@@ -46,6 +46,8 @@ pub struct Custodian {
     reported: Mutex<HashSet<(&'static str, i64)>>,
     stopping: AtomicBool,
     root_rotated: AtomicBool,
+    /// An admin command's custodian of a shamir source: never unsealed, and says why.
+    keys_in_server: AtomicBool,
     wake: tokio::sync::Notify,
 }
 
@@ -62,6 +64,7 @@ impl Custodian {
             reported: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
             root_rotated: AtomicBool::new(false),
+            keys_in_server: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
         })
     }
@@ -152,7 +155,18 @@ impl Custodian {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or(StoreError::Sealed)
+            .ok_or_else(|| {
+                if self.keys_in_server.load(Ordering::Relaxed) {
+                    StoreError::KeysInServer
+                } else {
+                    StoreError::Sealed
+                }
+            })
+    }
+
+    /// For an admin command beside a shamir server, which holds the only copy of the keys.
+    pub fn keys_in_server(&self) {
+        self.keys_in_server.store(true, Ordering::Relaxed);
     }
 
     /// Names a row that failed its check, once per row, and counts it.

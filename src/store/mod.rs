@@ -279,6 +279,13 @@ pub enum StoreError {
     /// Key custody waits for operators' shares: nothing can be read or written until then.
     #[error("sealed: waiting for key shares (`talos-kms-server unseal-server`)")]
     Sealed,
+    /// An admin command beside a shamir server: the data keys exist only in that server.
+    #[error(
+        "this needs the data keys, which with a shamir key source only the running server \
+         holds: it cannot be done from a separate command in this build (README, \"Key \
+         custody\")"
+    )]
+    KeysInServer,
     /// The file at the configured path is no longer the one the server has open; nothing is
     /// read from or written to it until a restart.
     #[error("database {path} {problem}; refusing every call until the server is restarted")]
