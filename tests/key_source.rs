@@ -418,3 +418,49 @@ fn check_says_when_keys_cannot_be_locked_in_memory() {
     let enough = checked("8388608:8388608");
     assert!(!enough.contains("swap"), "{enough}");
 }
+
+/// The server itself on a SoftHSM2 token: data keys wrapped inside the token, records
+/// sealed and unsealed across a restart, and a start refused (naming the PIN file, the
+/// database untouched) with a wrong PIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_serves_on_an_hsm_key_and_refuses_to_start_with_a_wrong_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(dir.path());
+    hsm.init_token("kms", "123456");
+    let pin = dir.path().join("token-pin");
+    write_private(&pin, "123456\n");
+    let config = config_with(
+        dir.path(),
+        &format!(
+            "{{pkcs11: {{module: {SOFTHSM_MODULE}, tokenLabel: kms, keyLabel: talos-kms-root, \
+             pinFile: {}}}}}",
+            pin.display()
+        ),
+    );
+    let env = [("SOFTHSM2_CONF", hsm.conf.as_path())];
+    assert!(init(&config, &env).status.success());
+    let with_hsm = |command: &mut Command| {
+        command.env("SOFTHSM2_CONF", &hsm.conf);
+    };
+    let ca = dir.path().join("ca.pem");
+    let server = ServerProcess::start_with(&config, with_hsm).unwrap();
+    let node = client_for("127.0.0.1", server.addr.port(), &ca, None);
+    let passphrase = random_passphrase();
+    let blob = node.seal(NODE, &passphrase).await.unwrap();
+    assert!(server.terminate().success());
+
+    let server = ServerProcess::start_with(&config, with_hsm).unwrap();
+    let node = client_for("127.0.0.1", server.addr.port(), &ca, None);
+    assert_eq!(node.unseal(NODE, &blob).await.unwrap(), passphrase);
+    assert!(server.terminate().success());
+
+    write_private(&pin, "654321\n");
+    let refused = ServerProcess::start_with(&config, with_hsm)
+        .err()
+        .unwrap_or_default();
+    assert!(
+        refused.contains("refused the PIN") && refused.contains("token-pin"),
+        "{refused}"
+    );
+    assert!(!refused.contains("654321"), "{refused}");
+}

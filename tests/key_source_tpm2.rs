@@ -185,3 +185,52 @@ fn key_source_init_and_check_reach_the_tpm() {
     let again = run_binary(&["key-source", "init", "--config", config]);
     assert_eq!(again.status.code(), Some(1));
 }
+
+/// The server itself on a TPM-sealed root: it seals and unseals, serves again after the TPM
+/// restarts from its saved state, and refuses to start (saying why, the database untouched)
+/// once a bound PCR changed, or on another TPM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_serves_on_its_tpm_and_refuses_to_start_on_a_changed_pcr_or_another_tpm() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("tpm");
+    let tpm = Swtpm::start(&state);
+    let pki = write_pki(dir.path());
+    let write = |tcti: &str| {
+        write_config(
+            dir.path(),
+            &pki,
+            "127.0.0.1",
+            &format!("keySource: {{tpm2: {{tcti: \"{tcti}\", pcrs: [16]}}}}\n"),
+        )
+    };
+    let config = write(&tpm.tcti());
+    run_ok(&["key-source", "init", "--config", config.to_str().unwrap()]).await;
+    let server = ServerProcess::start(&config).unwrap();
+    let node = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
+    let passphrase = random_passphrase();
+    let blob = node.seal(NODE, &passphrase).await.unwrap();
+    server.terminate();
+
+    // The same TPM after a restart, from its saved state.
+    tpm.stop();
+    let tpm = Swtpm::start(&state);
+    let config = write(&tpm.tcti());
+    let server = ServerProcess::start(&config).unwrap();
+    let node = client_for("127.0.0.1", server.addr.port(), &pki.ca, None);
+    assert_eq!(node.unseal(NODE, &blob).await.unwrap(), passphrase);
+    server.terminate();
+
+    tpm.extend_pcr(16);
+    let refused = ServerProcess::start(&config).err().unwrap_or_default();
+    assert!(
+        refused.contains("PCRs [16] no longer hold the values"),
+        "{refused}"
+    );
+    tpm.stop();
+
+    let other = Swtpm::start(&dir.path().join("other-tpm"));
+    let refused = ServerProcess::start(&write(&other.tcti()))
+        .err()
+        .unwrap_or_default();
+    assert!(refused.contains("sealed by another TPM"), "{refused}");
+}
