@@ -53,6 +53,9 @@ fn with_key_file(setup: &Setup) {
 fn wait_for_line(server: &ServerProcess, wanted: &str, limit: Duration) -> Vec<String> {
     let deadline = Instant::now() + limit;
     let mut seen = Vec::new();
+    if server.startup_log.iter().any(|line| line.contains(wanted)) {
+        return server.startup_log.clone();
+    }
     while Instant::now() < deadline {
         if let Ok(line) = server.log.recv_timeout(Duration::from_millis(200)) {
             let found = line.contains(wanted);
@@ -669,4 +672,83 @@ async fn export_json_opens_the_records_into_the_legacy_format() {
     assert!(imported.contains("imported 3 records"), "{imported}");
     let keyless = keyless.start();
     assert_eq!(unseals_all(&keyless, &sealed).await, sealed.len());
+}
+
+/// Records from outside enter a wrapped database only through the key source: `import-json
+/// --config` wraps them (they unseal); `import-json --database` alone, `db migrate` of an
+/// unwrapped database into it and `fill` are refused, the database untouched (copied as they were, they
+/// would be refused as forgeries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwrapped_records_enter_a_wrapped_database_only_through_the_key_source() {
+    // A keyless server's records, exported as the legacy format, and its database.
+    let keyless = Setup::new("").start();
+    let mut sealed = Vec::new();
+    for i in 0..3 {
+        let node = format!("imported-{i}");
+        let passphrase = random_passphrase();
+        let blob = keyless
+            .node("127.0.0.61")
+            .seal(&node, &passphrase)
+            .await
+            .unwrap();
+        sealed.push(SealedVolume {
+            node,
+            source: "127.0.0.61".into(),
+            passphrase,
+            blob,
+        });
+    }
+    let legacy = keyless.dir.path().join("legacy.json");
+    keyless
+        .admin(&["export-json", legacy.to_str().unwrap()])
+        .await;
+    let keyless = stop_server(keyless);
+    let unwrapped = keyless.dir.path().join("kms.db");
+
+    let setup = Setup::new("");
+    with_key_file(&setup);
+    let running = setup.start();
+    let database = running.dir.path().join("kms.db");
+    // The server's own first pass notes that nothing is left to adopt.
+    wait_for_line(
+        &running.server,
+        "every record is wrapped",
+        Duration::from_secs(30),
+    );
+    let before = content(&database);
+    for refused in [
+        run_binary(&[
+            "import-json",
+            legacy.to_str().unwrap(),
+            "--database",
+            database.to_str().unwrap(),
+        ]),
+        run_binary(&[
+            "db",
+            "migrate",
+            "--from",
+            unwrapped.to_str().unwrap(),
+            "--to",
+            database.to_str().unwrap(),
+        ]),
+        run_binary(&[
+            "fill",
+            "--database",
+            database.to_str().unwrap(),
+            "--records",
+            "1",
+        ]),
+    ] {
+        assert_eq!(refused.status.code(), Some(1));
+        let stderr = text(&refused.stderr);
+        assert!(stderr.contains("wrapped under a key source"), "{stderr}");
+    }
+    assert!(content(&database) == before, "the database is untouched");
+
+    let out = running
+        .admin(&["import-json", legacy.to_str().unwrap()])
+        .await;
+    assert!(out.contains("imported 3 records"), "{out}");
+    assert_eq!(wrapped(&database), (3, 3), "imported records are wrapped");
+    assert_eq!(unseals_all(&running, &sealed).await, sealed.len());
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 use talos_kms_server::bench::{self, fill, fill::FillOptions};
+use talos_kms_server::custody;
 use talos_kms_server::sealing::ip_text;
 use talos_kms_server::store::SqliteStore;
 
@@ -49,6 +50,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         volumes: volumes.as_mut().map(|out| out as &mut dyn std::io::Write),
     };
     if let Some(database) = &args.database {
+        if database.exists() {
+            // Its records are not wrapped: a wrapped database would refuse them.
+            custody::check_data_keys(&SqliteStore::custody_values_of(database)?, None)
+                .context("fill a database that has no key source")?;
+        }
         let store = SqliteStore::open(database)?;
         let report = fill::fill_store_with(&store, args.records, options).await?;
         println!(

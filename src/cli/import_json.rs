@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use talos_kms_server::audit::{AuditLog, Event};
 use talos_kms_server::config::Config;
+use talos_kms_server::custody;
 use talos_kms_server::store::legacy_json;
 use talos_kms_server::store::{self, Database, ImportBatch, ImportReport};
 
@@ -36,22 +37,30 @@ pub async fn run(
     global_config: Option<PathBuf>,
     command_line: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let (database, audit) = match (args.database, args.config.or(global_config)) {
+    let (database, audit, key_source) = match (args.database, args.config.or(global_config)) {
         (Some(database), _) => (
             Database::parse(&database, Path::new("."))
                 .map_err(|problem| anyhow::anyhow!("--database: {problem}"))?,
+            None,
             None,
         ),
         (None, Some(config)) => {
             let config = Config::read(&config)?;
             let audit = AuditLog::open(&config.audit_log, None)?;
-            (config.database, Some(audit))
+            (config.database, Some(audit), config.key_source)
         }
         (None, None) => anyhow::bail!("say where to import: --config FILE or --database PATH"),
     };
     let file = legacy_json::read(&args.file)?
         .with_context(|| format!("legacy database {}: no such file", args.file.display()))?;
     let store = store::open(&database).await?.store;
+    // Under the config's key source the records are wrapped as they come in; without a
+    // config, a database whose records are wrapped is refused (they would be forgeries there).
+    let metrics = std::sync::Arc::new(talos_kms_server::metrics::Metrics::new());
+    let store = custody::guard(store, key_source.as_ref(), metrics)
+        .await
+        .context("import with --config, whose keySource wraps them")?
+        .store;
     let total = file.records.len();
     let mut progress = Progress::new("imported", Some(total as u64));
     let mut report = ImportReport::default();

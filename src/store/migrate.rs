@@ -4,6 +4,10 @@
 //! interrupted copy, and a finished one copies nothing.
 
 use super::{RecordFilter, Store, StoreError, StoredRecord};
+
+/// How key custody names its wrapped data keys (`custody::DATA_KEY_PREFIX`); the store
+/// copies them without knowing more.
+const DATA_KEY_PREFIX: &str = "data-key/v";
 use crate::sealing::SealNonce;
 use std::collections::HashMap;
 
@@ -47,14 +51,29 @@ pub enum MigrateError {
          under another key source; migrate into an empty database"
     )]
     OtherKeys { name: String },
+    #[error(
+        "the target database's records are wrapped under a key source and the source's are \
+         not: copied as they are, they would be refused there as forgeries. Migrate into an \
+         empty database (a key source configured there wraps them while it serves), or import \
+         them with `import-json --config` under the target's key source"
+    )]
+    UnwrappedIntoWrapped,
 }
 
 /// Copies key custody's values (wrapped data keys, markers) first: records wrapped under
 /// them are worthless without them. A target with other values for the same names is refused.
 async fn copy_custody(from: &dyn Store, to: &dyn Store) -> Result<(), MigrateError> {
     let there: HashMap<String, Vec<u8>> = to.custody_values().await?.into_iter().collect();
+    let source = from.custody_values().await?;
+    let is_key = |name: &String| name.starts_with(DATA_KEY_PREFIX);
+    if there.keys().any(is_key)
+        && !source.iter().any(|(name, _)| is_key(name))
+        && from.count().await? > 0
+    {
+        return Err(MigrateError::UnwrappedIntoWrapped);
+    }
     let mut missing = Vec::new();
-    for (name, value) in from.custody_values().await? {
+    for (name, value) in source {
         match there.get(&name) {
             Some(held) if *held != value => return Err(MigrateError::OtherKeys { name }),
             Some(_) => {}
