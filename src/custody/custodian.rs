@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 /// Records re-wrapped per store write: small enough that unseals queued behind it wait
 /// milliseconds.
 const REWRAP_BATCH: usize = 256;
-/// How often an idle server looks for records to wrap (a data key rotated by
-/// `keys rotate-data-key`, records copied in) and for data keys added meanwhile.
+/// How often a server looks for data keys added meanwhile (`keys rotate-data-key`, another
+/// replica), which start a pass over the records.
 const IDLE_CHECK: Duration = Duration::from_secs(10);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
@@ -46,6 +46,10 @@ pub struct Custodian {
     reported: Mutex<HashSet<(&'static str, i64)>>,
     stopping: AtomicBool,
     root_rotated: AtomicBool,
+    /// A pass over the records is due: at start, and when the data keys changed. Between
+    /// them every record written is wrapped under the current key, so an idle server does
+    /// not scan a million records every few seconds.
+    pass_wanted: AtomicBool,
     /// An admin command's custodian of a shamir source: never unsealed, and says why.
     keys_in_server: AtomicBool,
     wake: tokio::sync::Notify,
@@ -64,6 +68,7 @@ impl Custodian {
             reported: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
             root_rotated: AtomicBool::new(false),
+            pass_wanted: AtomicBool::new(true),
             keys_in_server: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
         })
@@ -368,7 +373,10 @@ impl Custodian {
                 if !custodian.is_sealed() {
                     if let Err(e) = custodian.reload_keys().await {
                         tracing::warn!(error = %e, "could not read the data keys; retrying");
-                    } else if let Err(e) = custodian.rewrap_pass().await {
+                    } else if custodian.pass_wanted.swap(false, Ordering::AcqRel)
+                        && let Err(e) = custodian.rewrap_pass().await
+                    {
+                        custodian.pass_wanted.store(true, Ordering::Release);
                         tracing::warn!(error = %e, "wrapping records paused; retrying");
                     }
                 }
@@ -404,6 +412,7 @@ impl Custodian {
         if keyring.versions() != known || keyring.destroyed_count() != self.destroyed_count() {
             tracing::info!(versions = ?keyring.versions(), "data keys changed");
             *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keyring));
+            self.pass_wanted.store(true, Ordering::Release);
         }
         Ok(())
     }
