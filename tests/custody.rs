@@ -247,6 +247,29 @@ async fn nodes_at_work(
     (all, failed)
 }
 
+/// `count` volumes of nodes `PREFIX-N`, sealed from `source`.
+async fn seal_volumes(
+    running: &Running,
+    source: &str,
+    prefix: &str,
+    count: usize,
+) -> Vec<SealedVolume> {
+    let client = running.node(source);
+    let mut sealed = Vec::new();
+    for i in 0..count {
+        let node = format!("{prefix}-{i}");
+        let passphrase = random_passphrase();
+        let blob = client.seal(&node, &passphrase).await.unwrap();
+        sealed.push(SealedVolume {
+            node,
+            source: source.into(),
+            passphrase,
+            blob,
+        });
+    }
+    sealed
+}
+
 async fn unseals_all(running: &Running, volumes: &[SealedVolume]) -> usize {
     let mut right = 0;
     for volume in volumes {
@@ -412,19 +435,7 @@ async fn db_migrate_keeps_the_wrapping_and_the_tags_both_ways() {
     with_key_file(&setup);
     let sqlite = setup.dir.path().join("kms.db");
     let running = setup.start();
-    let client = running.node("127.0.0.21");
-    let mut sealed = Vec::new();
-    for i in 0..10 {
-        let node = format!("migrated-{i}");
-        let passphrase = random_passphrase();
-        let blob = client.seal(&node, &passphrase).await.unwrap();
-        sealed.push(SealedVolume {
-            node,
-            source: "127.0.0.21".into(),
-            passphrase,
-            blob,
-        });
-    }
+    let sealed = seal_volumes(&running, "127.0.0.21", "migrated", 10).await;
     running.admin(&["keys", "revoke", "1"]).await;
     running
         .admin(&["window", "open", "unseal", "--for", "1h"])
@@ -613,22 +624,7 @@ async fn export_json_opens_the_records_into_the_legacy_format() {
     let setup = Setup::new("");
     with_key_file(&setup);
     let running = setup.start();
-    let mut sealed = Vec::new();
-    for i in 0..3 {
-        let node = format!("exported-{i}");
-        let passphrase = random_passphrase();
-        let blob = running
-            .node("127.0.0.41")
-            .seal(&node, &passphrase)
-            .await
-            .unwrap();
-        sealed.push(SealedVolume {
-            node,
-            source: "127.0.0.41".into(),
-            passphrase,
-            blob,
-        });
-    }
+    let sealed = seal_volumes(&running, "127.0.0.41", "exported", 3).await;
     let file = running.dir.path().join("export.json");
     let out = running
         .admin(&["export-json", file.to_str().unwrap()])
@@ -682,22 +678,7 @@ async fn export_json_opens_the_records_into_the_legacy_format() {
 async fn unwrapped_records_enter_a_wrapped_database_only_through_the_key_source() {
     // A keyless server's records, exported as the legacy format, and its database.
     let keyless = Setup::new("").start();
-    let mut sealed = Vec::new();
-    for i in 0..3 {
-        let node = format!("imported-{i}");
-        let passphrase = random_passphrase();
-        let blob = keyless
-            .node("127.0.0.61")
-            .seal(&node, &passphrase)
-            .await
-            .unwrap();
-        sealed.push(SealedVolume {
-            node,
-            source: "127.0.0.61".into(),
-            passphrase,
-            blob,
-        });
-    }
+    let sealed = seal_volumes(&keyless, "127.0.0.61", "imported", 3).await;
     let legacy = keyless.dir.path().join("legacy.json");
     keyless
         .admin(&["export-json", legacy.to_str().unwrap()])
