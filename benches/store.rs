@@ -6,7 +6,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use std::sync::Arc;
 use talos_kms_server::bench::fill;
 use talos_kms_server::sealing;
-use talos_kms_server::store::{NewRecord, SqliteStore, Store, now};
+use talos_kms_server::store::{NewRecord, NodeLimits, SqliteStore, Store, now};
 use tokio::runtime::Runtime;
 
 fn new_record(index: usize) -> NewRecord {
@@ -33,7 +33,7 @@ fn inserts(c: &mut Criterion) {
             || new_record(0),
             |record| {
                 let store = Arc::clone(&store);
-                async move { store.insert(record).await.unwrap() }
+                async move { store.insert(record, NodeLimits::NONE).await.unwrap() }
             },
             BatchSize::SmallInput,
         )
@@ -46,7 +46,9 @@ fn inserts(c: &mut Criterion) {
                 async move {
                     let inserts = records.into_iter().map(|record| {
                         let store = Arc::clone(&store);
-                        tokio::spawn(async move { store.insert(record).await.unwrap() })
+                        tokio::spawn(async move {
+                            store.insert(record, NodeLimits::NONE).await.unwrap()
+                        })
                     });
                     for insert in inserts.collect::<Vec<_>>() {
                         insert.await.unwrap();
@@ -70,7 +72,10 @@ fn lookups(c: &mut Criterion) {
         let known: Vec<_> = (0..1_000).map(new_record).collect();
         runtime.block_on(async {
             for record in &known {
-                store.insert(record.clone()).await.unwrap();
+                store
+                    .insert(record.clone(), NodeLimits::NONE)
+                    .await
+                    .unwrap();
             }
             fill::fill_store(&store, filler).await.unwrap();
         });

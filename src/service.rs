@@ -175,14 +175,11 @@ impl KmsService {
         let passphrase = Zeroizing::new(std::mem::take(&mut request.data));
         let ip = peer_ip_text(&peer);
         let mut event = Event::call(Action::Seal, &ip, &request.node_uuid);
-        match self
+        let limits = self
             .policy
             .admit_seal(&request.node_uuid, passphrase.len(), peer.ip(), &ip)
             .await
-        {
-            Ok(admitted) => event.detail = admitted.note,
-            Err(refusal) => return Err(self.refused_by_policy(event, refusal)),
-        }
+            .map_err(|refusal| self.refused_by_policy(event.clone(), refusal))?;
         for _ in 0..SEAL_ATTEMPTS {
             let sealed = sealing::seal(&request.node_uuid, &ip, &passphrase).map_err(|e| {
                 tracing::error!(error = %e, "sealing failed");
@@ -201,16 +198,23 @@ impl KmsService {
                 last_access: None,
                 custody: Default::default(),
             };
-            let inserted = self.store.insert(record).await.map_err(|e| {
+            let inserted = self.store.insert(record, limits).await.map_err(|e| {
                 self.refused_by_policy(event.clone(), Refusal::store_unavailable(&e))
             })?;
             match inserted {
-                Inserted::Stored(id) => {
+                Inserted::Stored(id, node) => {
+                    event.detail = self.policy.note_on_seal(&request.node_uuid, &ip, &node);
                     self.audited(&event.clone().record(id))?;
                     tracing::info!(record = id, node = ?request.node_uuid, %ip, "sealed");
                     return Ok(answer(sealed.blob.to_vec()));
                 }
                 Inserted::NonceTaken => continue,
+                Inserted::OverLimits(node) => {
+                    let refusal =
+                        self.policy
+                            .over_limits(&request.node_uuid, peer.ip(), &ip, &node);
+                    return Err(self.refused_by_policy(event, refusal));
+                }
             }
         }
         tracing::error!("{SEAL_ATTEMPTS} random nonces in a row were taken; is the RNG broken?");

@@ -1003,7 +1003,7 @@ async fn forged_rows_stay_forged_when_the_marker_is_deleted_on_postgres() {
 async fn replicas_starting_together_share_one_first_data_key() {
     use std::sync::Arc;
     use talos_kms_server::custody::{Custodian, Root, SecretKey};
-    use talos_kms_server::store::{NewRecord, PgOptions, PgStore, Store};
+    use talos_kms_server::store::{NewRecord, NodeLimits, PgOptions, PgStore, Store};
     let Some(pg) = PgCluster::start() else {
         return;
     };
@@ -1029,8 +1029,14 @@ async fn replicas_starting_together_share_one_first_data_key() {
         last_access: None,
         custody: Default::default(),
     };
-    a.unwrap().insert(record(1)).await.unwrap();
-    b.unwrap().insert(record(2)).await.unwrap();
+    a.unwrap()
+        .insert(record(1), NodeLimits::NONE)
+        .await
+        .unwrap();
+    b.unwrap()
+        .insert(record(2), NodeLimits::NONE)
+        .await
+        .unwrap();
     let restarted = Custodian::open(replica().await, root(), Default::default())
         .await
         .unwrap();

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use talos_kms_server::client::{ClientError, KmsClient};
 use talos_kms_server::store::{
-    self, ApprovalState, Database, Decision, ImportBatch, Inserted, NewRecord, Operation,
-    PgOptions, PgStore, RecordFilter, RecordState, SqliteStore, Store, Window,
+    self, ApprovalState, Database, Decision, ImportBatch, Inserted, NewRecord, NodeLimits,
+    Operation, PgOptions, PgStore, RecordFilter, RecordState, SqliteStore, Store, Window,
 };
 
 const SERVING: u8 = 1;
@@ -530,7 +530,7 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
         (4, "n2", "10.0.0.3", 400),
     ] {
         let inserted = store
-            .insert(record(nonce, node, ip, created))
+            .insert(record(nonce, node, ip, created), NodeLimits::NONE)
             .await
             .unwrap();
         log.push(format!("insert {nonce}: {inserted:?}"));
@@ -624,14 +624,20 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
                 .collect::<Vec<_>>()
         ));
     }
-    log.push(format!(
-        "summary {:?}",
-        store.node_summary("n2", "10.0.0.1").await.unwrap()
-    ));
-    log.push(format!(
-        "summary {:?}",
-        store.node_summary("n1", "10.0.0.1").await.unwrap()
-    ));
+    // Refused, so that the ids below stay the same on both stores.
+    let pinned = NodeLimits {
+        max_records: 0,
+        one_address: true,
+    };
+    for node in ["n2", "n1"] {
+        log.push(format!(
+            "refused {:?}",
+            store
+                .insert(record(9, node, "10.0.0.1", 500), pinned)
+                .await
+                .unwrap()
+        ));
+    }
     log.push(format!("since {}", store.created_since(200).await.unwrap()));
     let revoked = RecordFilter {
         state: Some(RecordState::Revoked),
@@ -718,7 +724,10 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
     }
     // Last: on PostgreSQL a taken nonce costs an id (ids are unique and increasing, not
     // gap-free), so the ids listed above would differ after it.
-    let taken = store.insert(record(2, "x", "y", 1)).await.unwrap();
+    let taken = store
+        .insert(record(2, "x", "y", 1), NodeLimits::NONE)
+        .await
+        .unwrap();
     assert_eq!(taken, Inserted::NonceTaken);
 
     // Copies keep ids and state and skip what is there.
@@ -748,15 +757,18 @@ async fn copied_transcript(from: &dyn Store, to: &dyn Store) -> Vec<String> {
         to.copy_approvals(&approvals).await.unwrap()
     ));
     let new = to
-        .insert(NewRecord {
-            nonce: [42; 12],
-            node_uuid: "n9".into(),
-            ip: "10.9.9.9".into(),
-            ciphertext: vec![1; 48],
-            created_at: 1,
-            last_access: None,
-            custody: Default::default(),
-        })
+        .insert(
+            NewRecord {
+                nonce: [42; 12],
+                node_uuid: "n9".into(),
+                ip: "10.9.9.9".into(),
+                ciphertext: vec![1; 48],
+                created_at: 1,
+                last_access: None,
+                custody: Default::default(),
+            },
+            NodeLimits::NONE,
+        )
         .await
         .unwrap();
     log.push(format!("next id {new:?}"));
@@ -799,7 +811,7 @@ async fn both_stores_answer_every_call_alike() {
     let into_pg = copied_transcript(&sqlite, &pg_copy).await;
     assert_eq!(into_sqlite, into_pg);
     // After the highest copied id (6: the import's skipped record took 5 on both stores).
-    assert!(into_pg[2].contains("Stored(7)"), "{into_pg:?}");
+    assert!(into_pg[2].contains("Stored(7,"), "{into_pg:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -808,6 +820,7 @@ async fn the_store_contract_holds_on_postgres() {
     for name in [
         "lookups",
         "summaries",
+        "quota",
         "windows",
         "approvals",
         "ids",
@@ -820,7 +833,9 @@ async fn the_store_contract_holds_on_postgres() {
     let store = PgStore::open(&options("lookups")).await.unwrap();
     store_contract::lookups_at_once_each_find_their_own(&store).await;
     let store = PgStore::open(&options("summaries")).await.unwrap();
-    store_contract::node_summaries_and_hourly_counts(&store).await;
+    store_contract::node_limits_and_hourly_counts(&store).await;
+    let store = PgStore::open(&options("quota")).await.unwrap();
+    store_contract::seals_at_once_stay_within_the_quota(&store).await;
     let store = PgStore::open(&options("windows")).await.unwrap();
     store_contract::windows_open_move_and_close(&store).await;
     let store = PgStore::open(&options("approvals")).await.unwrap();

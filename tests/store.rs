@@ -3,7 +3,7 @@
 mod common;
 
 use common::store_contract;
-use talos_kms_server::store::{SqliteStore, Store};
+use talos_kms_server::store::{NodeLimits, SqliteStore, Store};
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -18,9 +18,15 @@ async fn lookups_at_once_each_find_their_own() {
 }
 
 #[tokio::test]
-async fn node_summaries_and_hourly_counts() {
+async fn node_limits_and_hourly_counts() {
     let (_dir, store) = store();
-    store_contract::node_summaries_and_hourly_counts(&store).await;
+    store_contract::node_limits_and_hourly_counts(&store).await;
+}
+
+#[tokio::test]
+async fn seals_at_once_stay_within_the_quota() {
+    let (_dir, store) = store();
+    store_contract::seals_at_once_stay_within_the_quota(&store).await;
 }
 
 #[tokio::test]
@@ -84,8 +90,8 @@ async fn a_purged_id_stays_used_across_a_reopen() {
         last_access: None,
         custody: Default::default(),
     };
-    let id = match store.insert(record).await.unwrap() {
-        talos_kms_server::store::Inserted::Stored(id) => id,
+    let id = match store.insert(record, NodeLimits::NONE).await.unwrap() {
+        talos_kms_server::store::Inserted::Stored(id, _) => id,
         other => panic!("{other:?}"),
     };
     assert!(id > highest, "id {id} after purging {highest}");

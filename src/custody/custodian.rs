@@ -17,9 +17,9 @@ use crate::metrics::Metrics;
 use crate::sealing::SealNonce;
 use crate::store::{
     Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, CustodyChange, Decision,
-    Fingerprint, ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary,
-    Operation, Record, RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError,
-    StoredRecord, TaggedTable, UnixTime, Window,
+    Fingerprint, ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeLimits, Operation,
+    Record, RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError, StoredRecord,
+    TaggedTable, UnixTime, Window,
 };
 use async_trait::async_trait;
 use std::collections::HashSet;
@@ -650,9 +650,9 @@ fn adopting_fields() -> [&'static [u8]; 1] {
 
 #[async_trait]
 impl Store for Custodian {
-    async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError> {
+    async fn insert(&self, record: NewRecord, limits: NodeLimits) -> Result<Inserted, StoreError> {
         let keys = self.keys()?;
-        self.store.insert(self.wrap(&keys, record)?).await
+        self.store.insert(self.wrap(&keys, record)?, limits).await
     }
 
     async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
@@ -793,10 +793,6 @@ impl Store for Custodian {
     async fn close(&self) -> Result<(), StoreError> {
         self.stop();
         self.store.close().await
-    }
-
-    async fn node_summary(&self, node_uuid: &str, ip: &str) -> Result<NodeSummary, StoreError> {
-        self.store.node_summary(node_uuid, ip).await
     }
 
     async fn created_since(&self, since: UnixTime) -> Result<u64, StoreError> {

@@ -25,7 +25,9 @@ use crate::audit::Reason;
 use crate::locking::lock;
 use crate::proto;
 use crate::sealing::SEALED_LEN;
-use crate::store::{self, Approval, ApprovalState, Operation, Store, StoreError, UnixTime};
+use crate::store::{
+    self, Approval, ApprovalState, NodeLimits, NodeSummary, Operation, Store, StoreError, UnixTime,
+};
 use rate::RateLimits;
 use refusal_log::RefusalLog;
 use std::net::IpAddr;
@@ -173,12 +175,6 @@ impl Refusal {
     }
 }
 
-/// A call the policy let through, with what the audit trail should note about it.
-#[derive(Debug, Default)]
-pub struct Admitted {
-    pub note: Option<String>,
-}
-
 /// The checks of [`Rules`], with the state they need: rate-limit buckets here, windows and
 /// approvals in the store.
 pub struct Policy {
@@ -209,60 +205,79 @@ impl Policy {
     }
 
     /// Whether a seal of a passphrase of `passphrase_len` bytes for `node` from `ip` (bound
-    /// into it as `ip_text`) may go on.
+    /// into it as `ip_text`) may go on; the quota and pinning are checked where it is stored,
+    /// under the limits this returns, and weighed by [`Policy::weigh_node`].
     pub async fn admit_seal(
         &self,
         node: &str,
         passphrase_len: usize,
         ip: IpAddr,
         ip_text: &str,
-    ) -> Result<Admitted, Refusal> {
+    ) -> Result<NodeLimits, Refusal> {
         check_seal_shape(node, passphrase_len)
             .map_err(|status| Refusal::new(Reason::Invalid, status))?;
         self.admit(Operation::Seal, node, ip, ip_text).await?;
-        let summary = self
-            .store
-            .node_summary(node, ip_text)
-            .await
-            .map_err(|e| Refusal::store_unavailable(&e))?;
+        self.count_hourly_seal(ip).await?;
+        Ok(NodeLimits {
+            max_records: self.rules.max_records_per_node,
+            one_address: self.rules.pin_node_ip,
+        })
+    }
+
+    /// The refusal of a seal the store did not add: `summary` is over the limits of
+    /// [`Policy::admit_seal`].
+    pub fn over_limits(
+        &self,
+        node: &str,
+        ip: IpAddr,
+        ip_text: &str,
+        summary: &NodeSummary,
+    ) -> Refusal {
+        // Not added after all: it takes no room in the hour's count.
+        {
+            let mut hourly = lock(&self.hourly);
+            hourly.seals = hourly.seals.saturating_sub(1);
+        }
         let max = self.rules.max_records_per_node;
         if max > 0 && summary.records >= max {
             if self.first_refusal(ip, Reason::OverQuota) {
                 tracing::warn!(node = ?node, ip = ip_text, records = summary.records,
                     "seal refused: the node has reached maxRecordsPerNode");
             }
-            return Err(Refusal::new(
+            return Refusal::new(
                 Reason::OverQuota,
                 Status::resource_exhausted(format!(
                     "this node has {} records, the most maxRecordsPerNode allows; an operator \
                      can free room with `talos-kms-server keys purge --node {node}`",
                     summary.records
                 )),
-            ));
+            );
         }
-        self.count_hourly_seal(ip).await?;
-        let mut admitted = Admitted::default();
-        if !summary.other_addresses.is_empty() {
+        if self.first_refusal(ip, Reason::Pinned) {
             let known = summary.other_addresses.join(", ");
-            if self.rules.pin_node_ip {
-                if self.first_refusal(ip, Reason::Pinned) {
-                    tracing::warn!(node = ?node, ip = ip_text, %known,
-                        "seal refused: the node is pinned to another address (pinNodeIp)");
-                }
-                return Err(Refusal::new(
-                    Reason::Pinned,
-                    Status::permission_denied(format!(
-                        "this node UUID is known from another address and pinNodeIp is set; \
-                         if the node really moved, an operator revokes its old records with \
-                         `talos-kms-server keys revoke --node {node}`"
-                    )),
-                ));
-            }
             tracing::warn!(node = ?node, ip = ip_text, %known,
-                "a node UUID known from another address seals: moved, or someone else");
-            admitted.note = Some(format!("node known from {known}"));
+                "seal refused: the node is pinned to another address (pinNodeIp)");
         }
-        Ok(admitted)
+        Refusal::new(
+            Reason::Pinned,
+            Status::permission_denied(format!(
+                "this node UUID is known from another address and pinNodeIp is set; \
+                 if the node really moved, an operator revokes its old records with \
+                 `talos-kms-server keys revoke --node {node}`"
+            )),
+        )
+    }
+
+    /// What the audit trail notes about a seal the store added: a node known from another
+    /// address (allowed without `pinNodeIp`).
+    pub fn note_on_seal(&self, node: &str, ip_text: &str, summary: &NodeSummary) -> Option<String> {
+        if summary.other_addresses.is_empty() {
+            return None;
+        }
+        let known = summary.other_addresses.join(", ");
+        tracing::warn!(node = ?node, ip = ip_text, %known,
+            "a node UUID known from another address seals: moved, or someone else");
+        Some(format!("node known from {known}"))
     }
 
     /// Whether an unseal from `ip` (bound into seals as `ip_text`) may go on. With
@@ -274,7 +289,7 @@ impl Policy {
         ip: IpAddr,
         ip_text: &str,
         foreign_blobs: bool,
-    ) -> Result<Admitted, Refusal> {
+    ) -> Result<(), Refusal> {
         let shape = if foreign_blobs {
             check_node_uuid(&request.node_uuid)
         } else {
@@ -282,8 +297,7 @@ impl Policy {
         };
         shape.map_err(|status| Refusal::new(Reason::Invalid, status))?;
         self.admit(Operation::Unseal, &request.node_uuid, ip, ip_text)
-            .await?;
-        Ok(Admitted::default())
+            .await
     }
 
     /// Forgets what is no longer needed (quiet addresses' buckets) and sums up the

@@ -11,7 +11,7 @@ mod sqlite;
 
 pub use bindings::{Binding, BindingId, Fingerprint, NewBinding};
 pub use policy_state::{
-    Approval, ApprovalId, ApprovalState, Decision, NodeSummary, Operation, Window,
+    Approval, ApprovalId, ApprovalState, Decision, NodeLimits, NodeSummary, Operation, Window,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{ExclusiveUse, Inspection, SqliteStore};
@@ -241,10 +241,12 @@ pub struct RecordFilter {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inserted {
-    /// Durable on disk.
-    Stored(RecordId),
+    /// Durable on disk; with the node as it was before this record.
+    Stored(RecordId, NodeSummary),
     /// Another record already has this nonce; seal again with a fresh one.
     NonceTaken,
+    /// Nothing written: the node is over the [`NodeLimits`] it was sealed under.
+    OverLimits(NodeSummary),
 }
 
 /// Records to add unless their nonce is already stored.
@@ -305,8 +307,8 @@ pub enum StoreError {
 /// before it returns: a seal is acknowledged only after that.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Adds a sealed record; returns once it is durable.
-    async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError>;
+    /// Adds a sealed record unless its node is over `limits`; returns once it is durable.
+    async fn insert(&self, record: NewRecord, limits: NodeLimits) -> Result<Inserted, StoreError>;
 
     async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError>;
 
@@ -384,10 +386,6 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self) -> Result<(), StoreError> {
         self.flush().await
     }
-
-    /// How many records the node has, and which addresses other than `ip` its active ones
-    /// are bound to. Every seal asks: one indexed query when the answer is "none".
-    async fn node_summary(&self, node_uuid: &str, ip: &str) -> Result<NodeSummary, StoreError>;
 
     /// How many records were created at or after `since`.
     async fn created_since(&self, since: UnixTime) -> Result<u64, StoreError>;

@@ -111,7 +111,8 @@ pub enum Decision {
     Deny,
 }
 
-/// What a seal from a node must be weighed against: quota and pinning.
+/// What a seal from a node is weighed against: quota and pinning, as the store found the
+/// node just before it added the seal.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeSummary {
     /// Every record of the node, revoked ones included (they take room too).
@@ -119,4 +120,29 @@ pub struct NodeSummary {
     /// The distinct addresses other than the sealing one that its active records are bound
     /// to (at most a few are read; none in the usual case, which costs no second query).
     pub other_addresses: Vec<String>,
+}
+
+/// The limits a seal is stored under. The store checks them in the transaction that adds the
+/// seal: the writer reads what it just wrote from its own warm cache (a reader's cache is
+/// emptied by every commit), and two seals of one node in one batch are both counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeLimits {
+    /// Records a node may have, revoked ones included; 0 is no limit.
+    pub max_records: u64,
+    /// Refuse a node whose active records are bound to another address (`pinNodeIp`).
+    pub one_address: bool,
+}
+
+impl NodeLimits {
+    pub const NONE: NodeLimits = NodeLimits {
+        max_records: 0,
+        one_address: false,
+    };
+
+    /// Whether the node's records leave room for one more under these limits.
+    pub fn allow(&self, node: &NodeSummary) -> bool {
+        let room = self.max_records == 0 || node.records < self.max_records;
+        let address_free = !self.one_address || node.other_addresses.is_empty();
+        room && address_free
+    }
 }

@@ -2,8 +2,8 @@
 //! each backend (SQLite here; PostgreSQL where it is available).
 
 use talos_kms_server::store::{
-    Approval, ApprovalState, Binding, Decision, Inserted, NewBinding, NewRecord, Operation,
-    RecordFilter, RecordInfo, RecordState, Store, Window,
+    Approval, ApprovalState, Binding, Decision, Inserted, NewBinding, NewRecord, NodeLimits,
+    NodeSummary, Operation, RecordFilter, RecordInfo, RecordState, Store, Window,
 };
 
 fn record(nonce: u8, node: &str, ip: &str, created_at: i64) -> NewRecord {
@@ -18,39 +18,43 @@ fn record(nonce: u8, node: &str, ip: &str, created_at: i64) -> NewRecord {
     }
 }
 
-/// Unseals arrive together (a cluster booting): each lookup gets its own record, the same
-/// blob looked up twice at once is found twice, and an unknown nonce is found nowhere.
-pub async fn lookups_at_once_each_find_their_own(store: &dyn Store) {
-    for nonce in 1..=20u8 {
-        let ip = format!("10.0.1.{nonce}");
-        store
-            .insert(record(nonce, "node-l", &ip, 1_000))
-            .await
-            .unwrap();
-    }
-    let wanted: Vec<u8> = (1..=20).chain([7, 7, 99]).collect();
-    let mut lookups: Vec<_> = wanted
-        .iter()
-        .map(|&nonce| Box::pin(async move { store.find_by_nonce(&[nonce; 12]).await.unwrap() }))
-        .collect();
-    // All polled together, so that they are in flight at once.
-    let mut found: Vec<_> = lookups.iter().map(|_| None).collect();
+/// Runs the calls polled together, so that they are in flight at once; their answers in order.
+async fn all_at_once<T>(calls: impl Iterator<Item = impl Future<Output = T>>) -> Vec<T> {
+    let mut calls: Vec<_> = calls.map(Box::pin).collect();
+    let mut answers: Vec<Option<T>> = calls.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
-        for (lookup, slot) in lookups.iter_mut().zip(found.iter_mut()) {
+        for (call, slot) in calls.iter_mut().zip(answers.iter_mut()) {
             if slot.is_none()
-                && let std::task::Poll::Ready(record) = lookup.as_mut().poll(cx)
+                && let std::task::Poll::Ready(answer) = call.as_mut().poll(cx)
             {
-                *slot = Some(record);
+                *slot = Some(answer);
             }
         }
-        if found.iter().all(Option::is_some) {
+        if answers.iter().all(Option::is_some) {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
         }
     })
     .await;
-    let found = found.into_iter().flatten();
+    answers.into_iter().flatten().collect()
+}
+
+/// Unseals arrive together (a cluster booting): each lookup gets its own record, the same
+/// blob looked up twice at once is found twice, and an unknown nonce is found nowhere.
+pub async fn lookups_at_once_each_find_their_own(store: &dyn Store) {
+    for nonce in 1..=20u8 {
+        let ip = format!("10.0.1.{nonce}");
+        store
+            .insert(record(nonce, "node-l", &ip, 1_000), NodeLimits::NONE)
+            .await
+            .unwrap();
+    }
+    let wanted: Vec<u8> = (1..=20).chain([7, 7, 99]).collect();
+    let lookups = wanted
+        .iter()
+        .map(|&nonce| async move { store.find_by_nonce(&[nonce; 12]).await.unwrap() });
+    let found = all_at_once(lookups).await;
     for (nonce, record) in wanted.iter().zip(found) {
         match record {
             Some(record) => assert_eq!(record.ip, format!("10.0.1.{nonce}")),
@@ -59,7 +63,9 @@ pub async fn lookups_at_once_each_find_their_own(store: &dyn Store) {
     }
 }
 
-pub async fn node_summaries_and_hourly_counts(store: &dyn Store) {
+/// A seal is stored only while its node is within the limits it was sealed under, checked
+/// where it is stored: the answer says what the node had before.
+pub async fn node_limits_and_hourly_counts(store: &dyn Store) {
     let now = 1_000_000;
     for (nonce, node, ip, at) in [
         (1, "node-a", "10.0.0.1", now - 7200),
@@ -67,34 +73,103 @@ pub async fn node_summaries_and_hourly_counts(store: &dyn Store) {
         (3, "node-a", "10.0.0.2", now),
         (4, "node-b", "10.0.0.3", now),
     ] {
-        store.insert(record(nonce, node, ip, at)).await.unwrap();
+        store
+            .insert(record(nonce, node, ip, at), NodeLimits::NONE)
+            .await
+            .unwrap();
     }
-    let summary = store.node_summary("node-a", "10.0.0.9").await.unwrap();
+    let quota = |max_records| NodeLimits {
+        max_records,
+        one_address: false,
+    };
+    let pinned = NodeLimits {
+        max_records: 0,
+        one_address: true,
+    };
+    let refused = |inserted| match inserted {
+        Inserted::OverLimits(summary) => summary,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let stored = |inserted| match inserted {
+        Inserted::Stored(_, summary) => summary,
+        other => panic!("expected a stored record, got {other:?}"),
+    };
+    let summary = refused(
+        store
+            .insert(record(5, "node-a", "10.0.0.9", now), quota(3))
+            .await
+            .unwrap(),
+    );
     assert_eq!(summary.records, 3);
     let mut addresses = summary.other_addresses.clone();
     addresses.sort();
     assert_eq!(addresses, ["10.0.0.1", "10.0.0.2"]);
-    let summary = store.node_summary("node-a", "10.0.0.1").await.unwrap();
+    let summary = refused(
+        store
+            .insert(record(5, "node-a", "10.0.0.1", now), pinned)
+            .await
+            .unwrap(),
+    );
     assert_eq!(summary.other_addresses, ["10.0.0.2"]);
-    assert_eq!(store.created_since(now - 3600).await.unwrap(), 3);
+    assert_eq!(
+        store.created_since(now - 3600).await.unwrap(),
+        3,
+        "refusals add nothing"
+    );
 
     // A revoked record still takes room, but binds no address.
     let listed = store.list(&Default::default(), 0, 10).await.unwrap();
     let id = listed.iter().find(|r| r.ip == "10.0.0.2").unwrap().id;
     store.set_revoked(&[(id, None)], Some(now)).await.unwrap();
-    let summary = store.node_summary("node-a", "10.0.0.9").await.unwrap();
-    assert_eq!(summary.records, 3);
-    assert_eq!(summary.other_addresses, ["10.0.0.1"]);
-    let summary = store.node_summary("node-a", "10.0.0.1").await.unwrap();
-    assert_eq!((summary.records, summary.other_addresses.len()), (3, 0));
-    assert_eq!(
+    let summary = stored(
         store
-            .node_summary("node-x", "10.0.0.1")
+            .insert(record(5, "node-a", "10.0.0.1", now), pinned)
             .await
-            .unwrap()
-            .records,
-        0
+            .unwrap(),
     );
+    assert_eq!((summary.records, summary.other_addresses.len()), (3, 0));
+    let summary = refused(
+        store
+            .insert(record(6, "node-a", "10.0.0.9", now), quota(4))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(summary.records, 4);
+    assert_eq!(summary.other_addresses, ["10.0.0.1"]);
+    let summary = stored(
+        store
+            .insert(record(6, "node-x", "10.0.0.1", now), quota(1))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(summary, NodeSummary::default());
+    assert_eq!(store.created_since(now - 3600).await.unwrap(), 5);
+}
+
+/// Seals of one node arriving together (one group commit, one batch) are each counted
+/// against its quota: exactly as many are stored as it allows.
+pub async fn seals_at_once_stay_within_the_quota(store: &dyn Store) {
+    let limits = NodeLimits {
+        max_records: 3,
+        one_address: false,
+    };
+    let seals =
+        (1..=8u8).map(|nonce| store.insert(record(nonce, "node-q", "10.0.3.1", 1_000), limits));
+    let answers = all_at_once(seals).await;
+    let stored = answers
+        .iter()
+        .filter(|answer| matches!(answer, Ok(Inserted::Stored(..))))
+        .count();
+    let refused = answers
+        .iter()
+        .filter(|answer| matches!(answer, Ok(Inserted::OverLimits(_))))
+        .count();
+    assert_eq!((stored, refused), (3, 5), "{answers:?}");
+    let filter = RecordFilter {
+        node_uuid: Some("node-q".into()),
+        ..Default::default()
+    };
+    assert_eq!(store.list(&filter, 0, 10).await.unwrap().len(), 3);
 }
 
 pub async fn windows_open_move_and_close(store: &dyn Store) {
@@ -247,18 +322,18 @@ pub async fn approvals_wait_pass_expire_and_deny(store: &dyn Store) {
 /// it must not name another node's record.
 pub async fn record_ids_are_never_reused(store: &dyn Store) {
     let stored = |inserted| match inserted {
-        Inserted::Stored(id) => id,
-        Inserted::NonceTaken => panic!("fresh nonces are free"),
+        Inserted::Stored(id, _) => id,
+        other => panic!("fresh nonces are free: {other:?}"),
     };
     let first = stored(
         store
-            .insert(record(1, "node-i", "10.0.2.1", 1_000))
+            .insert(record(1, "node-i", "10.0.2.1", 1_000), NodeLimits::NONE)
             .await
             .unwrap(),
     );
     let newest = stored(
         store
-            .insert(record(2, "node-i", "10.0.2.2", 1_000))
+            .insert(record(2, "node-i", "10.0.2.2", 1_000), NodeLimits::NONE)
             .await
             .unwrap(),
     );
@@ -266,7 +341,7 @@ pub async fn record_ids_are_never_reused(store: &dyn Store) {
     assert_eq!(store.delete(&[newest], &everything).await.unwrap(), 1);
     let next = stored(
         store
-            .insert(record(3, "node-j", "10.0.2.3", 1_000))
+            .insert(record(3, "node-j", "10.0.2.3", 1_000), NodeLimits::NONE)
             .await
             .unwrap(),
     );

@@ -27,7 +27,7 @@ pub use connection::PgInspection;
 pub use options::{PgOptions, is_postgres_url, redact};
 pub use tls::SslMode;
 
-use super::{Inserted, NewRecord, Record, RecordId, StoreError, UnixTime};
+use super::{Inserted, NewRecord, NodeLimits, Record, RecordId, StoreError, UnixTime};
 use crate::sealing::SealNonce;
 use connection::{CALL_DEADLINE, Client, deadline, describe, get, pool};
 use deadpool_postgres::Pool;
@@ -43,7 +43,7 @@ pub struct PgStore {
     created: bool,
     accesses: Arc<Mutex<HashMap<RecordId, UnixTime>>>,
     flusher: tokio::task::JoinHandle<()>,
-    seals: Batches<NewRecord, Inserted>,
+    seals: Batches<(NewRecord, NodeLimits), Inserted>,
     sealer: tokio::task::JoinHandle<()>,
     lookups: Batches<SealNonce, Option<Record>>,
     finder: tokio::task::JoinHandle<()>,

@@ -13,9 +13,9 @@ use crate::store::sql::{
 };
 use crate::store::{
     Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, CustodyChange, Decision,
-    Fingerprint, ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary,
-    Operation, Record, RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError,
-    StoredRecord, TaggedTable, UnixTime, Window,
+    Fingerprint, ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeLimits, Operation,
+    Record, RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError, StoredRecord,
+    TaggedTable, UnixTime, Window,
 };
 use async_trait::async_trait;
 use std::time::Duration;
@@ -88,8 +88,8 @@ async fn advance_identity(
 
 #[async_trait]
 impl Store for PgStore {
-    async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError> {
-        self.batched(&self.seals, record).await
+    async fn insert(&self, record: NewRecord, limits: NodeLimits) -> Result<Inserted, StoreError> {
+        self.batched(&self.seals, (record, limits)).await
     }
 
     async fn find_by_nonce(&self, nonce: &SealNonce) -> Result<Option<Record>, StoreError> {
@@ -372,28 +372,6 @@ impl Store for PgStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         write_accesses(&self.options, &self.pool, &self.accesses).await
-    }
-
-    async fn node_summary(&self, node_uuid: &str, ip: &str) -> Result<NodeSummary, StoreError> {
-        let (node_uuid, ip) = (node_uuid.to_string(), ip.to_string());
-        self.with(|client| async move {
-            // One statement: every seal asks it, and a round trip costs more than either.
-            let statement = client
-                .prepare_cached(
-                    "SELECT (SELECT count(*) FROM records WHERE node_uuid = $1),
-                            ARRAY(SELECT DISTINCT ip FROM records
-                                  WHERE node_uuid = $1 AND revoked_at IS NULL AND ip <> $2
-                                  LIMIT 8)",
-                )
-                .await?;
-            let row = client.query_one(&statement, &[&node_uuid, &ip]).await?;
-            let records: i64 = row.get(0);
-            Ok(NodeSummary {
-                records: records as u64,
-                other_addresses: row.get(1),
-            })
-        })
-        .await
     }
 
     async fn created_since(&self, since: UnixTime) -> Result<u64, StoreError> {

@@ -206,7 +206,7 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ImportBatch, ImportReport, Inserted, NewRecord, Store};
+    use crate::store::{ImportBatch, ImportReport, Inserted, NewRecord, NodeLimits, Store};
     use std::fs;
 
     fn record(nonce: u8) -> NewRecord {
@@ -227,9 +227,13 @@ mod tests {
         let path = dir.path().join("t.db");
         let store = SqliteStore::open(&path).unwrap();
         assert!(store.created());
-        store.insert(record(1)).await.unwrap();
+        store.insert(record(1), NodeLimits::NONE).await.unwrap();
         fs::remove_file(&path).unwrap();
-        let refused = store.insert(record(2)).await.unwrap_err().to_string();
+        let refused = store
+            .insert(record(2), NodeLimits::NONE)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("was deleted"), "{refused}");
         assert!(refused.contains(&path.display().to_string()), "{refused}");
         // Not even a record the open file still holds is served from a lost store.
@@ -254,11 +258,17 @@ mod tests {
             custody: Default::default(),
         };
         assert!(matches!(
-            store.insert(record.clone()).await.unwrap(),
-            Inserted::Stored(_)
+            store
+                .insert(record.clone(), NodeLimits::NONE)
+                .await
+                .unwrap(),
+            Inserted::Stored(..)
         ));
         assert_eq!(
-            store.insert(record.clone()).await.unwrap(),
+            store
+                .insert(record.clone(), NodeLimits::NONE)
+                .await
+                .unwrap(),
             Inserted::NonceTaken
         );
         let report = store

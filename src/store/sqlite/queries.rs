@@ -10,9 +10,9 @@ use crate::store::sql::{
 };
 use crate::store::{
     Approval, ApprovalId, ApprovalState, Binding, BindingId, Custody, CustodyChange, Decision,
-    Fingerprint, ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeSummary,
-    Operation, Record, RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError,
-    StoredRecord, TaggedTable, UnixTime, Window,
+    Fingerprint, ImportBatch, ImportReport, Inserted, NewBinding, NewRecord, NodeLimits, Operation,
+    Record, RecordFilter, RecordId, RecordInfo, Retag, Rewrapped, Store, StoreError, StoredRecord,
+    TaggedTable, UnixTime, Window,
 };
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
@@ -20,9 +20,9 @@ use tokio::sync::oneshot;
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert(&self, record: NewRecord) -> Result<Inserted, StoreError> {
+    async fn insert(&self, record: NewRecord, limits: NodeLimits) -> Result<Inserted, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.submit(Job::Insert(record, reply))?;
+        self.submit(Job::Insert(record, limits, reply))?;
         answer.await.map_err(|_| StoreError::WriterStopped)?
     }
 
@@ -257,31 +257,6 @@ impl Store for SqliteStore {
         })
         .await
         .map(drop)
-    }
-
-    async fn node_summary(&self, node_uuid: &str, ip: &str) -> Result<NodeSummary, StoreError> {
-        self.read(|conn| {
-            let (records, elsewhere): (u64, u64) = conn
-                .prepare_cached(
-                    "SELECT count(*), coalesce(sum(revoked_at IS NULL AND ip != ?2), 0)
-                     FROM records WHERE node_uuid = ?1",
-                )?
-                .query_row(params![node_uuid, ip], |row| Ok((row.get(0)?, row.get(1)?)))?;
-            let other_addresses = if elsewhere == 0 {
-                Vec::new()
-            } else {
-                conn.prepare_cached(
-                    "SELECT DISTINCT ip FROM records
-                     WHERE node_uuid = ?1 AND revoked_at IS NULL AND ip != ?2 LIMIT 8",
-                )?
-                .query_map(params![node_uuid, ip], |row| row.get(0))?
-                .collect::<rusqlite::Result<_>>()?
-            };
-            Ok(NodeSummary {
-                records,
-                other_addresses,
-            })
-        })
     }
 
     async fn created_since(&self, since: UnixTime) -> Result<u64, StoreError> {

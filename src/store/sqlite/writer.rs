@@ -1,13 +1,14 @@
-//! The one writer thread: whatever queued up while the previous commit was flushing is
-//! committed together (group commit), and each job is answered only once that commit
-//! reached the file at the configured path.
+//! The one writer thread: whatever queued up while the previous commit was flushing (and,
+//! when seals arrive together, for a moment more) is committed together (group commit), and
+//! each job is answered only once that commit reached the file at the configured path.
 
 use super::connection::describe;
 use super::opened_file::OpenedFile;
 use crate::locking::lock;
 use crate::store::sql::ApprovalRow;
 use crate::store::{
-    ImportBatch, ImportReport, Inserted, NewRecord, RecordId, StoreError, UnixTime,
+    ImportBatch, ImportReport, Inserted, NewRecord, NodeLimits, NodeSummary, RecordId, StoreError,
+    UnixTime,
 };
 use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
 use std::collections::HashMap;
@@ -18,9 +19,19 @@ use tokio::sync::oneshot;
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// Caps one group commit, so that one transaction never holds a huge backlog hostage.
 const MAX_BATCH: usize = 1024;
+/// How long a commit waits for more jobs when the last one had company and ended moments
+/// ago (seals arriving together): each commit's write and flush cost the writer about
+/// 100 µs of CPU, so a disk that flushes in under a millisecond would otherwise commit
+/// seals nearly one by one (1.8 per commit at 32 seals in flight; BENCHMARKS.md, "Seals at
+/// the cost of unseals"). A lone caller never waits.
+const GATHER: Duration = Duration::from_millis(2);
 
 pub(super) enum Job {
-    Insert(NewRecord, oneshot::Sender<Result<Inserted, StoreError>>),
+    Insert(
+        NewRecord,
+        NodeLimits,
+        oneshot::Sender<Result<Inserted, StoreError>>,
+    ),
     Import(
         ImportBatch,
         oneshot::Sender<Result<ImportReport, StoreError>>,
@@ -45,10 +56,16 @@ pub(super) fn write_loop(
     file: &OpenedFile,
 ) {
     let mut last_access_flush = Instant::now();
+    let mut last_commit: Option<(Instant, usize)> = None;
     loop {
         let mut batch = Vec::new();
         match queue.recv_timeout(ACCESS_FLUSH_INTERVAL) {
-            Ok(job) => batch.push(job),
+            Ok(job) => {
+                batch.push(job);
+                if last_commit.is_some_and(|(at, jobs)| jobs > 1 && at.elapsed() < GATHER) {
+                    std::thread::sleep(GATHER);
+                }
+            }
             // Idle: notice a vanished file before a node's call would.
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = file.verify();
@@ -71,7 +88,9 @@ pub(super) fn write_loop(
             last_access_flush = Instant::now();
         }
         if !batch.is_empty() || flush_accesses {
+            let jobs = batch.len();
             commit_batch(&mut conn, batch, &accesses, flush_accesses, file);
+            last_commit = Some((Instant::now(), jobs));
         }
     }
 }
@@ -112,7 +131,7 @@ fn commit_batch(
     if file.not_lost().is_err() {
         for job in batch {
             match job {
-                Job::Insert(_, reply) => drop(reply.send(Err(file.lost_error()))),
+                Job::Insert(_, _, reply) => drop(reply.send(Err(file.lost_error()))),
                 Job::Import(_, reply) => drop(reply.send(Err(file.lost_error()))),
                 Job::Flush(reply) => drop(reply.send(Err(file.lost_error()))),
                 Job::Write(_, reply) => drop(reply.send(Err(file.lost_error()))),
@@ -134,7 +153,9 @@ fn commit_batch(
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for job in batch {
             done.push(match job {
-                Job::Insert(record, reply) => Done::Insert(insert(&tx, &record), reply),
+                Job::Insert(record, limits, reply) => {
+                    Done::Insert(insert(&tx, &record, limits), reply)
+                }
                 Job::Import(batch, reply) => {
                     Done::Import(all_or_nothing(&tx, |tx| import(tx, &batch)), reply)
                 }
@@ -273,15 +294,44 @@ const INSERT: &str = "INTO records (nonce, node_uuid, ip, ciphertext, created_at
                                     key_version, tag)
                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
-fn insert(tx: &Connection, record: &NewRecord) -> rusqlite::Result<Inserted> {
+fn insert(tx: &Connection, record: &NewRecord, limits: NodeLimits) -> rusqlite::Result<Inserted> {
+    let node = node_summary(tx, &record.node_uuid, &record.ip)?;
+    if !limits.allow(&node) {
+        return Ok(Inserted::OverLimits(node));
+    }
     let mut statement = tx.prepare_cached(&format!("INSERT {INSERT}"))?;
     match execute_insert(&mut statement, record) {
-        Ok(_) => Ok(Inserted::Stored(tx.last_insert_rowid())),
+        Ok(_) => Ok(Inserted::Stored(tx.last_insert_rowid(), node)),
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
             Ok(Inserted::NonceTaken)
         }
         Err(e) => Err(e),
     }
+}
+
+/// The node's records and the other addresses its active ones are bound to: one indexed
+/// query when there are none, the usual case.
+fn node_summary(tx: &Connection, node_uuid: &str, ip: &str) -> rusqlite::Result<NodeSummary> {
+    let (records, elsewhere): (u64, u64) = tx
+        .prepare_cached(
+            "SELECT count(*), coalesce(sum(revoked_at IS NULL AND ip != ?2), 0)
+             FROM records WHERE node_uuid = ?1",
+        )?
+        .query_row(params![node_uuid, ip], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let other_addresses = if elsewhere == 0 {
+        Vec::new()
+    } else {
+        tx.prepare_cached(
+            "SELECT DISTINCT ip FROM records
+             WHERE node_uuid = ?1 AND revoked_at IS NULL AND ip != ?2 ORDER BY ip LIMIT 8",
+        )?
+        .query_map(params![node_uuid, ip], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?
+    };
+    Ok(NodeSummary {
+        records,
+        other_addresses,
+    })
 }
 
 fn import(tx: &Connection, batch: &ImportBatch) -> rusqlite::Result<ImportReport> {
