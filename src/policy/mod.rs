@@ -206,7 +206,7 @@ impl Policy {
 
     /// Whether a seal of a passphrase of `passphrase_len` bytes for `node` from `ip` (bound
     /// into it as `ip_text`) may go on; the quota and pinning are checked where it is stored,
-    /// under the limits this returns, and weighed by [`Policy::weigh_node`].
+    /// under the limits this returns; [`Policy::over_limits`] words the store's refusal.
     pub async fn admit_seal(
         &self,
         node: &str,
