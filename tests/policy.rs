@@ -172,6 +172,34 @@ async fn quotas_stop_a_node_and_the_hour_from_filling_the_database() {
     assert!(running.audited_refusal("over_quota").await);
 }
 
+/// The quota holds for seals of one node arriving together (a node's volumes, or a cloned
+/// node UUID): it is checked in the transaction that stores each seal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seals_arriving_together_stay_within_the_node_quota() {
+    let running = Running::start("maxRecordsPerNode: 3\n");
+    let node = std::sync::Arc::new(running.node(NODE_1));
+    let mut seals = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let node = std::sync::Arc::clone(&node);
+        seals.spawn(async move { node.seal("node-q", &random_passphrase()).await });
+    }
+    let (mut stored, mut over_quota) = (0, 0);
+    while let Some(sealed) = seals.join_next().await {
+        match sealed.unwrap() {
+            Ok(_) => stored += 1,
+            Err(ClientError::Status(status)) if status.code() == Code::ResourceExhausted => {
+                over_quota += 1
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((stored, over_quota), (3, 5));
+    let listed = running
+        .admin(&["keys", "list", "--node", "node-q", "--output", "json"])
+        .await;
+    assert_eq!(listed.lines().count(), 3, "{listed}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_allow_calls_only_while_open() {
     let running = Running::start("sealPolicy: window\nunsealPolicy: window\n");
