@@ -212,14 +212,7 @@ impl Site {
     }
 
     fn admin_ok(&self, args: &[&str]) -> String {
-        let output = self.admin(args);
-        assert!(
-            output.status.success(),
-            "{args:?}: {}{}",
-            text(&output.stdout),
-            text(&output.stderr)
-        );
-        text(&output.stdout)
+        stdout_of_success(args, &self.admin(args))
     }
 
     /// The reasons of refused unseals in the audit trail, oldest first.
@@ -338,6 +331,24 @@ fn assert_verify_names(site: &Site, rows: &[(&str, i64)]) {
     );
 }
 
+/// The tests `SCENARIO::on_sqlite` and `SCENARIO::on_postgres`, each running the scenario
+/// on its store.
+macro_rules! on_both_stores {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_sqlite() {
+                super::$scenario(super::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_postgres() {
+                super::$scenario(super::Backend::Postgres).await;
+            }
+        }
+    };
+}
+
 // --- a revoked record un-revoked --------------------------------------------------------
 
 async fn a_cleared_revocation_stays_revoked(backend: Backend) {
@@ -406,15 +417,7 @@ async fn a_cleared_revocation_stays_revoked(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cleared_revocation_stays_revoked_on_sqlite() {
-    a_cleared_revocation_stays_revoked(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cleared_revocation_stays_revoked_on_postgres() {
-    a_cleared_revocation_stays_revoked(Backend::Postgres).await;
-}
+on_both_stores!(a_cleared_revocation_stays_revoked);
 
 // --- an approval given to another node ---------------------------------------------------
 
@@ -493,15 +496,7 @@ async fn a_forged_approval_lets_nothing_through(backend: Backend) {
     assert_verify_names(&site, &[("approvals", approved), ("approvals", pending)]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_approval_lets_nothing_through_on_sqlite() {
-    a_forged_approval_lets_nothing_through(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_approval_lets_nothing_through_on_postgres() {
-    a_forged_approval_lets_nothing_through(Backend::Postgres).await;
-}
+on_both_stores!(a_forged_approval_lets_nothing_through);
 
 // --- records moved or copied -------------------------------------------------------------
 
@@ -621,15 +616,7 @@ async fn a_moved_or_copied_record_unseals_nothing(backend: Backend) {
     assert_eq!(forged, [records(*moved), records(*renamed), records(copy)]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_moved_or_copied_record_unseals_nothing_on_sqlite() {
-    a_moved_or_copied_record_unseals_nothing(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_moved_or_copied_record_unseals_nothing_on_postgres() {
-    a_moved_or_copied_record_unseals_nothing(Backend::Postgres).await;
-}
+on_both_stores!(a_moved_or_copied_record_unseals_nothing);
 
 // --- a window kept open ------------------------------------------------------------------
 
@@ -679,15 +666,7 @@ async fn an_extended_window_stays_closed(backend: Backend) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_extended_window_stays_closed_on_sqlite() {
-    an_extended_window_stays_closed(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_extended_window_stays_closed_on_postgres() {
-    an_extended_window_stays_closed(Backend::Postgres).await;
-}
+on_both_stores!(an_extended_window_stays_closed);
 
 // --- a taken-over blob's binding moved ---------------------------------------------------
 
@@ -739,15 +718,7 @@ async fn a_moved_binding_unseals_nothing(backend: Backend) {
     assert_verify_names(&site, &[("foreign_bindings", id)]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_moved_binding_unseals_nothing_on_sqlite() {
-    a_moved_binding_unseals_nothing(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_moved_binding_unseals_nothing_on_postgres() {
-    a_moved_binding_unseals_nothing(Backend::Postgres).await;
-}
+on_both_stores!(a_moved_binding_unseals_nothing);
 
 // --- the database alone, and without the key source -------------------------------------
 
@@ -912,15 +883,7 @@ async fn the_database_and_a_blob_yield_nothing(backend: Backend) {
     server.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_database_and_a_blob_yield_nothing_on_sqlite() {
-    the_database_and_a_blob_yield_nothing(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_database_and_a_blob_yield_nothing_on_postgres() {
-    the_database_and_a_blob_yield_nothing(Backend::Postgres).await;
-}
+on_both_stores!(the_database_and_a_blob_yield_nothing);
 
 // --- the end of adoption undone -------------------------------------------------------------
 
@@ -983,15 +946,7 @@ async fn forged_rows_stay_forged_when_the_marker_is_deleted(backend: Backend) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_rows_stay_forged_when_the_marker_is_deleted_on_sqlite() {
-    forged_rows_stay_forged_when_the_marker_is_deleted(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_rows_stay_forged_when_the_marker_is_deleted_on_postgres() {
-    forged_rows_stay_forged_when_the_marker_is_deleted(Backend::Postgres).await;
-}
+on_both_stores!(forged_rows_stay_forged_when_the_marker_is_deleted);
 
 // --- replicas starting together --------------------------------------------------------------
 

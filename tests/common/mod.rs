@@ -500,7 +500,11 @@ pub async fn run_binary_async(args: &[&str]) -> std::process::Output {
 
 /// [`run_binary_async`] that must succeed; its stdout.
 pub async fn run_ok(args: &[&str]) -> String {
-    let output = run_binary_async(args).await;
+    stdout_of_success(args, &run_binary_async(args).await)
+}
+
+/// The stdout of a command run with `args`, which must have succeeded.
+pub fn stdout_of_success(args: &[&str], output: &std::process::Output) -> String {
     assert!(
         output.status.success(),
         "{args:?}: {}{}",
