@@ -37,6 +37,12 @@ use tokio::sync::oneshot;
 use writer::{Job, write_loop};
 
 const READERS: usize = 4;
+/// Each reader's page cache, in KiB (SQLite's default is 2,048). A lookup reads the same
+/// few interior pages and one random leaf per B-tree; past the interior pages a bigger
+/// cache holds leaves unlikely to be read again, which the kernel's page cache serves
+/// anyway. At a million records the default made ~7 MiB of a reboot storm's peak memory,
+/// for no lookup speed (BENCHMARKS.md, "Peak memory of the storm").
+const READER_CACHE_KIB: i64 = 512;
 
 pub struct SqliteStore {
     file: Arc<OpenedFile>,
@@ -92,6 +98,7 @@ impl SqliteStore {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 reader.busy_timeout(BUSY_TIMEOUT)?;
+                reader.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
                 Ok(Mutex::new(Some(reader)))
             })
             .collect::<Result<Vec<_>, rusqlite::Error>>()
