@@ -53,15 +53,28 @@ impl CpuMeter {
 
 /// The most memory process `pid` has held at once (VmHWM), in bytes.
 pub fn peak_rss(pid: &str) -> Result<u64, String> {
+    status_bytes(pid, "VmHWM")
+}
+
+/// The memory process `pid` allocated itself and holds now (RssAnon), in bytes: its
+/// resident memory without the pages of files it maps, above all its own executable, which
+/// the kernel maps as it sees fit (whole large folios on recent kernels) and can drop and
+/// read again at any time.
+pub fn anonymous_rss(pid: &str) -> Result<u64, String> {
+    status_bytes(pid, "RssAnon")
+}
+
+/// A `kB` field of /proc/PID/status, in bytes.
+fn status_bytes(pid: &str, field: &str) -> Result<u64, String> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|value| value.trim().strip_suffix("kB"))
         .and_then(|kib| kib.trim().parse::<u64>().ok())
         .map(|kib| kib * 1024)
-        .ok_or_else(|| format!("{path}: no VmHWM line"))
+        .ok_or_else(|| format!("{path}: no {field} line"))
 }
 
 /// Pins every thread of this process (and so the threads they start) to CPU `cpu`, as
@@ -97,6 +110,18 @@ mod tests {
     fn own_peak_memory_is_readable() {
         let peak = super::peak_rss("self").unwrap();
         assert!(peak > 1024 * 1024, "{peak}");
+    }
+
+    #[test]
+    fn anonymous_memory_grows_with_what_is_allocated_and_stays_under_the_peak() {
+        let before = super::anonymous_rss("self").unwrap();
+        // Written, so that its pages are resident; half of it is the margin for what tests
+        // running beside this one free meanwhile.
+        let held = std::hint::black_box(vec![1u8; 64 << 20]);
+        let during = super::anonymous_rss("self").unwrap();
+        assert!(during >= before + (32 << 20), "{before} -> {during}");
+        assert!(during <= super::peak_rss("self").unwrap());
+        drop(held);
     }
 
     #[test]

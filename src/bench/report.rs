@@ -143,6 +143,9 @@ pub struct StormReport {
     pub failed_cpu_share: Option<f64>,
     /// The server's peak resident memory (VmHWM) since it started.
     pub server_peak_rss_mib: Option<f64>,
+    /// The most memory the server allocated itself during the storm (RssAnon, read every
+    /// 100 ms): its peak RSS without the pages of its executable, which the kernel maps.
+    pub server_peak_anonymous_mib: Option<f64>,
     pub client_cpu_s: f64,
     /// When each volume opened, in µs from the start, in order: for `--timeline`.
     #[serde(skip)]
@@ -242,6 +245,12 @@ impl fmt::Display for StormReport {
         }
         if let Some(rss) = self.server_peak_rss_mib {
             writeln!(f, "  server peak RSS   {rss:.1} MiB")?;
+        }
+        if let Some(anonymous) = self.server_peak_anonymous_mib {
+            writeln!(
+                f,
+                "  of which allocated {anonymous:.1} MiB at most (the rest: mapped files)"
+            )?;
         }
         write!(f, "  client CPU        {:.2} s", self.client_cpu_s)
     }

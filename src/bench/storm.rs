@@ -4,7 +4,7 @@
 //! a call that fails is tried again after `retry_after` (Talos: 30 s). What counts is how
 //! soon every volume is open, and how much of the server's work went to calls that failed.
 
-use super::cpu::{CpuMeter, peak_rss};
+use super::cpu::{CpuMeter, anonymous_rss, peak_rss};
 use super::{BenchError, Latency, StormReport, Volume, server_meter};
 use crate::client::{ClientError, KmsClient, random_passphrase, random_uuid};
 use ipnet::IpNet;
@@ -134,6 +134,7 @@ pub async fn storm(client: KmsClient, options: StormOptions) -> Result<StormRepo
     };
     let server_cpu = server_meter(options.server_pid)?;
     let client_cpu = CpuMeter::start("self").map_err(BenchError::Setup)?;
+    let anonymous = options.server_pid.map(AnonymousPeak::watch).transpose()?;
     let retry_after = options.retry_after;
 
     let start = Instant::now();
@@ -225,10 +226,50 @@ pub async fn storm(client: KmsClient, options: StormOptions) -> Result<StormRepo
             .map(|pid| peak_rss(&pid.to_string()))
             .transpose()
             .map_err(BenchError::Setup)?
-            .map(|bytes| bytes as f64 / (1024.0 * 1024.0)),
+            .map(mib),
+        server_peak_anonymous_mib: anonymous.map(|peak| mib(peak.stop())),
         client_cpu_s,
         opened_us: opened,
     })
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The most the server allocated at once, read every 100 ms: /proc keeps a peak of
+/// resident memory (VmHWM) but none of the anonymous part alone.
+struct AnonymousPeak {
+    pid: String,
+    peak: Arc<AtomicU64>,
+    reading: tokio::task::JoinHandle<()>,
+}
+
+impl AnonymousPeak {
+    fn watch(pid: u32) -> Result<Self, BenchError> {
+        let pid = pid.to_string();
+        let peak = Arc::new(AtomicU64::new(
+            anonymous_rss(&pid).map_err(BenchError::Setup)?,
+        ));
+        let reading = tokio::spawn({
+            let (pid, peak) = (pid.clone(), Arc::clone(&peak));
+            async move {
+                let mut every = tokio::time::interval(Duration::from_millis(100));
+                // Ends when the server does, or when the storm stops it.
+                while let Ok(bytes) = anonymous_rss(&pid) {
+                    peak.fetch_max(bytes, Ordering::Relaxed);
+                    every.tick().await;
+                }
+            }
+        });
+        Ok(Self { pid, peak, reading })
+    }
+
+    fn stop(self) -> u64 {
+        self.reading.abort();
+        let last = anonymous_rss(&self.pid).unwrap_or(0);
+        self.peak.fetch_max(last, Ordering::Relaxed).max(last)
+    }
 }
 
 /// What every node's boot shares.
