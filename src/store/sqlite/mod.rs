@@ -41,7 +41,7 @@ const READERS: usize = 4;
 /// few interior pages and one random leaf per B-tree; past the interior pages a bigger
 /// cache holds leaves unlikely to be read again, which the kernel's page cache serves
 /// anyway. At a million records the default made ~7 MiB of a reboot storm's peak memory,
-/// for no lookup speed (BENCHMARKS.md, "Peak memory of the storm").
+/// and lookups are as fast without it (BENCHMARKS.md, "Peak memory of the storm").
 const READER_CACHE_KIB: i64 = 512;
 
 pub struct SqliteStore {
