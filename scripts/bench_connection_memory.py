@@ -29,31 +29,30 @@ def main():
     def rss_mib():
         return server.rss_kib() / 1024
 
-    try:
-        idle = rss_mib()
-        print(f"idle: {idle:.1f} MiB")
-        plain = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(count)]
-        time.sleep(1)
-        waiting = rss_mib()
-        print(f"{count} accepted, no ClientHello: {waiting:.1f} MiB "
-              f"({(waiting - idle) * 1024 / count:.1f} KiB each)")
-        for connection in plain:
-            connection.close()
-        time.sleep(1)
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        context.set_alpn_protocols(["h2"])
+    def held(connect, stage):
+        """Holds `count` connections made by `connect`; prints what each added to RSS."""
         before = rss_mib()
-        tls = [context.wrap_socket(socket.create_connection(("127.0.0.1", server.port)))
-               for _ in range(count)]
+        connections = [connect() for _ in range(count)]
         time.sleep(1)
-        served = rss_mib()
-        print(f"{count} with TLS done and HTTP/2 started: {served:.1f} MiB "
-              f"({(served - before) * 1024 / count:.1f} KiB each beyond the memory kept from the first set)")
-        for connection in tls:
+        during = rss_mib()
+        print(f"{count} {stage}: {during:.1f} MiB ({(during - before) * 1024 / count:.1f} KiB each)")
+        for connection in connections:
             connection.close()
         time.sleep(1)
+
+    def plain():
+        return socket.create_connection(("127.0.0.1", server.port))
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+
+    try:
+        print(f"idle: {rss_mib():.1f} MiB")
+        held(plain, "accepted, no ClientHello")
+        # Measured from what the first set left behind, which the allocator keeps.
+        held(lambda: context.wrap_socket(plain()), "with TLS done and HTTP/2 started")
         print(f"after: {rss_mib():.1f} MiB, peak {server.rss_kib('VmHWM') / 1024:.1f} MiB")
     finally:
         server.stop()
